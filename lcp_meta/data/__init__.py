@@ -1,0 +1,1 @@
+"""Data sets and tasks: MNIST, CIFAR-10, Omniglot, sinusoid regression, episode samplers."""
