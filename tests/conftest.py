@@ -1,0 +1,35 @@
+"""Shared test configuration.
+
+- Slow reproduction runs are marked ``@pytest.mark.slow`` and skipped unless ``LCP_META_SLOW=1``.
+- ``shared_data`` is the offline data folder beside the checkout (``../shared/data``); tests that need it skip
+  with a reason when it is absent.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("LCP_META_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow reproduction run; set LCP_META_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"offline data folder {SHARED_DATA} not found")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
