@@ -1,0 +1,173 @@
+"""Reproduce the MNIST table of the LCP paper: every (model, method) for 30 epochs, then a comparison table.
+
+    python benchmarks/reproduce_mnist.py --models ff,rnn --methods all --epochs 30 --device cuda \\
+        --out runs/mnist_repro --jobs 4
+    # a CPU smoke run of the whole pipeline:
+    python benchmarks/reproduce_mnist.py --epochs 1 --max-batches 20 --device cpu --out /tmp/repro --jobs 2
+
+Each run is a ``lcp-meta supervised`` subprocess (``--jobs`` of them at a time share the device), with its
+own run folder ``OUT/MODEL_METHOD_seedS`` and log ``OUT/MODEL_METHOD_seedS.log``; runs are started with
+``--resume``, so calling the script again continues unfinished runs and skips finished ones.  At the end
+``benchmarks/results/mnist_reproduction.md`` (and ``.json``) holds the test accuracy of every run (mean +- std
+over seeds) beside the numbers reported for the paper.  ``--report-only`` rebuilds the table from OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("bp", "rbp", "lcp-di", "lcp-di-kp", "lcp-lf", "lcp-ebd")
+# test accuracy (%) reported for the paper (mean, std); the (R)BP row is bp for ff and rbp for rnn
+PAPER = {
+    ("ff", "lcp-lf"): (97.73, 0.07), ("ff", "lcp-di"): (98.11, 0.07), ("ff", "lcp-di-kp"): (98.14, 0.09),
+    ("ff", "bp"): (98.29, 0.14),
+    ("rnn", "lcp-lf"): (97.70, 0.11), ("rnn", "lcp-di"): (97.58, 0.16), ("rnn", "lcp-di-kp"): (97.75, 0.11),
+    ("rnn", "rbp"): (97.87, 0.19),
+}
+
+
+def run_name(model, method, seed):
+    return f"{model}_{method}_seed{seed}"
+
+
+def build_command(args, model, method, seed):
+    cmd = [sys.executable, "-m", "lcp_meta", "supervised", "--dataset", "mnist", "--model", model,
+           "--method", method, "--seed", str(seed), "--device", args.device,
+           "--out", str(Path(args.out) / run_name(model, method, seed)), "--resume", "--no-progress"]
+    if args.epochs:
+        cmd += ["--epochs", str(args.epochs)]
+    if args.max_batches:
+        cmd += ["--max-batches", str(args.max_batches)]
+    if args.test_subset:
+        cmd += ["--test-subset", str(args.test_subset)]
+    if args.data_root:
+        cmd += ["--data-root", args.data_root]
+    if args.solver:
+        cmd += ["--solver", args.solver]
+    return cmd
+
+
+def run_all(args, jobs):
+    """Run the commands with at most ``args.jobs`` subprocesses at a time; return {name: exit code}."""
+    pending, running, codes = list(jobs), {}, {}
+    env = dict(os.environ)
+    if args.threads:  # CPU runs side by side should not each grab every core
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name, cmd = pending.pop(0)
+            log = open(Path(args.out) / f"{name}.log", "a")
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env), log,
+                             time.time())
+            print(f"started  {name}", flush=True)
+        for name, (proc, log, t0) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                codes[name] = proc.returncode
+                del running[name]
+                state = "finished" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {name}.log)"
+                print(f"{state:8s} {name} after {time.time() - t0:.0f}s", flush=True)
+        time.sleep(0.5)
+    return codes
+
+
+def collect(args, models, methods, seeds, codes):
+    rows = []
+    for model in models:
+        for method in methods:
+            accs, info = [], {}
+            for seed in seeds:
+                f = Path(args.out) / run_name(model, method, seed) / "result.json"
+                if f.is_file():
+                    r = json.loads(f.read_text())
+                    if r.get("status") == "finished" and r.get("epochs"):
+                        accs.append(100 * r["final_test_accuracy"])
+                        info = {"epochs": len(r["epochs"]), "skipped": r["skipped_batches"],
+                                "iterations": r["epochs"][-1]["mean_iterations"],
+                                "hours": sum(e["train_seconds"] + e["eval_seconds"] for e in r["epochs"]) / 3600,
+                                "device": r.get("device_name")}
+            failed = [s for s in seeds if codes.get(run_name(model, method, s), 0) != 0]
+            rows.append({"model": model, "method": method, "accuracies": accs, "failed_seeds": failed,
+                         "paper": PAPER.get((model, method)), **info})
+    return rows
+
+
+def write_report(args, rows, path):
+    def fmt(accs):
+        if not accs:
+            return "-"
+        return f"{statistics.fmean(accs):.2f} +- {statistics.stdev(accs):.2f}" if len(accs) > 1 else f"{accs[0]:.2f}"
+
+    reduced = bool(args.max_batches or (args.epochs and args.epochs < 30) or args.test_subset)
+    lines = ["# MNIST reproduction (test accuracy %, free-equilibrium prediction)", "",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+             f"- command: `python benchmarks/reproduce_mnist.py {' '.join(sys.argv[1:])}`",
+             f"- epochs {args.epochs or 'published (30)'}, max batches per epoch {args.max_batches or 'all'}, "
+             f"seeds {args.seeds}, device {args.device}"]
+    if reduced:
+        lines.append("- **reduced budget: a pipeline check, not a reproduction of the published numbers**")
+    lines += ["", "| model | method | ours | paper | epochs | mean iterations (last epoch) | skipped batches | hours |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        paper = f"{r['paper'][0]:.2f} +- {r['paper'][1]:.2f}" if r["paper"] else "-"
+        ours = fmt(r["accuracies"]) + (f" ({len(r['failed_seeds'])} failed)" if r["failed_seeds"] else "")
+        it = f"{r['iterations']:.0f}" if "iterations" in r else "-"
+        hours = f"{r['hours']:.2f}" if "hours" in r else "-"
+        lines.append(f"| {r['model']} | {r['method']} | {ours} | {paper} | {r.get('epochs', '-')} | {it} | "
+                     f"{r.get('skipped', '-')} | {hours} |")
+    lines += ["", "Paper column: the talk's table (spec section 3); LCP-EBD has no published MNIST number there.", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    path.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="ff,rnn")
+    p.add_argument("--methods", default="all", help=f"comma list of {', '.join(METHODS)} or 'all'")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--max-batches", type=int, help="batches per epoch (smoke runs)")
+    p.add_argument("--test-subset", type=int)
+    p.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root", default=os.environ.get("LCP_META_DATA", str(REPO.parent / "shared" / "data")))
+    p.add_argument("--solver", choices=("euler", "anderson"))
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (they share the device)")
+    p.add_argument("--threads", type=int, help="OMP/MKL threads per run (CPU)")
+    p.add_argument("--out", required=True, help="folder of the run folders and logs")
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "mnist_reproduction.md"))
+    p.add_argument("--report-only", action="store_true", help="only rebuild the table from OUT")
+    args = p.parse_args(argv)
+    models = args.models.split(",")
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    bad = [m for m in methods if m not in METHODS] + [m for m in models if m not in ("ff", "rnn")]
+    if bad:
+        p.error(f"unknown model/method {bad}; models ff,rnn; methods {', '.join(METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    # only the pairs the method registry supports (bp needs a layered net, so not the rnn)
+    sys.path.insert(0, str(REPO))
+    from lcp_meta.supervised.config import SUPPORTED
+    pairs = [(mo, me) for mo in models for me in methods if me in SUPPORTED[mo]]
+    codes = {}
+    if not args.report_only:
+        jobs = [(run_name(mo, me, s), build_command(args, mo, me, s)) for mo, me in pairs for s in seeds]
+        codes = run_all(args, jobs)
+    rows = [r for r in collect(args, models, methods, seeds, codes) if (r["model"], r["method"]) in pairs]
+    write_report(args, rows, Path(args.results))
+    print(Path(args.results).read_text())
+    return 0 if all(c == 0 for c in codes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

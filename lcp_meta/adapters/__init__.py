@@ -1,0 +1,18 @@
+"""Bridges to third-party meta-learning libraries (all optional).
+
+- :mod:`lcp_meta.adapters.l2l`: an LCP learner with learn2learn's ``clone()`` / ``adapt()`` workflow,
+  batches from learn2learn ``TaskDataset`` s, and runtime fixes for learn2learn 0.2.0.
+- :mod:`lcp_meta.adapters.higher_compat`: higher's functional models as lcp_meta models, and higher's
+  MAML meta-gradient (the cross-check of our built-in MAML).
+- :mod:`lcp_meta.adapters.torchmeta_compat`: a runtime patch that makes torchmeta 1.8.0 work on torch 2.x,
+  and torchmeta batch dicts as :class:`lcp_meta.meta.TaskBatch`.
+
+Importing this package imports none of those libraries (nor does ``import lcp_meta``); each submodule
+imports its library and raises ``ImportError`` with the install command when it is missing.  Install all
+three with ``bash scripts/install_adapters.sh`` (see ``docs/adapters.md``).
+"""
+
+MODULES = {"learn2learn": "lcp_meta.adapters.l2l", "higher": "lcp_meta.adapters.higher_compat",
+           "torchmeta": "lcp_meta.adapters.torchmeta_compat"}
+
+__all__ = ["MODULES"]

@@ -1,0 +1,191 @@
+"""Result files of a few-shot comparison: the markdown table (and its parser), CSV curves, PNG plots.
+
+Plots are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot global state, no display
+needed, and the caller's matplotlib backend is left alone.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+CURVE_FIELDS = ("step", "query_loss", "query_metric", "val_metric", "val_ci95", "time_s", "sec_per_step",
+                "peak_memory_mib")
+
+_METRIC_LABEL = {"accuracy": "test accuracy (%)", "mse": "test MSE"}
+
+
+def format_metric(metric: str, mean: float, ci: float) -> str:
+    if metric == "accuracy":
+        return f"{100 * mean:.2f} ± {100 * ci:.2f}"
+    return f"{mean:.4g} ± {ci:.3g}"
+
+
+def _fmt_memory(value: Optional[float]) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+
+
+def results_table(results: Sequence[Mapping], memory_kind: str) -> str:
+    """The markdown table: one row per method, ``method | metric mean ± CI95 | sec/meta-step | peak memory``.
+
+    An extra column holds the accuracy on the 20 official one-shot runs when it was measured.
+    """
+    if not results:
+        raise ValueError("results_table needs at least one method's results")
+    metric = results[0]["metric"]
+    runs = any(r.get("one_shot_runs") for r in results)
+    head = ["method", f"{_METRIC_LABEL[metric]} mean ± CI95", "sec/meta-step", f"peak memory (MiB, {memory_kind})"]
+    if runs:
+        head.append("one-shot runs accuracy (%) mean ± CI95")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in results:
+        row = [r["method"], format_metric(metric, r["test_mean"], r["test_ci95"]), f"{r['sec_per_step']:.4g}",
+               _fmt_memory(r.get("peak_memory_mib"))]
+        if runs:
+            o = r.get("one_shot_runs")
+            row.append(format_metric("accuracy", o["mean"], o["ci95"]) if o else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_results_table(text: str) -> List[Dict[str, object]]:
+    """Read back the first table of a ``results.md``: a list of dicts, numbers as floats (None for 'n/a').
+
+    ``±`` cells become two entries, ``<column>`` (the mean) and ``<column> CI95``.
+    """
+    rows = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
+    if len(rows) < 2 or not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", rows[1].replace(" ", "")):
+        raise ValueError("no markdown table found (expected a header row and a |---| separator)")
+    cells = lambda ln: [c.strip() for c in ln.strip("|").split("|")]  # noqa: E731
+    head = cells(rows[0])
+    out = []
+    for ln in rows[2:]:
+        values = cells(ln)
+        if len(values) != len(head):
+            raise ValueError(f"table row has {len(values)} cells, header has {len(head)}: {ln!r}")
+        row: Dict[str, object] = {}
+        for key, cell in zip(head, values):
+            if "±" in cell:
+                mean, ci = (float(v) for v in cell.split("±"))
+                row[key], row[f"{key} CI95"] = mean, ci
+            elif cell == "n/a":
+                row[key] = None
+            else:
+                try:
+                    row[key] = float(cell)
+                except ValueError:
+                    row[key] = cell
+        out.append(row)
+    return out
+
+
+def write_curve_csv(curve: Sequence[Mapping], path: "str | Path") -> Path:
+    path = Path(path)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(CURVE_FIELDS), extrasaction="ignore")
+        writer.writeheader()
+        for row in curve:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CURVE_FIELDS})
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------- plots
+def _running_mean(values: Sequence[float], window: int = 10) -> List[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _figure(ncols: int, width: float = 5.0, height: float = 3.6):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _save(fig, path: "str | Path") -> Path:
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_curves(results: Sequence[Mapping], path: "str | Path") -> Path:
+    """Meta-training curves: query loss after adaptation (training tasks) and the validation metric."""
+    metric = results[0]["metric"]
+    fig, (ax_loss, ax_val) = _figure(2)
+    for r in results:
+        pts = [(c["step"], c["query_loss"]) for c in r["curve"] if c.get("query_loss") is not None]
+        # each point is one meta-batch: smooth with a running mean so that methods can be told apart
+        ax_loss.plot([s for s, _ in pts], _running_mean([v for _, v in pts]), label=r["method"])
+        val = [(c["step"], c["val_metric"]) for c in r["curve"] if c.get("val_metric") is not None]
+        if val:
+            scale = 100.0 if metric == "accuracy" else 1.0
+            ax_val.plot([s for s, _ in val], [scale * v for _, v in val], marker="o", ms=3, label=r["method"])
+    ax_loss.set(xlabel="meta-step", ylabel="query loss after adaptation",
+                title="meta-training (running mean over 10 logged batches)")
+    if metric == "mse":
+        ax_loss.set_yscale("log")
+    ax_val.set(xlabel="meta-step", title="validation",
+               ylabel="accuracy (%)" if metric == "accuracy" else "MSE")
+    ax_loss.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_test_metric(results: Sequence[Mapping], path: "str | Path", episodes: int) -> Path:
+    """Test metric per method with 95% confidence-interval bars."""
+    metric = results[0]["metric"]
+    scale = 100.0 if metric == "accuracy" else 1.0
+    fig, (ax,) = _figure(1, width=max(4.5, 0.9 * len(results) + 2))
+    names = [r["method"] for r in results]
+    ax.bar(names, [scale * r["test_mean"] for r in results], yerr=[scale * r["test_ci95"] for r in results],
+           capsize=4, color="tab:blue", alpha=0.8)
+    ax.set(ylabel=_METRIC_LABEL[metric], title=f"test ({episodes} fixed episodes, 95% CI)")
+    if metric == "accuracy":
+        lo = min(scale * (r["test_mean"] - r["test_ci95"]) for r in results)
+        ax.set_ylim(max(0.0, lo - 5), 100)
+    return _save(fig, path)
+
+
+def plot_cost(results: Sequence[Mapping], path: "str | Path", memory_kind: str) -> Path:
+    """Wall-clock seconds and peak memory per meta-step."""
+    fig, (ax_t, ax_m) = _figure(2)
+    names = [r["method"] for r in results]
+    ax_t.bar(names, [r["sec_per_step"] for r in results], color="tab:orange")
+    ax_t.set(ylabel="seconds / meta-step", title="wall-clock")
+    mem = [r.get("peak_memory_mib") for r in results]
+    ax_m.bar(names, [0.0 if m is None else m for m in mem], color="tab:green")
+    if all(m is None for m in mem):
+        ax_m.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax_m.transAxes, fontsize=16)
+    ax_m.set(ylabel="MiB", title=f"peak memory per meta-step\n({memory_kind})")
+    for ax in (ax_t, ax_m):
+        ax.tick_params(axis="x", labelrotation=30)
+    return _save(fig, path)
+
+
+def plot_sinusoid_fits(fits: Mapping, path: "str | Path") -> Path:
+    """Adapted fits on a few test tasks.
+
+    ``fits``: {"x": grid (M,), "tasks": [{"amplitude", "phase", "x_support", "y_support", "pred": {method: (M,)}}]}.
+    """
+    import numpy as np
+
+    tasks = fits["tasks"]
+    fig, axes = _figure(len(tasks), width=4.0, height=3.2)
+    x = np.asarray(fits["x"])
+    for ax, task in zip(axes, tasks):
+        ax.plot(x, task["amplitude"] * np.sin(x - task["phase"]), "k-", lw=2, label="true")
+        for name, pred in task["pred"].items():
+            ax.plot(x, np.asarray(pred), lw=1.2, label=name)
+        ax.plot(task["x_support"], task["y_support"], "k^", ms=6, label="support")
+        ax.set(xlabel="x", title=f"A={task['amplitude']:.2f}, phase={task['phase']:.2f}")
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)

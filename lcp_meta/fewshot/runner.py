@@ -1,0 +1,417 @@
+"""The few-shot comparison: meta-train each method on the same task stream, test on the same episodes.
+
+``run_fewshot(config)`` writes a run folder::
+
+    config.json                    the full configuration and data protocol
+    <method>.json / _curve.csv     meta-training curve (step, query loss/metric after adaptation, validation
+                                   metric, time, peak memory) and test results
+    results.md / results.json      the comparison table (see ``report.results_table``)
+    curves.png test_metric.png cost.png (fits.png for sinusoid)
+    checkpoints/<method>.pt        meta-parameters, optimizer state, RNG states, step, curve so far
+
+Every method starts from the same initial weights (``torch.manual_seed(seed)`` before the model is built) and
+gets the same meta-steps, meta-batch and outer optimizer (Adam).  Checkpoints are written atomically; a run
+started again with ``resume=True`` continues each method from its checkpoint and reaches the same parameters as
+an uninterrupted run (the task of each step depends only on the seed and the step number).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.solvers import DivergenceError
+from ..data.episodes import mean_ci95
+from ..data.omniglot import score_one_shot_runs
+from ..utils import atomic_save, load_checkpoint, resolve_device, rng_state, set_rng_state
+from . import report
+from .tasks import SOURCES
+
+DEFAULT_METHODS = ("lcp", "imaml", "maml", "fomaml", "reptile", "cml")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# fields that define what is trained: a checkpoint written under other values cannot be resumed
+_TRAINING_FIELDS = ("task", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr", "lam", "beta",
+                    "outer_lr", "seed", "split_seed", "val_fraction", "test_fraction", "dtype", "hidden",
+                    "method_options")
+
+
+@dataclass
+class FewShotConfig:
+    """Everything a comparison run needs (the CLI flags map one to one onto these fields).
+
+    lam: proximal strength of the inner problem ``l_in(phi) + lam/2 |phi - omega|^2`` (LCP, iMAML, CML).
+    beta: control strength of LCP / nudging strength of CML (the meta-gradient is reported divided by beta).
+    inner_lr, inner_steps: step size and number of steps of the inner dynamics (every method).
+    method_options: per-method overrides, e.g. ``{"maml": {"inner_steps": 1}}``.
+    stop_after: stop each method after this many meta-steps in this invocation (an interruption on purpose,
+        e.g. to fit a job's time slice); ``resume=True`` continues from there.
+    """
+
+    task: str = "sinusoid"
+    methods: Tuple[str, ...] = DEFAULT_METHODS
+    ways: int = 5
+    shots: int = 10
+    queries: Optional[int] = None
+    meta_steps: int = 500
+    meta_batch: int = 25
+    inner_steps: int = 10
+    inner_lr: float = 0.01
+    lam: float = 1.0
+    beta: float = 0.1
+    outer_lr: float = 1e-3
+    test_episodes: int = 600
+    val_episodes: int = 100
+    val_every: int = 0
+    log_every: int = 0
+    seed: int = 0
+    split_seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.25
+    hidden: Optional[int] = None
+    device: str = "auto"
+    dtype: str = "float32"
+    data_root: Optional[str] = None
+    cache_dir: Optional[str] = None
+    out: str = "runs/fewshot"
+    resume: bool = False
+    checkpoint_every: int = 100
+    stop_after: Optional[int] = None
+    progress: bool = True
+    plots: bool = True
+    method_options: Dict[str, Dict[str, object]] = field(default_factory=dict)
+
+    def validate(self) -> "FewShotConfig":
+        if self.task not in SOURCES:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(SOURCES)}")
+        if not self.methods:
+            raise ValueError("no methods given; expected a comma-separated list such as lcp,imaml,maml")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods listed twice: {', '.join(self.methods)}")
+        for name in ("ways", "shots", "meta_steps", "meta_batch", "inner_steps", "test_episodes", "val_episodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.queries is not None and self.queries < 1:
+            raise ValueError(f"queries must be a positive integer, got {self.queries!r}")
+        for name in ("inner_lr", "lam", "beta", "outer_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected float32 or float64")
+        unknown = set(self.method_options) - set(self.methods)
+        if unknown:
+            raise ValueError(f"options given for methods not in the run: {', '.join(sorted(unknown))} "
+                             f"(methods: {', '.join(self.methods)})")
+        return self
+
+    def training_dict(self) -> Dict[str, object]:
+        return {k: _jsonable(getattr(self, k)) for k in _TRAINING_FIELDS}
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def method_names() -> Tuple[str, ...]:
+    from ..meta import METHOD_NAMES
+    return tuple(METHOD_NAMES)
+
+
+def default_method_factory(name: str, model: torch.nn.Module, loss_fn: Callable, **kwargs):
+    from ..meta import make_method
+    return make_method(name, model, loss_fn, **kwargs)
+
+
+# methods whose inner problem has the proximal term lam/2 |phi - omega|^2 (MAML, FOMAML, Reptile keep lam = 0)
+PROXIMAL_METHODS = ("lcp", "lcp-direct", "lcp-ebd", "imaml", "cml")
+
+
+def common_kwargs(name: str, cfg: FewShotConfig, factory: Callable) -> Dict[str, object]:
+    """The shared budget (inner_lr, inner_steps) plus lam and beta where the method has them."""
+    kwargs: Dict[str, object] = dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps)
+    if factory is not default_method_factory:
+        return {**kwargs, "lam": cfg.lam, "beta": cfg.beta}
+    from ..meta import method_kwargs
+    accepted = method_kwargs(name)
+    if name in PROXIMAL_METHODS:
+        kwargs["lam"] = cfg.lam
+    if "beta" in accepted:
+        kwargs["beta"] = cfg.beta
+    return kwargs
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_kind(device: torch.device) -> str:
+    """What the peak-memory column measures.  On a GPU: the CUDA allocator's peak during the meta-step.  On
+    the CPU torch keeps no allocator statistics, so the proxy is the bytes of the autograd graph held when
+    the meta-gradient is taken (``MetaStats.extra["graph_bytes"]``): the part that grows with unrolled steps."""
+    return "CUDA max_memory_allocated" if device.type == "cuda" else "CPU proxy: autograd graph"
+
+
+def _predict(method, batch) -> torch.Tensor:
+    # a 4-tuple (TaskTensors) is what every method accepts in place of a TaskBatch
+    return method.predict(tuple(batch)).detach()
+
+
+def _evaluate(method, batches, score, desc: str, progress: bool, total: Optional[int] = None) -> torch.Tensor:
+    """Per-task metric over the given batches; a batch whose adaptation diverges scores NaN (reported, so a
+    diverging method shows as NaN in the table instead of stopping the comparison)."""
+    values = []
+    for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
+        try:
+            values.append(score(_predict(method, batch), batch.y_query).cpu())
+        except DivergenceError as exc:
+            warnings.warn(f"{desc}: adaptation diverged on a batch of {batch.x_support.shape[0]} tasks ({exc})")
+            values.append(torch.full((batch.x_support.shape[0],), float("nan"), dtype=torch.float64))
+    return torch.cat(values)
+
+
+def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+# -------------------------------------------------------------------------------------------- one method
+class _MethodRun:
+    """Meta-training of one method, with its checkpoint."""
+
+    def __init__(self, name: str, cfg: FewShotConfig, source, device: torch.device, out: Path,
+                 factory: Callable):
+        self.name, self.cfg, self.source, self.device, self.out = name, cfg, source, device, out
+        dtype = _DTYPES[cfg.dtype]
+        torch.manual_seed(cfg.seed)  # same initial meta-parameters for every method
+        self.model = source.build_model().to(device=device, dtype=dtype)
+        kwargs = common_kwargs(name, cfg, factory)
+        kwargs.update(cfg.method_options.get(name, {}))
+        self.kwargs = kwargs
+        self.method = factory(name, self.model, source.loss_fn, **kwargs)
+        self.params = list(self.method.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=cfg.outer_lr)
+        self.step, self.curve, self.step_times, self.peak_mib, self.divergences = 0, [], [], None, []
+        self.ckpt_path = out / "checkpoints" / f"{name}.pt"
+
+    # ---- checkpoints
+    def save(self) -> None:
+        atomic_save({
+            "method": self.name, "config": self.cfg.training_dict(), "step": self.step,
+            "params": [p.detach().cpu() for p in self.params], "model_state": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(), "rng": rng_state(), "curve": self.curve,
+            "step_times": self.step_times, "peak_mib": self.peak_mib, "divergences": self.divergences,
+        }, self.ckpt_path)
+
+    def restore(self) -> bool:
+        if not self.ckpt_path.is_file():
+            return False
+        ckpt = load_checkpoint(self.ckpt_path)
+        if ckpt.get("method") != self.name or ckpt.get("config") != self.cfg.training_dict():
+            diff = {k: (ckpt.get("config", {}).get(k), v) for k, v in self.cfg.training_dict().items()
+                    if ckpt.get("config", {}).get(k) != v}
+            raise ValueError(f"cannot resume {self.name} from {self.ckpt_path}: it was written with different "
+                             f"settings (checkpoint value, requested value): {diff}")
+        self.model.load_state_dict(ckpt["model_state"])
+        with torch.no_grad():
+            for p, saved in zip(self.params, ckpt["params"]):
+                p.copy_(saved.to(p.device))
+        self.opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        self.step, self.curve, self.step_times = ckpt["step"], ckpt["curve"], ckpt["step_times"]
+        self.peak_mib, self.divergences = ckpt["peak_mib"], ckpt["divergences"]
+        return True
+
+    # ---- one meta-step
+    def meta_step(self, batch) -> Tuple[Optional[dict], float]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        try:
+            stats = self.method.meta_backward(tuple(batch))
+        except DivergenceError as exc:
+            # the method leaves .grad untouched on divergence; skip the update so parameters stay intact
+            residual = getattr(getattr(exc, "stats", None), "residual", float("nan"))
+            self.divergences.append({"step": self.step, "residual": residual, "message": str(exc)})
+            self.opt.zero_grad(set_to_none=True)
+            return None, time.perf_counter() - t0
+        if not _grads_finite(self.params):
+            self.divergences.append({"step": self.step, "residual": float("nan"),
+                                     "message": "non-finite meta-gradient; update skipped"})
+            self.opt.zero_grad(set_to_none=True)
+            return None, time.perf_counter() - t0
+        self.opt.step()
+        _sync(self.device)
+        dt = time.perf_counter() - t0
+        stats = stats.as_dict() if hasattr(stats, "as_dict") else dict(stats)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        else:
+            peak = stats.get("graph_bytes")
+            peak = None if peak is None else peak / 2 ** 20
+        if peak is not None:
+            self.peak_mib = peak if self.peak_mib is None else max(self.peak_mib, peak)
+        return stats, dt
+
+    def validate(self) -> Tuple[float, float]:
+        values = _evaluate(self.method, self.source.val_batches(self.cfg.meta_batch), self.source.score,
+                           f"{self.name} validation", False)
+        return mean_ci95(values)
+
+    def train(self) -> bool:
+        """Meta-train up to ``meta_steps`` (or ``stop_after`` more steps); True when finished."""
+        cfg = self.cfg
+        if cfg.resume and self.restore() and self.step >= cfg.meta_steps:
+            return True
+        log_every = cfg.log_every or max(1, cfg.meta_steps // 100)
+        val_every = cfg.val_every or max(1, cfg.meta_steps // 10)
+        stop = cfg.meta_steps if cfg.stop_after is None else min(cfg.meta_steps, self.step + cfg.stop_after)
+        bar = tqdm(total=cfg.meta_steps, initial=self.step, desc=f"{self.name} meta-training",
+                   disable=not cfg.progress, dynamic_ncols=True)
+        while self.step < stop:
+            batch = self.source.train_batch(self.step)
+            # the metric after adaptation, on this step's tasks, before the update (the same tasks as the loss)
+            logging = (self.step + 1) % log_every == 0 or self.step + 1 == cfg.meta_steps
+            stats, dt = self.meta_step(batch)
+            self.step += 1
+            self.step_times.append(dt)
+            if logging and stats is not None:
+                row = {"step": self.step, "query_loss": stats.get("query_loss_after"),
+                       "time_s": sum(self.step_times), "sec_per_step": dt, "peak_memory_mib": self.peak_mib,
+                       "val_metric": None, "val_ci95": None}
+                row["query_metric"] = float(_evaluate(self.method, [batch], self.source.score, f"{self.name} step",
+                                                      False).mean())
+                if self.step % val_every == 0 or self.step == cfg.meta_steps:
+                    row["val_metric"], row["val_ci95"] = self.validate()
+                self.curve.append(row)
+                bar.set_postfix(loss=f"{row['query_loss']:.4g}" if row["query_loss"] is not None else "n/a")
+            bar.update(1)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        self.save()
+        if self.divergences:
+            warnings.warn(f"{self.name}: {len(self.divergences)} meta-step(s) diverged and were skipped "
+                          f"(first: {self.divergences[0]['message']})")
+        return self.step >= cfg.meta_steps
+
+    def sec_per_step(self) -> float:
+        # the first step pays one-off costs (kernel selection, allocator warm-up); leave it out when we can
+        times = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
+        return float(sum(times) / len(times)) if times else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def _sinusoid_fits(runs: Sequence[_MethodRun], source, count: int = 3) -> dict:
+    sampled = source.fit_tasks()
+    tasks = [t[:count] for t in sampled.tasks]
+    grid = torch.linspace(*source.tasks.x_range, 200, device=source.device, dtype=source.dtype)
+    x_grid = grid.view(1, -1, 1).expand(count, -1, -1).contiguous()
+    fits = {"x": grid.cpu().tolist(), "tasks": []}
+    preds = {}
+    for run in runs:
+        preds[run.name] = _predict(run.method, (tasks[0], tasks[1], x_grid, torch.zeros_like(x_grid))).cpu()
+    for i in range(count):
+        fits["tasks"].append({
+            "amplitude": float(sampled.amplitude[i]), "phase": float(sampled.phase[i]),
+            "x_support": tasks[0][i, :, 0].cpu().tolist(), "y_support": tasks[1][i, :, 0].cpu().tolist(),
+            "pred": {name: p[i, :, 0].tolist() for name, p in preds.items()}})
+    return fits
+
+
+def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -> Dict[str, object]:
+    """Run the comparison described by ``cfg``; returns a summary (also written to ``<out>/results.json``).
+
+    ``method_factory(name, model, loss_fn, **kwargs)`` builds a method (default: ``lcp_meta.meta.make_method``).
+    """
+    cfg.validate()
+    factory = method_factory or default_method_factory
+    if method_factory is None:
+        known = method_names()
+        unknown = [m for m in cfg.methods if m not in known]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
+    device = resolve_device(cfg.device)
+    dtype = _DTYPES[cfg.dtype]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    queries = cfg.queries
+    if cfg.task == "sinusoid":
+        source = SOURCES["sinusoid"](cfg.shots, queries, cfg.meta_batch, cfg.seed, cfg.val_episodes,
+                                     cfg.test_episodes, device, dtype, hidden=cfg.hidden or 40)
+    else:
+        source = SOURCES["omniglot"](cfg.ways, cfg.shots, queries or 5, cfg.meta_batch, cfg.seed,
+                                     cfg.val_episodes, cfg.test_episodes, device, dtype, hidden=cfg.hidden or 64,
+                                     data_root=cfg.data_root, split_seed=cfg.split_seed,
+                                     val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                                     cache_dir=cfg.cache_dir, progress=cfg.progress)
+    config_record = {**{k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()},
+                     "resolved_device": str(device),
+                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "torch": torch.__version__, "protocol": source.protocol}
+    (out / "config.json").write_text(json.dumps(config_record, indent=2))
+
+    runs, results, unfinished = [], [], []
+    one_shot = source.one_shot_runs() if hasattr(source, "one_shot_runs") else None
+    for name in cfg.methods:
+        run = _MethodRun(name, cfg, source, device, out, factory)
+        if not run.train():
+            unfinished.append(name)
+            continue
+        values = _evaluate(run.method, source.test_batches(cfg.meta_batch), source.score, f"{name} test",
+                           cfg.progress, total=math.ceil(source.num_test() / cfg.meta_batch))
+        mean, ci = mean_ci95(values)
+        result = {"method": name, "metric": source.metric, "test_mean": mean, "test_ci95": ci,
+                  "test_episodes": int(values.numel()), "sec_per_step": run.sec_per_step(),
+                  "peak_memory_mib": run.peak_mib, "memory_kind": memory_kind(device),
+                  "meta_steps": run.step, "method_kwargs": _jsonable(run.kwargs),
+                  "divergences": run.divergences, "curve": run.curve}
+        if one_shot:
+            scores = score_one_shot_runs(
+                _predict(run.method, source.one_shot_batch(one_shot)).argmax(-1).cpu(), one_shot)
+            m, c = mean_ci95(scores)
+            result["one_shot_runs"] = {"mean": m, "ci95": c, "per_run": dict(zip([r.name for r in one_shot],
+                                                                                 scores))}
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        report.write_curve_csv(run.curve, out / f"{name}_curve.csv")
+        runs.append(run)
+        results.append(result)
+
+    summary: Dict[str, object] = {"out": str(out), "results": results, "unfinished": unfinished,
+                                  "memory_kind": memory_kind(device), "config": config_record}
+    if unfinished:
+        summary["message"] = (f"stopped before meta-step {cfg.meta_steps} for {', '.join(unfinished)}; "
+                              f"run again with --resume to continue")
+    if results:
+        mk = memory_kind(device)
+        table = report.results_table(results, mk)
+        summary["table"] = table
+        (out / "results.md").write_text(
+            f"# Few-shot comparison: {cfg.task}\n\n{table}\n"
+            f"{cfg.test_episodes} fixed test episodes (seed {cfg.seed}), 95% CI = 1.96 std / sqrt(n); "
+            f"sec/meta-step: mean wall-clock of a meta-step after the first on {config_record['device_name']}.\n")
+    if results and cfg.plots:
+        plots = [report.plot_curves(results, out / "curves.png"),
+                 report.plot_test_metric(results, out / "test_metric.png", cfg.test_episodes),
+                 report.plot_cost(results, out / "cost.png", mk)]
+        if cfg.task == "sinusoid":
+            plots.append(report.plot_sinusoid_fits(_sinusoid_fits(runs, source), out / "fits.png"))
+        summary["plots"] = [str(p) for p in plots]
+    (out / "results.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2))
+    return summary

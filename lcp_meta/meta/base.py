@@ -1,0 +1,369 @@
+"""The meta-learning interface: task batches, statistics, and the base class of every method.
+
+A method owns a model whose trainable parameters are the meta-parameters ``omega``.
+:meth:`MetaMethod.meta_backward` accumulates the mean-over-tasks meta-gradient into ``.grad`` exactly
+like ``loss.backward()``, so any ``torch.optim`` optimizer can step afterwards.  All tasks of a batch
+are processed together with :func:`torch.func.vmap` (``vmap=False`` loops over tasks instead).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core.solvers import DivergenceError, SolverStats, solve
+from .functional import (Tree, check_vmappable, make_loss, make_model_fn, split_model, task_map,
+                         tree_detach, tree_finite, tree_norm)
+from .system import InnerSystem
+
+__all__ = ["TaskBatch", "MetaStats", "MetaMethod"]
+
+
+# ----------------------------------------------------------------------------------- task batches
+@dataclass
+class TaskBatch:
+    """A meta-batch of T tasks: support and query sets, each tensor with a leading task dim.
+
+    x_support: (T, N_s, *x_shape)   y_support: (T, N_s, *y_shape)
+    x_query:   (T, N_q, *x_shape)   y_query:   (T, N_q, *y_shape)
+    """
+
+    x_support: torch.Tensor
+    y_support: torch.Tensor
+    x_query: torch.Tensor
+    y_query: torch.Tensor
+
+    def __post_init__(self):
+        names = ("x_support", "y_support", "x_query", "y_query")
+        for n in names:
+            if not isinstance(getattr(self, n), torch.Tensor):
+                raise TypeError(f"TaskBatch.{n} must be a tensor, got {type(getattr(self, n)).__name__}")
+        xs, ys, xq, yq = self.x_support, self.y_support, self.x_query, self.y_query
+        _check_support(xs, ys)
+        _check_support(xq, yq, what="query")
+        if xq.shape[0] != xs.shape[0]:
+            raise ValueError(f"support and query disagree on the number of tasks: x_support {tuple(xs.shape)} "
+                             f"vs x_query {tuple(xq.shape)}; expected the same leading task dim T")
+        if xq.shape[2:] != xs.shape[2:] or yq.shape[2:] != ys.shape[2:]:
+            raise ValueError(f"support and query samples differ in shape: x {tuple(xs.shape)} vs {tuple(xq.shape)}, "
+                             f"y {tuple(ys.shape)} vs {tuple(yq.shape)}; expected (T, N, *x_shape) and "
+                             f"(T, N, *y_shape) with the same x_shape and y_shape")
+
+    @classmethod
+    def coerce(cls, tasks) -> "TaskBatch":
+        """Accept a TaskBatch, a 4-tuple ``(xs, ys, xq, yq)`` or ``((xs, ys), (xq, yq))``."""
+        if isinstance(tasks, cls):
+            return tasks
+        if isinstance(tasks, (tuple, list)):
+            if len(tasks) == 4:
+                return cls(*tasks)
+            if len(tasks) == 2 and all(isinstance(t, (tuple, list)) and len(t) == 2 for t in tasks):
+                return cls(tasks[0][0], tasks[0][1], tasks[1][0], tasks[1][1])
+        raise TypeError("expected tasks as a TaskBatch, a 4-tuple (x_support, y_support, x_query, y_query) or "
+                        f"((x_support, y_support), (x_query, y_query)); got {type(tasks).__name__}")
+
+    @property
+    def num_tasks(self) -> int:
+        return self.x_support.shape[0]
+
+    def to(self, device=None, dtype=None) -> "TaskBatch":
+        """Move to ``device``; cast floating tensors (inputs, regression targets) to ``dtype``."""
+        return TaskBatch(*(_to(t, device, dtype) for t in (self.x_support, self.y_support,
+                                                            self.x_query, self.y_query)))
+
+    def task(self, i: int) -> "TaskBatch":
+        """Task ``i`` as a batch of one."""
+        return TaskBatch(self.x_support[i:i + 1], self.y_support[i:i + 1], self.x_query[i:i + 1], self.y_query[i:i + 1])
+
+
+def _to(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        t = t.to(dtype)
+    return t.to(device) if device is not None else t
+
+
+def _check_support(x, y, what="support"):
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"expected {what} inputs and targets as tensors, got {type(x).__name__}, {type(y).__name__}")
+    if x.dim() < 3 or y.dim() < 2:
+        raise ValueError(f"expected x_{what} of shape (tasks, shots, *x_shape) and y_{what} of shape "
+                         f"(tasks, shots, *y_shape) with a leading task dim; got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)} (add a task dim with .unsqueeze(0) for a single task)")
+    if x.shape[:2] != y.shape[:2]:
+        raise ValueError(f"x_{what} {tuple(x.shape)} and y_{what} {tuple(y.shape)} disagree on (tasks, shots); "
+                         f"expected x (T, N, *x_shape) and y (T, N, *y_shape)")
+
+
+# ------------------------------------------------------------------------------------ statistics
+@dataclass
+class MetaStats:
+    """What one meta-step did; each value is a mean over the tasks of the batch unless noted.
+
+    inner_loss_before / inner_loss_after: support loss l_in at omega / at the adapted parameters.
+    query_loss_before / query_loss_after: query loss l_out at omega / at the adapted parameters (for the
+        single-phase LCP controllers the adapted state is the controlled one, O(beta) from the free one).
+    control_norm: |psi*|, the norm of the control (0 for methods without a controller).
+    iterations: steps of the (main) inner dynamics; converged: all tasks met the stop rule and stayed
+        finite; residual: the final relative change, maximum over tasks.
+    meta_grad_norm: norm of the accumulated mean meta-gradient of the model parameters.
+    extra: method-specific numbers (CG residual, lam, ...).
+    """
+
+    inner_loss_before: float = math.nan
+    inner_loss_after: float = math.nan
+    query_loss_before: float = math.nan
+    query_loss_after: float = math.nan
+    control_norm: float = 0.0
+    iterations: int = 0
+    converged: bool = True
+    residual: float = 0.0
+    meta_grad_norm: float = 0.0
+    extra: Dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+def _softplus_inv(x: float) -> float:
+    if x <= 0:
+        raise ValueError(f"lam must be positive when learned, got {x}")
+    return x + math.log(-math.expm1(-x))
+
+
+ON_DIVERGENCE = ("raise", "warn")
+
+
+# ------------------------------------------------------------------------------------ base class
+class MetaMethod(nn.Module):
+    """Base of every meta-learning method.
+
+    Args:
+        model: the learner; its trainable parameters are the meta-parameters omega.  It is called as
+            ``functional_call(model, {**params, **buffers}, x)``.
+        loss_fn: per-task loss ``loss_fn(pred, target) -> scalar`` (l_in on support, l_out on query).
+        inner_lr: step size eta of the inner gradient dynamics.
+        inner_steps: number of inner steps (the cap when ``tol`` is set).
+        lam: strength of the proximal regulariser ``lam/2 |phi - omega|^2`` of the inner problem.
+        momentum: heavy-ball momentum of the inner dynamics (0: plain gradient descent).
+        tol: stop the inner dynamics when the relative change of the state falls below ``tol``
+            (None: run exactly ``inner_steps``).
+        learn_lam: False, ``"scalar"`` or ``"per_param"``: learn lam (kept positive through softplus).
+        vmap: map over tasks with torch.func.vmap (False: a Python loop, same numbers).
+        on_divergence: ``"raise"`` a DivergenceError or ``"warn"`` when the inner dynamics turn NaN or do
+            not meet ``tol``; either way ``.grad`` is left untouched.
+        solver: fixed-point solver of :mod:`lcp_meta.core.solvers` for the inner dynamics.
+    """
+
+    name = "base"
+    supports_learned_lam = True
+
+    def __init__(self, model: nn.Module, loss_fn: Callable = F.mse_loss, *, inner_lr: float = 0.1,
+                 inner_steps: int = 100, lam: float = 1.0, momentum: float = 0.0, tol: Optional[float] = None,
+                 learn_lam=False, vmap: bool = True, on_divergence: str = "raise", solver: str = "euler"):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(pred, target) -> scalar")
+        if inner_lr <= 0 or int(inner_steps) < 1:
+            raise ValueError(f"expected inner_lr > 0 and inner_steps >= 1, got {inner_lr}, {inner_steps}")
+        if tol is not None and tol <= 0:
+            raise ValueError(f"tol must be None or > 0, got {tol}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if on_divergence not in ON_DIVERGENCE:
+            raise ValueError(f"on_divergence must be one of {ON_DIVERGENCE}, got {on_divergence!r}")
+        if learn_lam not in (False, None, "scalar", "per_param"):
+            raise ValueError(f"learn_lam must be False, 'scalar' or 'per_param', got {learn_lam!r}")
+        if learn_lam and not self.supports_learned_lam:
+            raise ValueError(f"{type(self).__name__} has no implicit lam-gradient; use learn_lam=False")
+        if lam < 0 or (learn_lam and lam <= 0):
+            raise ValueError(f"lam must be >= 0 (> 0 when learned), got {lam}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.inner_lr, self.inner_steps, self.momentum = float(inner_lr), int(inner_steps), float(momentum)
+        self.tol, self.use_vmap, self.on_divergence, self.solver = tol, bool(vmap), on_divergence, solver
+        self.learn_lam = learn_lam or False
+        self._lam = float(lam)
+        params, _ = split_model(model)
+        self._names = list(params)
+        if self.learn_lam == "scalar":
+            self.lam_raw = nn.Parameter(torch.tensor(_softplus_inv(lam), dtype=params[self._names[0]].dtype,
+                                                     device=params[self._names[0]].device))
+        elif self.learn_lam == "per_param":
+            # a ParameterList in the order of the model's parameters (dots are not allowed as dict keys)
+            self.lam_raw = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), _softplus_inv(lam)))
+                                             for p in params.values()])
+
+    # ------------------------------------------------------------------------------- lam handling
+    def lam_tree(self, params: Tree) -> Tree:
+        """Current lam for every parameter tensor (a scalar tensor, or per element), detached."""
+        with torch.no_grad():
+            if self.learn_lam == "scalar":
+                lam = F.softplus(self.lam_raw)
+                return {k: lam.to(p.dtype) for k, p in params.items()}
+            if self.learn_lam == "per_param":
+                return {k: F.softplus(r).to(p.dtype) for (k, p), r in zip(params.items(), self.lam_raw)}
+            return {k: torch.tensor(self._lam, dtype=p.dtype, device=p.device) for k, p in params.items()}
+
+    @property
+    def lam(self):
+        """Current lam: a float, or (learned per parameter) a dict name -> tensor."""
+        if self.learn_lam == "scalar":
+            return float(F.softplus(self.lam_raw.detach()))
+        if self.learn_lam == "per_param":
+            return self.lam_tree(split_model(self.model)[0])
+        return self._lam
+
+    # ------------------------------------------------------------------------------- plumbing
+    def _system(self) -> Tuple[InnerSystem, Tree]:
+        params, consts = split_model(self.model)
+        if list(params) != self._names:
+            raise ValueError("the model's trainable parameters changed since the method was built: "
+                             f"expected {self._names}, got {list(params)}")
+        if self.use_vmap:
+            check_vmappable(self.model)
+        model_fn = make_model_fn(self.model, consts)
+        return InnerSystem(make_loss(model_fn, self.loss_fn), model_fn, self.use_vmap), params
+
+    def _prepare(self, tasks) -> TaskBatch:
+        tb = TaskBatch.coerce(tasks)
+        p = next(iter(split_model(self.model)[0].values()))
+        return tb.to(p.device, p.dtype)
+
+    def _tmap(self, fn, in_dims):
+        return task_map(fn, in_dims, self.use_vmap)
+
+    def _dynamics(self, step, state: Tuple[torch.Tensor, ...], name: str, tol=None, max_iter=None):
+        """Run a task-batched step map with the configured solver; returns (state, SolverStats).
+
+        ``tol=None`` runs exactly ``max_iter`` steps (the relative change of the last step is still
+        reported as the residual).  No autograd graph is kept across steps.
+        """
+        tol = self.tol if tol is None else tol
+        max_iter = self.inner_steps if max_iter is None else int(max_iter)
+        if tol is None:
+            z, st = solve(step, state, solver="euler", tol=1e-300, max_iter=max_iter, min_iter=max_iter,
+                          check_every=max_iter, name=name)
+            st.converged = not st.diverged
+        else:
+            z, st = solve(step, state, solver=self.solver, tol=tol, max_iter=max_iter, name=name)
+        return z, st
+
+    def _fail(self, what: str, stats: SolverStats, name: str):
+        """Report non-finite or unconverged dynamics (raise or warn); never touches ``.grad``."""
+        kind = "turned NaN/inf" if stats.diverged else f"did not converge to tol {self.tol}"
+        msg = (f"{self.name}: {what} {kind} after {stats.iterations} iterations (relative residual "
+               f"{stats.residual:.3e}); .grad of the meta-parameters was left untouched. Lower inner_lr, "
+               f"raise inner_steps or tol")
+        if self.on_divergence == "raise":
+            raise DivergenceError(msg, stats)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    def _free(self, system: InnerSystem, omega: Tree, lam: Tree, xs, ys):
+        """The free inner equilibrium phi* of l_in(phi) + lam/2 |phi - omega|^2, from phi = omega."""
+        return system.free_equilibrium(omega, lam, xs, ys, self)
+
+    # ------------------------------------------------------------------------------- public API
+    def meta_backward(self, tasks) -> MetaStats:
+        """Accumulate the mean-over-tasks meta-gradient into ``.grad`` of :meth:`parameters`.
+
+        Returns the :class:`MetaStats` of the step.  When the inner dynamics diverge nothing is
+        accumulated (DivergenceError, or a warning with ``on_divergence="warn"``).
+        """
+        tb = self._prepare(tasks)
+        system, params = self._system()
+        grads, lam_grads, stats, sst = self._meta_gradient(system, params, tb)
+        finite = tree_finite(grads) and (lam_grads is None or tree_finite(lam_grads))
+        if sst is not None and (sst.diverged or not sst.converged or not finite):
+            if not finite:
+                sst.diverged = True
+            stats.converged = False
+            self._fail("inner dynamics", sst, self.name)
+            return stats
+        if not finite:
+            sst = SolverStats(iterations=stats.iterations, residual=stats.residual, converged=False, diverged=True)
+            stats.converged = False
+            self._fail("meta-gradient", sst, self.name)
+            return stats
+        # implicit methods keep no autograd graph across inner steps (MAML reports its own)
+        stats.extra.setdefault("graph_bytes", 0)
+        self._accumulate(params, grads, lam_grads)
+        stats.meta_grad_norm = float(tree_norm(grads))
+        if self.learn_lam == "scalar":
+            stats.extra["lam"] = self.lam
+        return stats
+
+    def _accumulate(self, params: Tree, grads: Tree, lam_grads: Optional[Tree]):
+        with torch.no_grad():
+            for k, p in params.items():
+                g = grads[k].detach().to(p.dtype)
+                p.grad = g.clone() if p.grad is None else p.grad + g
+            if lam_grads is not None and self.learn_lam:
+                # chain rule through lam = softplus(raw): d lam / d raw = sigmoid(raw)
+                if self.learn_lam == "scalar":
+                    g = sum(v.sum() for v in lam_grads.values()) * torch.sigmoid(self.lam_raw)
+                    self.lam_raw.grad = g.clone() if self.lam_raw.grad is None else self.lam_raw.grad + g
+                else:
+                    for k, raw in zip(self._names, self.lam_raw):
+                        g = lam_grads[k].expand_as(raw) * torch.sigmoid(raw)
+                        raw.grad = g.clone() if raw.grad is None else raw.grad + g
+
+    def _meta_gradient(self, system: InnerSystem, params: Tree, tb: TaskBatch):
+        """Return (mean omega-gradient tree, mean lam-gradient tree or None, MetaStats, SolverStats)."""
+        raise NotImplementedError
+
+    def adapt_params(self, x_support: torch.Tensor, y_support: torch.Tensor) -> Tree:
+        """Adapted parameters of a batch of tasks (the free inner solution; no query data): a dict
+        name -> tensor with a leading task dim."""
+        p = next(iter(split_model(self.model)[0].values()))
+        xs, ys = _to(x_support, p.device, p.dtype), _to(y_support, p.device, p.dtype)
+        _check_support(xs, ys)
+        system, params = self._system()
+        omega = tree_detach(params)
+        phi, st = self._free(system, omega, self.lam_tree(params), xs, ys)
+        if st.diverged or not st.converged:
+            self._fail("inner adaptation", st, self.name)
+        return phi
+
+    def adapt(self, x_support: torch.Tensor, y_support: torch.Tensor) -> nn.Module:
+        """An adapted copy of the model for ONE task (tensors without a task dim); the original is untouched."""
+        phi = self.adapt_params(x_support.unsqueeze(0), y_support.unsqueeze(0))
+        clone = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for k, p in clone.named_parameters():
+                if k in phi:
+                    p.copy_(phi[k][0])
+        return clone
+
+    def predict(self, tasks) -> torch.Tensor:
+        """Adapted predictions on the query inputs, with a leading task dim.
+
+        ``tasks``: a TaskBatch (its query targets are not used) or ``(x_support, y_support, x_query)``.
+        """
+        if isinstance(tasks, (tuple, list)) and len(tasks) == 3:
+            xs, ys, xq = tasks
+        else:
+            tb = TaskBatch.coerce(tasks)
+            xs, ys, xq = tb.x_support, tb.y_support, tb.x_query
+        p = next(iter(split_model(self.model)[0].values()))
+        xq = _to(xq, p.device, p.dtype)
+        if xq.dim() < 3 or xq.shape[0] != xs.shape[0]:
+            raise ValueError(f"expected x_query of shape (tasks, queries, *x_shape) with {xs.shape[0]} tasks, "
+                             f"got {tuple(xq.shape)}")
+        phi = self.adapt_params(xs, ys)
+        system, _ = self._system()
+        with torch.no_grad():
+            return self._tmap(system.model_fn, (0, 0))(phi, xq)
+
+    def extra_repr(self) -> str:
+        return (f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, lam={self._lam}, "
+                f"learn_lam={self.learn_lam}, tol={self.tol}, vmap={self.use_vmap}")

@@ -1,0 +1,157 @@
+"""LCP with dynamic inversion (LCP-DI) and its variant with Kolen-Pollack feedback weights (LCP-DI-KP).
+
+Joint forward-Euler dynamics of the state ``(v, y, e, u_I)`` (spec section 2; dt = tau = 1):
+
+    grad_l = grad_y l(y)                                  (batch-mean loss)
+    u      = k_i u_I - k_p grad_l                         output controller (leaky integral + proportional)
+    u_I   += dt (-grad_l - alpha u_I)
+    y     += dt (h(v) - y + u)                            controlled output units
+    e     += dt (J_f(v)^T e + J_h(v)^T u),  J_f = J_g - I  the control circuit inverts the Jacobian
+    v     += dt (g(c, v) - v + e)                         controlled hidden state
+
+At the equilibrium ``e* = -f(v*)``, ``u* = y* - h(v*) = -beta grad l(y*)`` with ``beta = k_i/alpha + k_p``,
+and ``J_f^T e* + J_h^T u* = 0``: exactly the stationarity of
+``F_beta = min 1/2|g(v) - v|^2 + 1/2|h(v) - y|^2 + beta l(y)``, so the update
+``-(dg/dtheta)^T e* - (dh/dtheta)^T u*`` is its exact gradient.  ``alpha = 0`` gives exact output control
+(``grad l(y*) = 0``) and the least-control objective ``H`` itself (reachable with the MSE loss).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..core.system import local_update, output_loss, output_loss_grad, write_grads
+from .methods import Method
+
+__all__ = ["DynamicInversion", "KolenPollack"]
+
+
+class DynamicInversion(Method):
+    """LCP-DI.  ``alpha`` leak of the integral controller, ``k_i`` integral gain, ``k_p`` proportional
+    gain, ``dt`` Euler step (spec defaults: 0.1, 1, 0, 1; stop at relative change 1e-6 or 800 steps)."""
+
+    name = "lcp-di"
+
+    def __init__(self, model, alpha: float = 0.1, k_i: float = 1.0, k_p: float = 0.0, dt: float = 1.0,
+                 loss: str = "ce", **kw):
+        super().__init__(model, loss=loss, **kw)
+        if alpha < 0 or k_i < 0 or k_p < 0 or not 0 < dt <= 1:
+            raise ValueError(f"expected alpha >= 0, k_i >= 0, k_p >= 0 and 0 < dt <= 1; got alpha={alpha}, "
+                             f"k_i={k_i}, k_p={k_p}, dt={dt}")
+        if k_i == 0 and k_p == 0:
+            raise ValueError("k_i and k_p are both 0: the output controller would exert no control")
+        self.alpha, self.k_i, self.k_p, self.dt = float(alpha), float(k_i), float(k_p), float(dt)
+
+    @property
+    def beta(self) -> float:
+        """Control strength of the equilibrium reached: ``u* = -beta grad l(y*)``."""
+        return math.inf if self.alpha == 0 else self.k_i / self.alpha + self.k_p
+
+    def _fb(self):
+        """Replacements for transposed forward weights in the VJPs (None: the true transposes)."""
+        return None
+
+    def controlled_step(self, c, target):
+        m, fb, dt = self.model, self._fb(), self.dt
+        k_i, k_p, alpha, loss = self.k_i, self.k_p, self.alpha, self.loss
+
+        def step(z):
+            v, y, e, u_i = z
+            gl = output_loss_grad(y, target, loss)
+            u = k_i * u_i - k_p * gl if k_p else k_i * u_i
+            g, h, jg, jh = m.step_terms(c, v, e, u, fb)
+            return (v + dt * (g - v + e), y + dt * (h - y + u), e + dt * (jg - e + jh),
+                    u_i + dt * (-gl - alpha * u_i))
+
+        return step
+
+    def controlled_equilibrium(self, c, target):
+        """Solve the joint dynamics from 0; returns ``(v*, y*, e*, u*)`` and the solver statistics."""
+        c = c.detach()
+        v0 = self.model.init_state(c)
+        with torch.no_grad():
+            y0 = torch.zeros_like(self.model.h(v0))
+        (v, y, e, u_i), stats = self._solve(self.controlled_step(c, target),
+                                            (v0, y0, torch.zeros_like(v0), torch.zeros_like(y0)),
+                                            "controlled dynamics")
+        with torch.no_grad():
+            gl = output_loss_grad(y, target, self.loss)
+            u = self.k_i * u_i - self.k_p * gl
+        return (v, y, e, u), stats
+
+    def _update(self, c, v, e, u, params):
+        return local_update(self.model, c, v, e, u, params)
+
+    def backward(self, x, y):
+        x, target = self._prepare(x, y)
+        with torch.enable_grad():
+            c = self.model.encode(x)
+        (v, yc, e, u), stats = self.controlled_equilibrium(c, target)
+        params = self.parameters()
+        grads = self._update(c, v, e, u, params)
+        write_grads(params, grads, f"{self.name} update")
+        with torch.no_grad():
+            out = {"loss": float(output_loss(yc, target, self.loss)),
+                   "output_loss": float(output_loss(self.model.h(v), target, self.loss)),
+                   "control_norm": float(torch.sqrt(e.pow(2).sum() + u.pow(2).sum())),
+                   "beta": self.beta}
+        out.update(stats.as_dict())
+        return out
+
+
+class KolenPollack(DynamicInversion):
+    """LCP-DI-KP: every transposed forward weight in ``J^T e`` is replaced by a learned feedback weight B
+    (``B_D`` for the readout).  Kolen-Pollack: B's update is the transpose of its forward weight's update,
+    and both decay by ``kp_wd`` after each optimizer step, so B and W^T converge to each other.
+    Feedback weights start as the official code's: random, scaled to unit Frobenius norm (readout:
+    ``N(0, 1/(n_out n_hidden))``)."""
+
+    name = "lcp-di-kp"
+
+    def __init__(self, model, kp_wd: float = 1e-6, **kw):
+        super().__init__(model, **kw)
+        pairs = model.feedback_pairs()
+        if not pairs:
+            raise ValueError(f"lcp-di-kp needs a model with closed-form feedback pathways (ff, rnn, conv-ff); "
+                             f"{type(model).__name__} has none")
+        if kp_wd < 0:
+            raise ValueError(f"kp_wd must be >= 0, got {kp_wd}")
+        self.kp_wd, self.pairs = float(kp_wd), pairs
+        self.feedback.B = nn.ParameterDict()
+        for key, (w, is_linear) in pairs.items():
+            shape = w.t().shape if is_linear else w.shape
+            b = torch.randn(shape, dtype=w.dtype, device=w.device)
+            if key == "readout":
+                b /= math.sqrt(w.shape[0] * w.shape[1])
+            else:
+                b /= b.norm()
+            self.feedback.B[key] = nn.Parameter(b)
+
+    def _fb(self):
+        return dict(self.feedback.B.items())
+
+    def _update(self, c, v, e, u, params):
+        grads = local_update(self.model, c, v, e, u, params)
+        index = {id(p): i for i, p in enumerate(params)}
+        for key, (w, is_linear) in self.pairs.items():  # B gets the (transposed) forward update
+            gw = grads[index[id(w)]]
+            grads[index[id(self.feedback.B[key])]] = gw.t() if is_linear else gw.clone()
+        return grads
+
+    def after_step(self):
+        with torch.no_grad():
+            for key, (w, _) in self.pairs.items():
+                w.mul_(1 - self.kp_wd)
+                self.feedback.B[key].mul_(1 - self.kp_wd)
+
+    def alignment_angles(self):
+        """Angle (degrees) between each feedback weight and its forward weight's transpose."""
+        out = {}
+        for key, (w, is_linear) in self.pairs.items():
+            a = (w.t() if is_linear else w).flatten().double()
+            b = self.feedback.B[key].detach().flatten().double()
+            cos = torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-30)
+            out[key] = float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1))))
+        return out

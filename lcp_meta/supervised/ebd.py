@@ -1,0 +1,113 @@
+"""Energy-based LCP (LCP-EBD): reach the least-control state by minimising an energy with Adam.
+
+    E(v, y) = 1/2 |v - g(c, v)|^2 + 1/2 |y - h(v)|^2 + (1/alpha) l(y)        (sums over the batch)
+
+whose minimiser is the same ``F_beta`` state as LCP-DI with ``beta = 1/alpha``.  Then ``e* = v - g(c, v*)``,
+``u* = y* - h(v*)`` (``psi* = -f``) and the update is the LCP one.  The gradient of E is assembled from the
+model's VJPs, ``dE/dv = -(J_f^T e + J_h^T u)``, ``dE/dy = u + (1/alpha) grad l(y)``, so no autograd graph
+is built per step.  Spec settings: ff Adam lr 0.01 for 800 steps from 0; rnn lr 1e-3 for 200 steps
+starting at the free equilibrium.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..core.solvers import DivergenceError, SolverStats
+from ..core.system import local_update, output_loss, output_loss_grad, write_grads
+from .methods import Method
+
+__all__ = ["EnergyBased"]
+
+
+class EnergyBased(Method):
+    """LCP-EBD.  ``ebd_lr``/``ebd_steps``: Adam on the states; ``ebd_init``: 'zeros' or 'free' (start at the free
+    equilibrium, solved with ``tol``/``max_iter``); ``stop_tol``: optional early stop on the relative change
+    of the states (None runs every step, as the official code does)."""
+
+    name = "lcp-ebd"
+
+    def __init__(self, model, alpha: float = 0.1, ebd_lr: float = 0.01, ebd_steps: int = 800,
+                 ebd_init: str = "zeros", betas=(0.9, 0.999), stop_tol: Optional[float] = None, loss: str = "ce",
+                 **kw):
+        super().__init__(model, loss=loss, **kw)
+        if alpha <= 0 or ebd_lr <= 0 or int(ebd_steps) < 1:
+            raise ValueError(f"expected alpha > 0, ebd_lr > 0, ebd_steps >= 1; got {alpha}, {ebd_lr}, {ebd_steps}")
+        if ebd_init not in ("zeros", "free"):
+            raise ValueError(f"ebd_init must be 'zeros' or 'free', got {ebd_init!r}")
+        self.alpha, self.lr, self.steps, self.init, self.betas, self.stop_tol = (
+            float(alpha), float(ebd_lr), int(ebd_steps), ebd_init, tuple(betas), stop_tol)
+
+    @property
+    def beta(self) -> float:
+        return 1.0 / self.alpha
+
+    def energy_grad(self, c, target, v, y):
+        """``(dE/dv, dE/dy, e, u)`` at ``(v, y)``."""
+        g, h, _, _ = self.model.step_terms(c, v, None, None)
+        e, u = v - g, y - h
+        jg, jh = self.model.g_vjp(c, v, e), self.model.h_vjp(v, u)
+        return e - jg - jh, u + self.beta * output_loss_grad(y, target, self.loss), e, u
+
+    def energy(self, c, target, v, y) -> torch.Tensor:
+        return (0.5 * (v - self.model.g(c, v)).pow(2).sum() + 0.5 * (y - self.model.h(v)).pow(2).sum()
+                + self.beta * output_loss(y, target, self.loss))
+
+    @torch.no_grad()
+    def controlled_equilibrium(self, c, target):
+        c = c.detach()
+        if self.init == "free":
+            v, _ = self.model.free_equilibrium(c, solver=self.solver, tol=self.tol, max_iter=self.max_iter,
+                                               check_every=self.check_every)
+        else:
+            v = self.model.init_state(c)
+        y = self.model.h(v) if self.init == "free" else torch.zeros_like(self.model.h(v))
+        b1, b2 = self.betas
+        m = [torch.zeros_like(v), torch.zeros_like(y)]
+        s = [torch.zeros_like(v), torch.zeros_like(y)]
+        stats = SolverStats(iterations=0, residual=math.inf, converged=False)
+        rel = math.inf
+        for t in range(1, self.steps + 1):
+            gv, gy, _, _ = self.energy_grad(c, target, v, y)
+            new = []
+            for i, (x, gr) in enumerate(((v, gv), (y, gy))):  # Adam, as torch.optim.Adam does it
+                m[i].mul_(b1).add_(gr, alpha=1 - b1)
+                s[i].mul_(b2).addcmul_(gr, gr, value=1 - b2)
+                denom = (s[i] / (1 - b2 ** t)).sqrt_().add_(1e-8)
+                new.append(x - self.lr / (1 - b1 ** t) * m[i] / denom)
+            num = sum((a - b).pow(2).sum() for a, b in zip(new, (v, y)))
+            den = sum(a.pow(2).sum() for a in new)
+            rel = float(num.sqrt() / den.sqrt().clamp_min(1e-12))
+            v, y = new
+            stats.iterations = t
+            if not math.isfinite(rel):
+                stats.diverged = True
+                break
+            if self.stop_tol is not None and rel < self.stop_tol:
+                break
+        stats.residual = rel
+        stats.converged = not stats.diverged
+        if stats.diverged:
+            raise DivergenceError(f"{self.name}: energy minimisation turned NaN/inf after {stats.iterations} "
+                                  f"Adam steps (relative change {rel:.3e}); .grad and parameters were left "
+                                  f"untouched", stats)
+        g, h, _, _ = self.model.step_terms(c, v, None, None)
+        return (v, y, v - g, y - h), stats
+
+    def backward(self, x, y):
+        x, target = self._prepare(x, y)
+        with torch.enable_grad():
+            c = self.model.encode(x)
+        (v, yc, e, u), stats = self.controlled_equilibrium(c, target)
+        params = self.parameters()
+        grads = local_update(self.model, c, v, e, u, params)
+        write_grads(params, grads, f"{self.name} update")
+        with torch.no_grad():
+            out = {"loss": float(output_loss(yc, target, self.loss)),
+                   "output_loss": float(output_loss(self.model.h(v), target, self.loss)),
+                   "control_norm": float(torch.sqrt(e.pow(2).sum() + u.pow(2).sum())),
+                   "energy": float(self.energy(c.detach(), target, v, yc)), "beta": self.beta}
+        out.update(stats.as_dict())
+        return out

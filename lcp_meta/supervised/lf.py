@@ -1,0 +1,139 @@
+"""LCP with linear feedback (LCP-LF): ``e = Q u``, one matrix Q from the output controller to every hidden
+unit, learned in an extra noisy phase after each batch (spec section 2).
+
+Our reading of the official code (``LCPLinearFeedback`` in seijin-kobayashi/least-control):
+
+- Controlled dynamics of ``(v, y, u_I)``: ``e = Q u`` is instantaneous (not integrated),
+  ``v += dt (g(c, v) - v + Q u)``; ``y`` and ``u_I`` as in LCP-DI.
+- Update: the hidden error injected into the implicit module is ``e* * s'(v*)`` (the hook on the
+  state), so ``grad = -(dg/dtheta)^T (e* s'(v*)) - (dh/dtheta)^T u*``.
+- Noisy phase, from the controlled equilibrium and with the parameters of this batch: an
+  Ornstein-Uhlenbeck noise ``eps`` (time constant ``tau_eps``) is added to the feedback,
+  ``v_fb = Q u + sigma eps``.  The hidden state runs ``timescale**2`` times faster than the output
+  controller (``dt_slow = dt / timescale**2``, ``v += dt (g - v + v_fb)``; ``y``, ``u_I`` use ``dt_slow``;
+  ``eps += (timescale / tau_eps)(-dt_slow eps + sqrt(dt_slow) N(0, 1))``).  Over ``noise_steps`` steps it
+  accumulates ``-(1/sigma^2) v_fb (u - u*)^T`` (batch mean), then
+  ``Q += dt / tau_Q (accumulated - wd_Q Q)``.  Q is a buffer, not an optimizer parameter.
+  The official code runs this phase through its fixed-point solver, whose stop rule never fires on the
+  noisy, accumulating state, so it runs ``max_iter`` steps: ``noise_steps`` defaults to ``max_iter``.
+  We run it inside :meth:`backward` (before the optimizer step, as the official code does); Q changes only
+  when the whole batch succeeded.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..core.solvers import DivergenceError
+from ..core.system import local_update, output_loss, output_loss_grad, write_grads
+from .methods import Method
+
+__all__ = ["LinearFeedback"]
+
+
+class LinearFeedback(Method):
+    """LCP-LF with the spec's settings ``sigma=0.01``, ``wd_Q=0.01``, ``tau_Q=1e5``, ``timescale=5``."""
+
+    name = "lcp-lf"
+
+    def __init__(self, model, alpha: float = 0.1, k_i: float = 1.0, k_p: float = 0.0, dt: float = 1.0,
+                 sigma: float = 0.01, wd_Q: float = 0.01, tau_Q: float = 1e5, timescale: float = 5.0,
+                 tau_eps: float = 1.0, noise_steps: Optional[int] = None, learn_Q: bool = True,
+                 loss: str = "ce", **kw):
+        super().__init__(model, loss=loss, **kw)
+        try:
+            model.act_derivative(model.init_state(torch.zeros(1, *model.state_shape,
+                                                              dtype=next(model.parameters()).dtype,
+                                                              device=next(model.parameters()).device)))
+        except NotImplementedError as exc:
+            raise ValueError(f"lcp-lf needs a model whose state is a vector of pre-activations (ff, rnn, "
+                             f"conv-ff): {exc}") from None
+        if min(sigma, tau_Q, timescale, tau_eps) <= 0 or wd_Q < 0 or alpha < 0 or not 0 < dt <= 1:
+            raise ValueError("expected sigma, tau_Q, timescale, tau_eps > 0, wd_Q >= 0, alpha >= 0, 0 < dt <= 1")
+        self.alpha, self.k_i, self.k_p, self.dt = float(alpha), float(k_i), float(k_p), float(dt)
+        self.sigma, self.wd_Q, self.tau_Q, self.timescale, self.tau_eps = sigma, wd_Q, tau_Q, timescale, tau_eps
+        self.noise_steps = int(noise_steps if noise_steps is not None else self.max_iter)
+        self.learn_Q = learn_Q
+        p = next(model.parameters())
+        n_state, k = math.prod(model.state_shape), model.num_classes
+        # the official init: N(0, 1/n_out) entries
+        self.feedback.register_buffer("Q", torch.randn(n_state, k, dtype=p.dtype, device=p.device) / math.sqrt(k))
+
+    @property
+    def Q(self) -> torch.Tensor:
+        return self.feedback.Q
+
+    @property
+    def beta(self) -> float:
+        return math.inf if self.alpha == 0 else self.k_i / self.alpha + self.k_p
+
+    def _u(self, u_i, gl):
+        return self.k_i * u_i - self.k_p * gl
+
+    def controlled_equilibrium(self, c, target):
+        m, dt, Q = self.model, self.dt, self.Q
+        c = c.detach()
+
+        def step(z):
+            v, y, u_i = z
+            gl = output_loss_grad(y, target, self.loss)
+            u = self._u(u_i, gl)
+            g, h, _, _ = m.step_terms(c, v, None, None)
+            return v + dt * (g - v + u @ Q.t()), y + dt * (h - y + u), u_i + dt * (-gl - self.alpha * u_i)
+
+        v0 = m.init_state(c)
+        with torch.no_grad():
+            y0 = torch.zeros_like(m.h(v0))
+        (v, y, u_i), stats = self._solve(step, (v0, y0, torch.zeros_like(y0)), "controlled dynamics")
+        with torch.no_grad():
+            u = self._u(u_i, output_loss_grad(y, target, self.loss))
+        return (v, y, u_i, u), stats
+
+    @torch.no_grad()
+    def noisy_phase(self, c, target, v, y, u_i, u_ref, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Run the noisy phase from a controlled equilibrium; return the proposed new Q (not assigned)."""
+        m, Q, dt, tf = self.model, self.Q, self.dt, self.timescale
+        dts = dt / tf ** 2
+        c = c.detach()
+        randn = lambda t: torch.randn(t.shape, dtype=t.dtype, device=t.device, generator=generator)
+        eps = randn(v)
+        acc = torch.zeros_like(Q)
+        for _ in range(self.noise_steps):
+            gl = output_loss_grad(y, target, self.loss)
+            u = self._u(u_i, gl)
+            v_fb = u @ Q.t() + self.sigma * eps
+            # accumulate -(1/sigma^2) v_fb (u - u*)^T, summed over the batch here, averaged below
+            acc -= v_fb.t() @ (u - u_ref) / self.sigma ** 2
+            g, h, _, _ = m.step_terms(c, v, None, None)
+            eps = eps + tf / self.tau_eps * (-dts * eps + math.sqrt(dts) * randn(eps))
+            v = v + tf ** 2 * dts * (g - v + v_fb)
+            y = y + dts * (h - y + u)
+            u_i = u_i + dts * (-gl - self.alpha * u_i)
+        acc /= v.shape[0]
+        return Q + dt / self.tau_Q * (acc - self.wd_Q * Q)
+
+    def backward(self, x, y):
+        x, target = self._prepare(x, y)
+        with torch.enable_grad():
+            c = self.model.encode(x)
+        (v, yc, u_i, u), stats = self.controlled_equilibrium(c, target)
+        with torch.no_grad():
+            e = u @ self.Q.t()
+            e_hidden = e * self.model.act_derivative(v)  # the official code's modulated hidden error
+        params = self.parameters()
+        grads = local_update(self.model, c, v, e_hidden, u, params)
+        new_q = self.noisy_phase(c, target, v, yc, u_i, u) if self.learn_Q else None
+        if new_q is not None and not bool(torch.isfinite(new_q).all()):
+            raise DivergenceError(f"{self.name}: the noisy phase that learns Q turned NaN/inf; .grad, "
+                                  f"parameters and Q were left untouched", stats)
+        write_grads(params, grads, f"{self.name} update")
+        if new_q is not None:
+            self.Q.copy_(new_q)
+        with torch.no_grad():
+            out = {"loss": float(output_loss(yc, target, self.loss)),
+                   "output_loss": float(output_loss(self.model.h(v), target, self.loss)),
+                   "control_norm": float(torch.sqrt(e.pow(2).sum() + u.pow(2).sum())), "beta": self.beta}
+        out.update(stats.as_dict())
+        return out

@@ -1,0 +1,151 @@
+"""The common interface of every supervised learning method, and the BP / RBP baselines.
+
+A method wraps an :class:`~lcp_meta.core.system.EquilibriumModel` and turns a batch ``(x, y)`` into
+gradients::
+
+    method = make_method("lcp-di", model, alpha=0.1, k_i=1.0)
+    stats = method.backward(x, y)        # fills p.grad for p in method.parameters(), returns a dict
+    optimizer.step(); method.after_step()
+
+``backward`` overwrites ``.grad`` with the batch's update, and only once everything has succeeded: a
+dynamics that turns NaN/inf (or stalls with a relative residual above ``max_residual``) raises
+:class:`~lcp_meta.core.solvers.DivergenceError` naming the residual, leaving ``.grad`` and the
+parameters as they were.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..core.solvers import DivergenceError, SolverStats, solve
+from ..core.system import (LOSSES, EquilibriumModel, check_target, default_check_every, local_update,
+                           output_loss, output_loss_grad, write_grads)
+
+__all__ = ["Method", "Backprop", "RecurrentBackprop"]
+
+
+class Method:
+    """Base class.  ``loss``: 'ce' (cross-entropy, the official choice) or 'mse'; ``solver``: 'euler' or
+    'anderson'; ``tol``/``max_iter``: stop rule of the dynamics; ``check_every``: None picks 1 on the CPU,
+    10 on CUDA; ``max_residual``: a solve that ends above this relative change counts as diverged."""
+
+    name = "method"
+
+    def __init__(self, model: EquilibriumModel, loss: str = "ce", solver: str = "euler", tol: float = 1e-6,
+                 max_iter: int = 800, check_every: Optional[int] = None, max_residual: float = 1e-2):
+        if not isinstance(model, EquilibriumModel):
+            raise TypeError(f"{self.name} needs an EquilibriumModel (from build_model), got {type(model).__name__}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+        if tol <= 0 or int(max_iter) < 1 or max_residual <= 0:
+            raise ValueError(f"expected tol > 0, max_iter >= 1, max_residual > 0; got {tol}, {max_iter}, {max_residual}")
+        self.model, self.loss, self.solver = model, loss, solver
+        self.tol, self.max_iter, self.check_every, self.max_residual = float(tol), int(max_iter), check_every, max_residual
+        self.feedback = nn.Module()  # feedback weights / matrices the method owns (KP: B, LF: Q)
+
+    # ---- interface
+    def parameters(self) -> List[nn.Parameter]:
+        """Everything the optimizer steps: the model's parameters and the method's feedback weights."""
+        return [p for p in self.model.parameters() if p.requires_grad] + list(self.feedback.parameters())
+
+    def after_step(self) -> None:
+        """Hook run after ``optimizer.step()`` (no-op unless a method needs one)."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep beyond the model's parameters."""
+        return {"feedback": self.feedback.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.feedback.load_state_dict(state.get("feedback", {}))
+
+    def to(self, device) -> "Method":
+        self.feedback.to(device)
+        return self
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+        raise NotImplementedError
+
+    # ---- helpers
+    def _prepare(self, x, y):
+        x = self.model.check_input(x)
+        return x, check_target(y, x.shape[0], self.model.num_classes, x.device)
+
+    def _solve(self, step, z0, what: str):
+        z, stats = solve(step, z0, solver=self.solver, tol=self.tol, max_iter=self.max_iter,
+                         check_every=self.check_every or default_check_every(z0[0].device), name=what)
+        self._check(stats, what)
+        return z, stats
+
+    def _check(self, stats: SolverStats, what: str) -> None:
+        if stats.diverged or not math.isfinite(stats.residual) or stats.residual > self.max_residual:
+            state = "turned NaN/inf" if stats.diverged or not math.isfinite(stats.residual) else "did not settle"
+            raise DivergenceError(
+                f"{self.name}: {what} {state} after {stats.iterations} iterations (relative residual "
+                f"{stats.residual:.3e}, max_residual {self.max_residual:.1e}); .grad and parameters were left "
+                f"untouched", stats)
+
+    def _model_params(self) -> List[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+class Backprop(Method):
+    """BP: backpropagation through the feedforward net.  For a layered model the free equilibrium is
+    reached exactly by ``depth`` applications of ``g`` from 0 (one forward pass), so this is the exact
+    gradient of the free-equilibrium loss.  Not defined for recurrent models (use 'rbp')."""
+
+    name = "bp"
+
+    def __init__(self, model, loss="ce", **kw):
+        super().__init__(model, loss=loss, **kw)
+        if not model.layered:
+            raise ValueError(f"bp needs a layered (feedforward) model such as 'ff' or 'conv-ff'; "
+                             f"{type(model).__name__} is recurrent: use 'rbp'")
+
+    def backward(self, x, y):
+        x, y = self._prepare(x, y)
+        params = self._model_params()
+        with torch.enable_grad():
+            c = self.model.encode(x)
+            v = self.model.init_state(c)
+            for _ in range(self.model.depth):
+                v = self.model.g(c, v)
+            loss = output_loss(self.model.h(v, update_stats=True), y, self.loss)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
+        write_grads(params, grads, "bp gradient")
+        return {"loss": float(loss.detach()), "iterations": self.model.depth, "residual": 0.0, "converged": True,
+                "control_norm": 0.0}
+
+
+class RecurrentBackprop(Method):
+    """RBP (recurrent backprop / Almeida-Pineda / implicit differentiation): free fixed point
+    ``v* = g(c, v*)``, then the adjoint fixed point ``a = J_g(v*)^T a + J_h(v*)^T grad l`` and
+    ``grad = (dh/dtheta)^T grad l + (dg/dtheta)^T a``.  Spec settings: 200 iterations, tolerance 1e-4."""
+
+    name = "rbp"
+
+    def __init__(self, model, loss="ce", tol=1e-4, max_iter=200, **kw):
+        super().__init__(model, loss=loss, tol=tol, max_iter=max_iter, **kw)
+
+    def backward(self, x, y):
+        x, y = self._prepare(x, y)
+        m, params = self.model, self._model_params()
+        with torch.enable_grad():
+            c = m.encode(x)
+        cd = c.detach()
+        (v,), s1 = self._solve(lambda z: (m.g(cd, z[0]),), (m.init_state(cd),), "free dynamics")
+        with torch.no_grad():
+            b = m.h_vjp(v, output_loss_grad(m.h(v), y, self.loss))
+        (a,), s2 = self._solve(lambda z: (m.g_vjp(cd, v, z[0]) + b,), (b,), "adjoint dynamics")
+        with torch.enable_grad():
+            loss = output_loss(m.h(v, update_stats=True), y, self.loss)
+            obj = (m.g(c, v) * a).sum() + loss
+            grads = torch.autograd.grad(obj, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
+        write_grads(params, grads, "rbp gradient")
+        return {"loss": float(loss.detach()), "iterations": s1.iterations + s2.iterations,
+                "residual": max(s1.residual, s2.residual), "converged": s1.converged and s2.converged,
+                "free_iterations": s1.iterations, "adjoint_iterations": s2.iterations, "control_norm": 0.0}

@@ -1,0 +1,429 @@
+"""Training loop of the supervised experiments: data, optimizer, schedule, evaluation, checkpoints, results.
+
+The learning rule itself lives in a *method* (``lcp_meta.supervised.make_method``): ``method.backward(x, y)``
+fills ``.grad`` of ``method.parameters()`` (BP, RBP, or an LCP controller's local update) and raises
+:class:`~lcp_meta.core.DivergenceError` when its dynamics diverge, leaving the gradients alone.  This module
+only turns those gradients into optimizer steps, the way the official experiments do (section 3 of the spec):
+
+- MNIST (ff, rnn): Adam, lr 1e-3 annealed by a per-batch cosine to 1e-4, batch 64, 30 epochs, gradient
+  clipping at norm 10 for the rnn.
+- CIFAR-10 conv-ff: SGD (no momentum) 0.1 -> 0.01, weight decay 1e-3, 30 epochs.
+- CIFAR-10 conv-rnn: SGD 0.05 (RBP 0.03) -> a tenth of it, clip 10, 75 epochs.
+
+Prediction (test accuracy) always uses the free equilibrium (``model.predict``).
+
+Reproducibility: the shuffle of epoch ``e`` depends only on ``(seed, e)`` and every checkpoint holds the
+model, method, optimizer, scheduler and RNG states plus the position (epoch, batch), so a run resumed from a
+checkpoint ends with exactly the parameters of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..core import DivergenceError
+from ..utils import atomic_save, load_checkpoint, resolve_device, rng_state, set_rng_state
+
+__all__ = ["DATASETS", "MODEL_NAMES", "TRAINER_KEYS", "RunConfig", "trainer_defaults", "resolve_hparams",
+           "load_dataset", "evaluate", "train", "SkippedBatchWarning"]
+
+DATASETS = ("mnist", "cifar10")
+MODEL_NAMES = ("ff", "rnn", "conv-ff", "conv-rnn")
+# keys of a hyper-parameter dict that configure the optimizer loop rather than the method
+TRAINER_KEYS = ("optimizer", "lr", "lr_final", "grad_clip", "epochs", "batch_size", "weight_decay", "momentum")
+CHECKPOINT_NAME, RESULT_NAME = "checkpoint.pt", "result.json"
+
+
+class SkippedBatchWarning(RuntimeWarning):
+    """A training batch was skipped because the method's dynamics diverged or produced NaN."""
+
+
+# Section 3 of the spec (the official commands): trainer settings keyed by (dataset, model); method
+# specific deviations in _TRAINER_METHOD_OVERRIDES.  lr_final is the end of the per-batch cosine schedule
+# (the official code anneals to a tenth of the initial rate).
+_MNIST = dict(optimizer="adam", lr=1e-3, lr_final=1e-4, grad_clip=None, epochs=30, batch_size=64,
+              weight_decay=0.0, momentum=0.0)
+_TRAINER_TABLE: Dict[Tuple[str, str], Dict[str, Any]] = {
+    ("mnist", "ff"): dict(_MNIST),
+    ("mnist", "rnn"): dict(_MNIST, grad_clip=10.0),
+    ("cifar10", "conv-ff"): dict(optimizer="sgd", lr=0.1, lr_final=0.01, grad_clip=None, epochs=30, batch_size=64,
+                                 weight_decay=1e-3, momentum=0.0),
+    ("cifar10", "conv-rnn"): dict(optimizer="sgd", lr=0.05, lr_final=0.005, grad_clip=10.0, epochs=75, batch_size=64,
+                                  weight_decay=0.0, momentum=0.0),
+}
+_TRAINER_METHOD_OVERRIDES = {("cifar10", "conv-rnn", "rbp"): dict(lr=0.03, lr_final=0.003)}
+
+
+def trainer_defaults(dataset: str, model: str, method: str) -> Dict[str, Any]:
+    """The published optimizer settings for ``(dataset, model, method)`` (combinations the paper did not
+    run, e.g. ``ff`` on CIFAR-10, take the settings of that model's usual data set)."""
+    _check_choice("dataset", dataset, DATASETS)
+    _check_choice("model", model, MODEL_NAMES)
+    key = (dataset, model)
+    if key not in _TRAINER_TABLE:
+        key = ("mnist", model) if model in ("ff", "rnn") else ("cifar10", model)
+    out = dict(_TRAINER_TABLE[key])
+    out.update(_TRAINER_METHOD_OVERRIDES.get((dataset, model, method), {}))
+    return out
+
+
+def _check_choice(what: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a supervised run (``None`` means: the published default).
+
+    dataset/model/method: names (``mnist|cifar10``, ``ff|rnn|conv-ff|conv-rnn``, a key of METHOD_NAMES).
+    epochs, batch_size, lr, lr_final, optimizer, weight_decay, grad_clip: trainer settings.
+    max_batches: train on at most this many batches per epoch (quick runs, tests).
+    seed: seeds the model initialisation, the method's noise and the per-epoch shuffles.
+    solver/tol/max_iter: fixed-point solver used by the method and for prediction.
+    test_subset: evaluate on the first N test images only (a fixed subset).
+    checkpoint_every: also checkpoint every N batches inside an epoch (0: only at epoch ends).
+    method_kwargs/model_kwargs: overrides of the method's and model's settings.
+    """
+
+    dataset: str = "mnist"
+    model: str = "ff"
+    method: str = "bp"
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    lr_final: Optional[float] = None
+    optimizer: Optional[str] = None
+    weight_decay: Optional[float] = None
+    grad_clip: Optional[float] = None
+    max_batches: Optional[int] = None
+    seed: int = 0
+    device: str = "auto"
+    data_root: Optional[str] = None
+    out: Optional[str] = None
+    resume: bool = False
+    solver: Optional[str] = None
+    tol: Optional[float] = None
+    max_iter: Optional[int] = None
+    test_subset: Optional[int] = None
+    eval_batch_size: int = 1000
+    checkpoint_every: int = 0
+    progress: bool = True
+    method_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _method_api():
+    """The colleague-provided method registry (imported late: it pulls in the models)."""
+    from . import METHOD_NAMES, default_hparams, make_method
+    return METHOD_NAMES, default_hparams, make_method
+
+
+def resolve_hparams(cfg: RunConfig) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(trainer settings, method kwargs)`` for a config: published defaults, then the config's overrides."""
+    method_names, default_hparams, _ = _method_api()
+    _check_choice("method", cfg.method, method_names)
+    trainer = trainer_defaults(cfg.dataset, cfg.model, cfg.method)
+    published = dict(default_hparams(cfg.model, cfg.method))
+    # the method registry knows the method settings; the trainer table is authoritative for the data set
+    method_kwargs = {k: v for k, v in published.items() if k not in TRAINER_KEYS}
+    for key in TRAINER_KEYS:
+        if getattr(cfg, key, None) is not None:
+            trainer[key] = getattr(cfg, key)
+    for key in ("solver", "tol", "max_iter"):
+        if getattr(cfg, key) is not None:
+            method_kwargs[key] = getattr(cfg, key)
+    method_kwargs.update(cfg.method_kwargs)
+    _validate_trainer(trainer)
+    return trainer, method_kwargs
+
+
+def _validate_trainer(t: Dict[str, Any]) -> None:
+    _check_choice("optimizer", t["optimizer"], ("adam", "sgd"))
+    for key in ("epochs", "batch_size"):
+        if not isinstance(t[key], int) or t[key] < 1:
+            raise ValueError(f"{key} must be a positive integer, got {t[key]!r}")
+    for key in ("lr", "lr_final"):
+        if not (isinstance(t[key], (int, float)) and t[key] > 0 and math.isfinite(t[key])):
+            raise ValueError(f"{key} must be a positive number, got {t[key]!r}")
+    if t["grad_clip"] is not None and not t["grad_clip"] > 0:
+        raise ValueError(f"grad_clip must be positive (or None for no clipping), got {t['grad_clip']!r}")
+
+
+def load_dataset(name: str, data_root: Optional[str], device: torch.device):
+    """``(x_train, y_train, x_test, y_test)`` on ``device``, normalised as in the official code."""
+    _check_choice("dataset", name, DATASETS)
+    if name == "mnist":
+        from ..data.mnist import load_mnist as load
+    else:
+        from ..data.cifar import load_cifar10 as load
+    return (*load(data_root, "train", device=device), *load(data_root, "test", device=device))
+
+
+def _stats_dict(stats: Any) -> Dict[str, Any]:
+    if stats is None:
+        return {}
+    if hasattr(stats, "as_dict"):
+        return stats.as_dict()
+    return dict(stats)
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000, solver: str = "euler",
+             tol: float = 1e-6, max_iter: int = 800) -> Dict[str, float]:
+    """Accuracy and mean cross-entropy of the free-equilibrium prediction, with the solver's statistics."""
+    correct, loss, iters, conv, residual, n = 0, 0.0, 0.0, 0, 0.0, x.shape[0]
+    chunks = 0
+    if getattr(model, "layered", False):
+        # a layered net reaches its free equilibrium exactly in `depth` Euler steps; Anderson gains nothing
+        # there and its least-squares system turns singular once the residuals are exactly zero
+        solver = "euler"
+    was_training = model.training
+    model.eval()  # normalisation layers use their running statistics at test time
+    for i in range(0, n, batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        logits, stats = model.predict(xb, solver=solver, tol=tol, max_iter=max_iter)
+        correct += int((logits.argmax(-1) == yb).sum())
+        loss += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        s = _stats_dict(stats)
+        iters += float(s.get("iterations", 0))
+        conv += int(bool(s.get("converged", True)))
+        residual = max(residual, float(s.get("residual", 0.0)))
+        chunks += 1
+    model.train(was_training)
+    return {"accuracy": correct / n, "loss": loss / n, "mean_iterations": iters / max(chunks, 1),
+            "converged_fraction": conv / max(chunks, 1), "max_residual": residual}
+
+
+def _split_clip(params: List[torch.nn.Parameter], model: torch.nn.Module, max_norm: float) -> None:
+    """Clip the model's and the auxiliary (feedback) parameters separately, as the official code does."""
+    own = {id(p) for p in model.parameters()}
+    groups = [[p for p in params if id(p) in own], [p for p in params if id(p) not in own]]
+    for group in groups:
+        group = [p for p in group if p.grad is not None]
+        if group:
+            torch.nn.utils.clip_grad_norm_(group, max_norm=max_norm)
+
+
+def _grads_finite(params) -> bool:
+    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _write_json(obj: Dict[str, Any], path: Path) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The part of a config that must match for a resumed run to be the same run."""
+    ignore = {"device", "data_root", "out", "resume", "progress", "eval_batch_size", "checkpoint_every"}
+    return {k: v for k, v in cfg.items() if k not in ignore}
+
+
+def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch.Tensor, ...]] = None,
+          log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run (or resume) a supervised training run and return its result dict (also written as JSON).
+
+    Args:
+        cfg: the run's configuration.
+        model, method: already built objects to train instead of ``build_model``/``make_method`` by name
+            (the names in ``cfg`` are then labels only).
+        data: ``(x_train, y_train, x_test, y_test)`` instead of loading ``cfg.dataset``.
+        log: where progress lines go.
+    Returns:
+        the result dict: config, hyper-parameters, per-epoch records, skipped batches, device, versions.
+    """
+    device = resolve_device(cfg.device)
+    _check_choice("dataset", cfg.dataset, DATASETS)
+    _check_choice("model", cfg.model, MODEL_NAMES)
+    if model is None or method is None:
+        trainer_hp, method_kwargs = resolve_hparams(cfg)
+    else:
+        trainer_hp = trainer_defaults(cfg.dataset, cfg.model, cfg.method)
+        trainer_hp.update({k: getattr(cfg, k) for k in TRAINER_KEYS if getattr(cfg, k, None) is not None})
+        _validate_trainer(trainer_hp)
+        method_kwargs = dict(cfg.method_kwargs)
+    if cfg.max_batches is not None and cfg.max_batches < 1:
+        raise ValueError(f"max_batches must be a positive integer, got {cfg.max_batches}")
+    out = Path(cfg.out or f"runs/{cfg.dataset}_{cfg.model}_{cfg.method}_seed{cfg.seed}")
+    ckpt_path = out / CHECKPOINT_NAME
+    checkpoint = None
+    if ckpt_path.exists():
+        if not cfg.resume:
+            raise ValueError(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it "
+                             f"or choose another --out")
+        checkpoint = load_checkpoint(ckpt_path, map_location=device)
+        stored = _comparable(checkpoint["config"])
+        now = _comparable(dataclasses.asdict(cfg))
+        diff = {k: (stored.get(k), now.get(k)) for k in set(stored) | set(now) if stored.get(k) != now.get(k)}
+        if diff:
+            raise ValueError("cannot resume: settings differ from the checkpointed run: " +
+                             ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items())))
+    elif cfg.resume:
+        log(f"no checkpoint in {out}; starting a new run there")
+    out.mkdir(parents=True, exist_ok=True)
+
+    # data first: a missing data set is reported before any model is built
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_root, device)
+    x_train, y_train, x_test, y_test = (t.to(device) for t in data)
+    if cfg.test_subset:
+        x_test, y_test = x_test[:cfg.test_subset], y_test[:cfg.test_subset]
+
+    _seed_everything(cfg.seed)
+    if model is None:
+        from ..models.supervised import build_model
+        model = build_model(cfg.model, in_shape=tuple(x_train.shape[1:]), num_classes=10, **cfg.model_kwargs)
+        model = model.to(device)
+        method = _method_api()[2](cfg.method, model, **method_kwargs)
+    params = list(method.parameters())
+    if not params:
+        raise ValueError(f"method {cfg.method!r} exposes no parameters to train")
+
+    from .. data.mnist import TensorBatches
+    loader = TensorBatches(x_train, y_train, trainer_hp["batch_size"], shuffle=True, drop_last=False,
+                           seed=cfg.seed)
+    per_epoch = min(len(loader), cfg.max_batches or len(loader))
+    if trainer_hp["optimizer"] == "adam":
+        optimizer = torch.optim.Adam(params, lr=trainer_hp["lr"], weight_decay=trainer_hp["weight_decay"])
+    else:
+        optimizer = torch.optim.SGD(params, lr=trainer_hp["lr"], weight_decay=trainer_hp["weight_decay"],
+                                    momentum=trainer_hp.get("momentum") or 0.0)
+    # per-batch cosine annealing over the whole run, as in the official code
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(trainer_hp["epochs"] * per_epoch, 1), eta_min=trainer_hp["lr_final"])
+    eval_solver = method_kwargs.get("solver", cfg.solver or "euler")
+    eval_tol = float(method_kwargs.get("tol", 1e-6) if cfg.tol is None else cfg.tol)
+    eval_iter = int(method_kwargs.get("max_iter", 800) if cfg.max_iter is None else cfg.max_iter)
+
+    result: Dict[str, Any] = {
+        "config": dataclasses.asdict(cfg), "run_dir": str(out), "trainer": trainer_hp, "method_kwargs": method_kwargs,
+        "device": str(device), "device_name": _device_name(device), "torch_version": torch.__version__,
+        "python_version": platform.python_version(), "command": " ".join(sys.argv),
+        "date_started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "batches_per_epoch": per_epoch, "epochs": [], "skipped_batches": 0, "status": "running",
+    }
+    epoch, start_batch, step = 0, 0, 0
+    partial: Dict[str, Any] = {}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        method.load_state_dict(checkpoint["method"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        epoch, start_batch, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
+        result.update(epochs=checkpoint["history"], skipped_batches=checkpoint["skipped"],
+                      date_started=checkpoint.get("date_started", result["date_started"]))
+        partial = checkpoint.get("partial", {})
+        set_rng_state(checkpoint["rng"])
+        log(f"resuming {out} at epoch {epoch + 1}, batch {start_batch} (step {step})")
+
+    def save(ep: int, batch: int, part: Dict[str, Any]) -> None:
+        atomic_save({"model": model.state_dict(), "method": method.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": rng_state(), "epoch": ep, "batch": batch, "step": step,
+                     "history": result["epochs"], "skipped": result["skipped_batches"],
+                     "partial": part, "config": dataclasses.asdict(cfg),
+                     "date_started": result["date_started"]}, ckpt_path)
+
+    from tqdm.auto import tqdm
+    while epoch < trainer_hp["epochs"]:
+        acc = partial or {"n": 0, "loss": 0.0, "iterations": 0.0, "residual": 0.0, "converged": 0,
+                          "skipped": 0, "seconds": 0.0}
+        partial = {}
+        t0 = time.perf_counter()
+        bar = tqdm(total=per_epoch, initial=start_batch, disable=not cfg.progress, leave=False,
+                   desc=f"epoch {epoch + 1}/{trainer_hp['epochs']}", dynamic_ncols=True)
+        batch = start_batch
+        for x, y in loader.batches(epoch, start_batch):
+            if batch >= per_epoch:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            stats, reason = None, None
+            try:
+                stats = method.backward(x, y)
+                if not (math.isfinite(float(stats["loss"])) and _grads_finite(params)):
+                    reason = f"non-finite loss/gradient (loss {float(stats['loss']):.3e})"
+            except DivergenceError as exc:
+                res = exc.stats.residual if exc.stats is not None else float("nan")
+                reason = f"dynamics diverged (residual {res:.3e}): {exc}"
+            if reason is None:
+                if trainer_hp["grad_clip"]:
+                    _split_clip(params, model, trainer_hp["grad_clip"])
+                optimizer.step()
+                method.after_step()
+                acc["n"] += 1
+                acc["loss"] += float(stats["loss"])
+                acc["iterations"] += float(stats.get("iterations", 0))
+                acc["residual"] = max(acc["residual"], float(stats.get("residual", 0.0)))
+                acc["converged"] += int(bool(stats.get("converged", True)))
+                bar.set_postfix(loss=f"{float(stats['loss']):.3f}", it=stats.get("iterations", "-"))
+            else:
+                # the update is dropped: parameters and optimizer state stay as they were
+                optimizer.zero_grad(set_to_none=True)
+                acc["skipped"] += 1
+                result["skipped_batches"] += 1
+                warnings.warn(f"epoch {epoch + 1} batch {batch}: skipped, {reason}", SkippedBatchWarning)
+            scheduler.step()  # the schedule follows the batch counter, skipped batches included
+            batch += 1
+            step += 1
+            bar.update(1)
+            if cfg.checkpoint_every and batch % cfg.checkpoint_every == 0 and batch < per_epoch:
+                save(epoch, batch, dict(acc, seconds=acc["seconds"] + time.perf_counter() - t0))
+        bar.close()
+        train_seconds = acc["seconds"] + time.perf_counter() - t0
+        t1 = time.perf_counter()
+        ev = evaluate(model, x_test, y_test, batch_size=cfg.eval_batch_size, solver=eval_solver,
+                      tol=eval_tol, max_iter=eval_iter)
+        n = max(acc["n"], 1)
+        record = {"epoch": epoch + 1, "train_loss": acc["loss"] / n, "test_accuracy": ev["accuracy"],
+                  "test_loss": ev["loss"], "mean_iterations": acc["iterations"] / n,
+                  "max_residual": acc["residual"], "converged_fraction": acc["converged"] / n,
+                  "batches": acc["n"], "skipped_batches": acc["skipped"], "lr": scheduler.get_last_lr()[0],
+                  "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t1,
+                  "eval_solver": {k: ev[k] for k in ("mean_iterations", "converged_fraction", "max_residual")}}
+        result["epochs"].append(record)
+        log(f"epoch {epoch + 1}/{trainer_hp['epochs']}: train loss {record['train_loss']:.4f}, "
+            f"test accuracy {100 * ev['accuracy']:.2f}%, mean iterations {record['mean_iterations']:.1f}, "
+            f"{train_seconds:.1f}s" + (f", {acc['skipped']} batches skipped" if acc["skipped"] else ""))
+        epoch, start_batch = epoch + 1, 0
+        save(epoch, 0, {})
+        result["final_test_accuracy"] = ev["accuracy"]
+        if epoch < trainer_hp["epochs"]:
+            _write_json(result, out / RESULT_NAME)
+    result["status"] = "finished"
+    result["date_finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if result["epochs"]:
+        result["final_test_accuracy"] = result["epochs"][-1]["test_accuracy"]
+    _write_json(result, out / RESULT_NAME)
+    return result

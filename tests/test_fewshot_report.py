@@ -1,0 +1,77 @@
+"""The results table (and its parser), CSV curves and PNG plots of a few-shot comparison."""
+import csv
+
+import numpy as np
+import pytest
+
+from lcp_meta.fewshot import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _results(metric="accuracy", runs=False):
+    out = []
+    for i, name in enumerate(("lcp", "maml", "cml")):
+        curve = [{"step": s, "query_loss": 1.0 / s + i, "query_metric": 0.5, "val_metric": 0.4 + 0.01 * s,
+                  "val_ci95": 0.01, "time_s": 0.1 * s, "sec_per_step": 0.1, "peak_memory_mib": None}
+                 for s in range(1, 6)]
+        r = {"method": name, "metric": metric, "test_mean": 0.9 - 0.1 * i, "test_ci95": 0.0123 + i / 1000,
+             "sec_per_step": 0.25 * (i + 1), "peak_memory_mib": None if i == 0 else 12.5 * i, "curve": curve}
+        if runs:
+            r["one_shot_runs"] = {"mean": 0.8 + 0.01 * i, "ci95": 0.05}
+        out.append(r)
+    return out
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    import matplotlib.image as mpimg
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert float(np.std(img)) > 0.01  # something was drawn
+
+
+@pytest.mark.parametrize("metric, runs", [("accuracy", False), ("accuracy", True), ("mse", False)])
+def test_table_round_trip(metric, runs):
+    results = _results(metric, runs)
+    text = report.results_table(results, "CUDA max_memory_allocated")
+    rows = report.parse_results_table("# title\n\n" + text + "\nfootnote\n")
+    assert [r["method"] for r in rows] == ["lcp", "maml", "cml"]
+    key = "test accuracy (%) mean ± CI95" if metric == "accuracy" else "test MSE mean ± CI95"
+    scale = 100 if metric == "accuracy" else 1
+    for row, res in zip(rows, results):
+        assert row[key] == pytest.approx(scale * res["test_mean"], rel=1e-3)
+        assert row[key + " CI95"] == pytest.approx(scale * res["test_ci95"], rel=1e-2)
+        assert row["sec/meta-step"] == pytest.approx(res["sec_per_step"], rel=1e-3)
+        mem = row["peak memory (MiB, CUDA max_memory_allocated)"]
+        assert mem == (None if res["peak_memory_mib"] is None else pytest.approx(res["peak_memory_mib"]))
+        if runs:
+            assert row["one-shot runs accuracy (%) mean ± CI95"] == pytest.approx(100 * res["one_shot_runs"]["mean"])
+
+
+def test_parse_rejects_non_tables():
+    with pytest.raises(ValueError, match="no markdown table"):
+        report.parse_results_table("just text\n")
+    with pytest.raises(ValueError, match="cells"):
+        report.parse_results_table("| a | b |\n|---|---|\n| 1 |\n")
+
+
+def test_curve_csv(tmp_path):
+    curve = _results()[0]["curve"]
+    path = report.write_curve_csv(curve, tmp_path / "c.csv")
+    rows = list(csv.DictReader(open(path)))
+    assert len(rows) == 5 and list(rows[0]) == list(report.CURVE_FIELDS)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert float(rows[1]["query_loss"]) == pytest.approx(0.5) and rows[0]["peak_memory_mib"] == ""
+
+
+def test_plots_are_valid_pngs(tmp_path):
+    results = _results("accuracy")
+    assert_png(report.plot_curves(results, tmp_path / "curves.png"))
+    assert_png(report.plot_test_metric(results, tmp_path / "test.png", episodes=600))
+    assert_png(report.plot_cost(results, tmp_path / "cost.png", "not measured on CPU"))
+    x = np.linspace(-5, 5, 50)
+    fits = {"x": x.tolist(), "tasks": [{"amplitude": 2.0, "phase": 1.0, "x_support": [0.0, 1.0],
+                                        "y_support": [-1.7, 0.0], "pred": {"lcp": np.sin(x).tolist()}}] * 2}
+    assert_png(report.plot_sinusoid_fits(fits, tmp_path / "fits.png"))

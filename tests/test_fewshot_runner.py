@@ -1,0 +1,109 @@
+"""The comparison runner with stand-in methods: shared task stream and initialisation, divergence handling.
+
+The stand-in is a first-order MAML written here with a plain per-task loop, independent of lcp_meta.meta, so
+these tests pin down the runner's own contract.
+"""
+import json
+
+import torch
+from torch.func import functional_call, grad
+
+from lcp_meta.core.solvers import DivergenceError, SolverStats
+from lcp_meta.fewshot import FewShotConfig, run_fewshot
+from lcp_meta.fewshot.tasks import SinusoidSource, derive_seed
+
+
+class StandIn(torch.nn.Module):
+    """First-order MAML, task by task; records what it was given."""
+
+    def __init__(self, model, loss_fn, inner_lr, inner_steps, fail=None, log=None, **unused):
+        super().__init__()
+        self.model, self.loss_fn, self.lr, self.steps = model, loss_fn, inner_lr, inner_steps
+        self.fail, self.log, self.calls = fail, log if log is not None else [], 0
+
+    def _adapt(self, x, y):
+        phi = {k: v.detach() for k, v in self.model.named_parameters()}
+        loss = lambda p: self.loss_fn(functional_call(self.model, p, (x,)), y)  # noqa: E731
+        for _ in range(self.steps):
+            g = grad(loss)(phi)
+            phi = {k: phi[k] - self.lr * g[k] for k in phi}
+        return phi
+
+    def meta_backward(self, tasks):
+        xs, ys, xq, yq = tasks
+        self.calls += 1
+        self.log.append(("train", xs.clone()))
+        if self.fail == "raise":
+            raise DivergenceError("stand-in diverged (relative residual 3.0e+05)",
+                                  SolverStats(iterations=3, residual=3e5, converged=False, diverged=True))
+        losses = []
+        for t in range(xs.shape[0]):
+            phi = self._adapt(xs[t], ys[t])
+            lq = lambda p: self.loss_fn(functional_call(self.model, p, (xq[t],)), yq[t])  # noqa: E731
+            g = grad(lq)(phi)
+            losses.append(float(lq(phi)))
+            for k, p in self.model.named_parameters():
+                gk = g[k] / xs.shape[0] * (float("nan") if self.fail == "nan" else 1.0)
+                p.grad = gk.clone() if p.grad is None else p.grad + gk
+        return {"query_loss_after": sum(losses) / len(losses)}
+
+    def predict(self, tasks):
+        xs, ys, xq = tasks[:3]
+        self.log.append(("predict", xq.clone()))
+        return torch.stack([functional_call(self.model, self._adapt(xs[t], ys[t]), (xq[t],)).detach()
+                            for t in range(xs.shape[0])])
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(task="sinusoid", methods=("a", "b"), shots=5, meta_steps=3, meta_batch=2, inner_steps=2,
+                inner_lr=0.05, test_episodes=4, val_episodes=2, dtype="float64", device="cpu",
+                out=str(tmp_path / "run"), progress=False, checkpoint_every=2, plots=False)
+    base.update(kw)
+    return FewShotConfig(**base)
+
+
+def test_every_method_gets_the_same_stream_init_and_test_set(tmp_path):
+    logs, inits = {}, {}
+
+    def factory(name, model, loss_fn, **kw):
+        inits[name] = [p.detach().clone() for p in model.parameters()]
+        logs[name] = []
+        return StandIn(model, loss_fn, log=logs[name], **kw)
+
+    summary = run_fewshot(_cfg(tmp_path), method_factory=factory)
+    assert all(torch.equal(p, q) for p, q in zip(inits["a"], inits["b"]))
+    assert len(logs["a"]) == len(logs["b"]) and len(logs["a"]) > 3
+    for (kind_a, xa), (kind_b, xb) in zip(logs["a"], logs["b"]):
+        assert kind_a == kind_b and torch.equal(xa, xb)
+    # the training batch of step s is the source's batch for s, whatever ran before
+    train = [x for kind, x in logs["a"] if kind == "train"]
+    source = SinusoidSource(5, None, 2, 0, 2, 4, torch.device("cpu"), torch.float64)
+    assert all(torch.equal(x, source.train_batch(s).x_support) for s, x in enumerate(train))
+    assert derive_seed(0, 0, 1) != derive_seed(0, 0, 2) != derive_seed(0, 1, 1)
+    out = tmp_path / "run"
+    for name in ("a", "b"):
+        res = json.loads((out / f"{name}.json").read_text())
+        assert res["meta_steps"] == 3 and res["test_episodes"] == 4 and res["divergences"] == []
+        assert res["metric"] == "mse" and res["test_mean"] > 0
+    assert summary["unfinished"] == [] and (out / "results.md").is_file()
+
+
+def test_diverging_steps_are_skipped_and_leave_parameters_intact(tmp_path):
+    for mode in ("raise", "nan"):
+        initial = {}
+
+        def factory(name, model, loss_fn, **kw):
+            initial[name] = [p.detach().clone() for p in model.parameters()]
+            return StandIn(model, loss_fn, fail=mode, **kw)
+
+        cfg = _cfg(tmp_path, methods=("a",), out=str(tmp_path / mode))
+        run_fewshot(cfg, method_factory=factory)
+        ckpt = torch.load(tmp_path / mode / "checkpoints" / "a.pt", weights_only=False)
+        # no update was applied: parameters are the initial ones, finite, and the optimizer never stepped
+        assert all(torch.equal(p, q) for p, q in zip(ckpt["params"], initial["a"]))
+        assert ckpt["optimizer"]["state"] == {}
+        assert len(ckpt["divergences"]) == 3
+        if mode == "raise":
+            assert ckpt["divergences"][0]["residual"] == 3e5 and "3.0e+05" in ckpt["divergences"][0]["message"]
+        else:
+            assert "non-finite" in ckpt["divergences"][0]["message"]

@@ -1,0 +1,227 @@
+"""The meta-learning interface: vmap vs per-task loop, BatchNorm conv-4, memory, divergence, errors."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lcp_meta.core.solvers import DivergenceError
+from lcp_meta.meta import (FOMAML, IMAML, LCP, MAML, METHOD_NAMES, ContrastiveMeta, MetaMethod, MetaStats, Reptile,
+                           TaskBatch, make_method)
+from lcp_meta.models.fewshot import Conv4, MetaMLP
+
+DT = torch.float64
+KW = {"lcp": {}, "lcp-direct": {}, "lcp-ebd": {"ebd_lr": 0.01, "ebd_steps": 5}, "imaml": {"cg_steps": 3},
+      "maml": {}, "fomaml": {}, "reptile": {}, "cml": {}}
+
+
+def _mlp_tasks(seed=0, T=3, n=5):
+    torch.manual_seed(seed)
+    model = MetaMLP(1, (8,), 1, activation="tanh").to(DT)
+    xs, xq = torch.randn(T, n, 1, dtype=DT), torch.randn(T, n + 2, 1, dtype=DT)
+    return model, TaskBatch(xs, torch.sin(xs), xq, torch.sin(xq))
+
+
+def _conv_tasks(seed=0, T=2, ways=3, shots=2):
+    torch.manual_seed(seed)
+    model = Conv4(n_ways=ways, hidden=4, image_size=16, n_blocks=4).to(DT)
+    lab = torch.arange(ways).repeat(shots)
+    x = lambda: torch.randn(T, ways * shots, 1, 16, 16, dtype=DT)
+    return model, TaskBatch(x(), lab.expand(T, -1).clone(), x(), lab.expand(T, -1).clone())
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_vmap_equals_per_task_loop(name):
+    model, tasks = _mlp_tasks()
+    out = []
+    for use_vmap in (True, False):
+        model.zero_grad()
+        m = make_method(name, model, F.mse_loss, inner_lr=0.1, inner_steps=6, vmap=use_vmap, **KW[name])
+        stats = m.meta_backward(tasks)
+        out.append((_grads(model), stats))
+    for a, b in zip(out[0][0], out[1][0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert out[0][0][0].abs().max() > 0
+    sa, sb = out[0][1].as_dict(), out[1][1].as_dict()
+    for k in ("inner_loss_after", "query_loss_after", "meta_grad_norm", "control_norm"):
+        assert abs(sa[k] - sb[k]) < 1e-10, k
+    assert isinstance(out[0][1], MetaStats) and set(MetaStats.__dataclass_fields__) - {"extra"} <= set(sa)
+
+
+@pytest.mark.parametrize("name", ["lcp", "imaml", "cml"])
+def test_batchnorm_conv4_under_vmap(name):
+    model, tasks = _conv_tasks()
+    grads = []
+    for use_vmap in (True, False):
+        model.zero_grad()
+        m = make_method(name, model, F.cross_entropy, inner_lr=0.05, inner_steps=3, vmap=use_vmap, **KW[name])
+        stats = m.meta_backward(tasks)
+        grads.append(_grads(model))
+        assert stats.inner_loss_after < stats.inner_loss_before
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    preds = m.predict(tasks)
+    assert preds.shape == (2, 6, 3)
+
+
+def test_maml_conv4_batchnorm_matches_unrolled_autograd():
+    """torch's vmap gets affine BatchNorm's double backward wrong, so MAML unrolls such models task by
+    task; check the result against a hand-written create_graph loop."""
+    model, tasks = _conv_tasks(1)
+    names = [k for k, _ in model.named_parameters()]
+    total = 0
+    for t in range(tasks.num_tasks):
+        phi = list(model.parameters())
+        for _ in range(2):
+            out = torch.func.functional_call(model, dict(zip(names, phi)), (tasks.x_support[t],))
+            g = torch.autograd.grad(F.cross_entropy(out, tasks.y_support[t]), phi, create_graph=True)
+            phi = [p - 0.05 * gi for p, gi in zip(phi, g)]
+        out = torch.func.functional_call(model, dict(zip(names, phi)), (tasks.x_query[t],))
+        total = total + F.cross_entropy(out, tasks.y_query[t]) / tasks.num_tasks
+    ref = torch.autograd.grad(total, list(model.parameters()))
+    MAML(model, F.cross_entropy, inner_lr=0.05, inner_steps=2).meta_backward(tasks)
+    for a, b in zip(_grads(model), ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_batchnorm_with_running_stats_is_rejected():
+    model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1)).to(DT)
+    _, tasks = _mlp_tasks()
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        LCP(model, F.mse_loss, inner_steps=2).meta_backward(tasks)
+
+
+def test_lcp_memory_constant_in_inner_steps_maml_grows():
+    """Bytes saved for backward in the autograd graph alive when the meta-gradient is taken."""
+    model, tasks = _mlp_tasks(T=2)
+    lcp = [LCP(model, F.mse_loss, inner_lr=0.05, inner_steps=k).meta_backward(tasks).extra["graph_bytes"]
+           for k in (10, 200)]
+    maml = [MAML(model, F.mse_loss, inner_lr=0.05, inner_steps=k).meta_backward(tasks).extra["graph_bytes"]
+            for k in (10, 200)]
+    assert lcp[0] == lcp[1] == 0
+    assert maml[0] > 0 and maml[1] > 10 * maml[0]  # MAML keeps the whole unrolled graph
+    # the graph measure itself: y = (x * w).sum() saves x and w when both need gradients
+    x, w = torch.ones(100, dtype=DT, requires_grad=True), torch.ones(100, dtype=DT, requires_grad=True)
+    from lcp_meta.meta import graph_saved_bytes
+    assert graph_saved_bytes((x * w).sum()) == 2 * 100 * 8
+
+
+@pytest.mark.parametrize("name", ["lcp", "imaml", "maml", "cml"])
+def test_divergence_raises_and_leaves_grad_untouched(name):
+    model, tasks = _mlp_tasks()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    before = _grads(model)
+    m = make_method(name, model, F.mse_loss, inner_lr=1e4, inner_steps=100, **KW[name])
+    with pytest.raises(DivergenceError, match="residual") as info:
+        m.meta_backward(tasks)
+    assert info.value.stats is not None
+    for a, b in zip(_grads(model), before):
+        assert torch.equal(a, b)
+    params = [p.detach().clone() for p in model.parameters()]
+    m = make_method(name, model, F.mse_loss, inner_lr=1e4, inner_steps=100, on_divergence="warn", **KW[name])
+    with pytest.warns(RuntimeWarning, match="residual"):
+        stats = m.meta_backward(tasks)
+    assert not stats.converged
+    for a, b in zip(_grads(model), before):
+        assert torch.equal(a, b)
+    for a, p in zip(params, model.parameters()):
+        assert torch.equal(a, p)
+
+
+def test_unconverged_with_tol_raises():
+    model, tasks = _mlp_tasks()
+    with pytest.raises(DivergenceError, match="did not converge"):
+        LCP(model, F.mse_loss, inner_lr=0.01, inner_steps=3, tol=1e-10).meta_backward(tasks)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_accumulates_like_backward_and_optimizer_steps():
+    model, tasks = _mlp_tasks()
+    m = LCP(model, F.mse_loss, inner_lr=0.1, inner_steps=10, learn_lam="scalar")
+    m.meta_backward(tasks)
+    once = _grads(model) + [m.lam_raw.grad.clone()]
+    m.meta_backward(tasks)
+    twice = _grads(model) + [m.lam_raw.grad.clone()]
+    for a, b in zip(once, twice):
+        torch.testing.assert_close(b, 2 * a, rtol=1e-12, atol=0)
+    assert {id(p) for p in m.parameters()} == {id(p) for p in model.parameters()} | {id(m.lam_raw)}
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    lam0 = m.lam
+    opt.step()
+    assert m.lam != lam0 and m.lam > 0
+
+
+def test_adapt_predict_leave_model_untouched():
+    model, tasks = _mlp_tasks()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    m = IMAML(model, F.mse_loss, inner_lr=0.1, inner_steps=20)
+    phi = m.adapt_params(tasks.x_support, tasks.y_support)
+    assert set(phi) == {k for k, _ in model.named_parameters()} and phi["net.0.weight"].shape == (3, 8, 1)
+    clone = m.adapt(tasks.x_support[1], tasks.y_support[1])
+    for k, p in clone.named_parameters():
+        torch.testing.assert_close(p.detach(), phi[k][1], rtol=0, atol=1e-12)
+    preds = m.predict((tasks.x_support, tasks.y_support, tasks.x_query))
+    torch.testing.assert_close(preds[1], clone(tasks.x_query[1]).detach(), rtol=0, atol=1e-12)
+    assert torch.equal(preds, m.predict(tasks))
+    assert F.mse_loss(preds, tasks.y_query) < F.mse_loss(model(tasks.x_query), tasks.y_query)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_taskbatch_forms_and_shape_errors():
+    model, tb = _mlp_tasks()
+    xs, ys, xq, yq = tb.x_support, tb.y_support, tb.x_query, tb.y_query
+    assert TaskBatch.coerce(((xs, ys), (xq, yq))).num_tasks == 3
+    assert TaskBatch.coerce([xs, ys, xq, yq]).x_query is xq
+    with pytest.raises(ValueError, match="tasks, shots"):
+        TaskBatch(xs[0], ys[0], xq[0], yq[0])
+    with pytest.raises(ValueError, match="number of tasks"):
+        TaskBatch(xs, ys, xq[:2], yq[:2])
+    with pytest.raises(ValueError, match=r"\(tasks, shots\)"):
+        TaskBatch(xs, ys[:, :2], xq, yq)
+    with pytest.raises(ValueError, match="x_shape"):
+        TaskBatch(xs, ys, torch.randn(3, 4, 2, dtype=DT), yq[:, :4])
+    with pytest.raises(TypeError, match="TaskBatch"):
+        TaskBatch.coerce({"x": xs})
+    m = LCP(model, F.mse_loss, inner_steps=2)
+    with pytest.raises(ValueError, match="tasks, shots"):
+        m.adapt_params(xs[0], ys[0])
+
+
+def test_make_method_errors_and_names():
+    model, _ = _mlp_tasks()
+    assert METHOD_NAMES == ("lcp", "lcp-direct", "lcp-ebd", "imaml", "maml", "fomaml", "reptile", "cml")
+    kinds = {n: type(make_method(n, model, F.mse_loss)) for n in METHOD_NAMES}
+    assert kinds["lcp-ebd"] is LCP and kinds["cml"] is ContrastiveMeta and kinds["reptile"] is Reptile
+    assert make_method("lcp-direct", model, F.mse_loss).controller == "direct"
+    assert all(issubclass(k, MetaMethod) for k in kinds.values())
+    with pytest.raises(TypeError, match="cg_steps"):
+        make_method("maml", model, F.mse_loss, cg_steps=5)
+    with pytest.raises(ValueError, match="unknown meta-learning method"):
+        make_method("foo", model, F.mse_loss)
+    with pytest.raises(ValueError, match="controller"):
+        LCP(model, F.mse_loss, controller="lf")
+    with pytest.raises(ValueError, match="learn_lam"):
+        MAML(model, F.mse_loss, learn_lam="scalar")
+    with pytest.raises(ValueError, match="on_divergence"):
+        FOMAML(model, F.mse_loss, on_divergence="ignore")
+
+
+def test_leaky_direct_control_reaches_the_direct_equilibrium():
+    model, tasks = _mlp_tasks()
+    grads = []
+    for leaky in (False, True):
+        model.zero_grad()
+        LCP(model, F.mse_loss, controller="direct", leaky=leaky, beta=0.1, inner_lr=0.2, psi_lr=0.5,
+            inner_steps=2000, tol=1e-12).meta_backward(tasks)
+        grads.append(_grads(model))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="direct"):
+        LCP(model, F.mse_loss, controller="di", leaky=True)
