@@ -139,6 +139,7 @@ def main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.2, meta_batch_size=16, adapta
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--meta-batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    main(num_iterations=args.iterations, device=args.device)
+    main(num_iterations=args.iterations, meta_batch_size=args.meta_batch_size, device=args.device)

@@ -63,14 +63,25 @@ sed -i 's/classes = <list>set_classes/classes = list(set_classes)/' "$SRC/learn2
 "${PIP[@]}" gym                     # imported by `import learn2learn` (learn2learn.gym)
 "${PIP[@]}" --no-deps --no-build-isolation "$SRC"
 
-echo "== smoke test"
-"$PYTHON" - <<'PY'
+echo "== smoke test (imports through lcp_meta's adapters, one learn2learn MAML step)"
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - <<'PY'
 import warnings
 warnings.simplefilter("ignore")
-import higher, learn2learn, torch
-import lcp_meta.adapters.torchmeta_compat  # patches torchmeta for torch 2.x before importing it
-import torchmeta
-print(f"higher {higher.__version__ if hasattr(higher, '__version__') else '0.2.1'}, "
-      f"learn2learn {learn2learn.__version__}, torchmeta {torchmeta.__version__}, torch {torch.__version__}")
+import torch
+import higher
+from lcp_meta.adapters import torchmeta_compat        # patches torchmeta for torch 2.x, then imports it
+from lcp_meta.adapters.l2l import require_learn2learn  # checks the Python 3.11 NWays fix
+l2l = require_learn2learn()
+ds = l2l.data.MetaDataset(torch.utils.data.TensorDataset(torch.randn(12, 3), torch.arange(4).repeat_interleave(3)))
+t = l2l.data.transforms
+x, y = l2l.data.TaskDataset(ds, [t.NWays(ds, 2), t.KShots(ds, 2), t.LoadData(ds), t.RemapLabels(ds)]).sample()
+maml = l2l.algorithms.MAML(torch.nn.Linear(3, 2), lr=0.1)
+learner = maml.clone()
+learner.adapt(torch.nn.functional.cross_entropy(learner(x), y))
+torch.nn.functional.cross_entropy(learner(x), y).backward()
+assert all(p.grad is not None for p in maml.parameters())
+print(f"higher 0.2.1, learn2learn {l2l.__version__}, torchmeta {torchmeta_compat.patch().__version__} "
+      f"(patched: {len(torchmeta_compat.PATCHES)}), torch {torch.__version__}: ok")
 PY
 echo "install_adapters.sh: done in $(( $(date +%s) - start )) s"

@@ -225,3 +225,17 @@ def test_leaky_direct_control_reaches_the_direct_equilibrium():
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="direct"):
         LCP(model, F.mse_loss, controller="di", leaky=True)
+
+
+def test_anderson_solver_reaches_the_same_lcp_fixed_point():
+    model, tasks = _mlp_tasks()
+    grads, iters = [], []
+    for solver in ("euler", "anderson"):
+        model.zero_grad()
+        st = LCP(model, F.mse_loss, lam=2.0, inner_lr=0.1, inner_steps=3000, tol=1e-11,
+                 solver=solver).meta_backward(tasks)
+        grads.append(_grads(model))
+        iters.append(st.iterations)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
+    assert iters[1] < iters[0]

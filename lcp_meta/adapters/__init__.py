@@ -7,8 +7,9 @@
 - :mod:`lcp_meta.adapters.torchmeta_compat`: a runtime patch that makes torchmeta 1.8.0 work on torch 2.x,
   and torchmeta batch dicts as :class:`lcp_meta.meta.TaskBatch`.
 
-Importing this package imports none of those libraries (nor does ``import lcp_meta``); each submodule
-imports its library and raises ``ImportError`` with the install command when it is missing.  Install all
+Importing this package imports none of those libraries (nor does ``import lcp_meta``).
+``higher_compat`` and ``torchmeta_compat`` import their library and raise ``ImportError`` with the install
+command when it is missing; ``l2l.LCPLearner`` needs no learn2learn (only ``l2l.task_batch`` does).  Install all
 three with ``bash scripts/install_adapters.sh`` (see ``docs/adapters.md``).
 """
 

@@ -24,7 +24,7 @@ def format_metric(metric: str, mean: float, ci: float) -> str:
 
 
 def _fmt_memory(value: Optional[float]) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
 
 
 def results_table(results: Sequence[Mapping], memory_kind: str) -> str:

@@ -1,0 +1,150 @@
+"""Omniglot few-shot comparison of LCP and the baselines, and the 20 official one-shot runs.
+
+    python benchmarks/reproduce_fewshot.py --data-root ../shared/data                 # full protocol (GPU)
+    python benchmarks/reproduce_fewshot.py --data-root ../shared/data --quick         # tiny CPU check (minutes)
+    python benchmarks/reproduce_fewshot.py --only 20way --resume                      # continue a cut-off run
+
+Two comparisons on the offline Omniglot background subsets (242 distinct characters, each at 4 rotations;
+seeded character split into train / validation / test): 5-way 1-shot and 20-way 1-shot, methods lcp, imaml,
+maml, fomaml, reptile, cml, each meta-trained with the same budget on the same task stream and tested on the
+same fixed episodes.  The 20-way models are also scored on the 20 official within-alphabet one-shot runs
+(``all_runs.zip``, answers from ``class_labels.txt``).  With the full data set (``images_background.zip`` +
+``images_evaluation.zip``) the test classes are the evaluation alphabets instead.
+
+Writes ``benchmarks/results/fewshot_<device>.md`` and ``.json`` (device, torch version, date, command, the exact
+protocol, tables); the run folders (checkpoints, curves, plots) go to ``runs/reproduce_fewshot/<device>/``.
+Every method checkpoints as it goes: a run cut off by a time limit continues with ``--resume``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from lcp_meta.fewshot import FewShotConfig, run_fewshot
+from lcp_meta.fewshot.report import parse_results_table
+from lcp_meta.utils import resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("lcp", "imaml", "maml", "fomaml", "reptile", "cml")
+
+# The protocol.  One budget for every method: meta-steps, meta-batch, inner steps and step size, outer Adam.
+# lam / beta follow contrastive meta-learning's Omniglot settings (lam 0.5, beta 0.1; 0.03 for 20-way); the
+# inner loop is shorter than its 200 steps so that the six methods fit a GPU session.
+FULL = {
+    "5way": dict(ways=5, shots=1, queries=5, meta_steps=2000, meta_batch=16, inner_steps=10, inner_lr=0.1,
+                 lam=0.5, beta=0.1, outer_lr=1e-3, test_episodes=600, val_episodes=100, hidden=64),
+    "20way": dict(ways=20, shots=1, queries=5, meta_steps=2000, meta_batch=8, inner_steps=10, inner_lr=0.1,
+                  lam=0.5, beta=0.03, outer_lr=1e-3, test_episodes=600, val_episodes=100, hidden=64),
+}
+# --quick: the same code path at a size a 2-core CPU runs in minutes (numbers are meaningless)
+QUICK = {
+    "5way": dict(ways=5, shots=1, queries=1, meta_steps=3, meta_batch=2, inner_steps=2, inner_lr=0.1,
+                 lam=0.5, beta=0.1, outer_lr=1e-3, test_episodes=10, val_episodes=4, hidden=8),
+    "20way": dict(ways=20, shots=1, queries=1, meta_steps=3, meta_batch=2, inner_steps=2, inner_lr=0.1,
+                  lam=0.5, beta=0.03, outer_lr=1e-3, test_episodes=10, val_episodes=4, hidden=8),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default=None, help="folder holding omniglot/ (default: $LCP_META_DATA)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="tiny budget (checks the pipeline; CPU minutes)")
+    p.add_argument("--only", choices=tuple(FULL), action="append", help="run only this comparison (repeatable)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--meta-steps", type=int, help="override the protocol's meta-steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue each method from its checkpoint")
+    p.add_argument("--stop-after", type=int, help="stop each method after N meta-steps (resume later)")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "reproduce_fewshot"))
+    p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    device = resolve_device(args.device)
+    tag = device.type
+    protocol = QUICK if args.quick else FULL
+    results = {"device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+               or "cpu", "torch": torch.__version__, "python": platform.python_version(),
+               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               "command": " ".join(["python benchmarks/reproduce_fewshot.py",
+                                    *(sys.argv[1:] if argv is None else argv)]),
+               "quick": args.quick, "comparisons": {}}
+    json_path = Path(args.results_dir) / f"fewshot_{tag}.json"
+    if json_path.is_file():  # keep comparisons of earlier (sliced) invocations
+        previous = json.loads(json_path.read_text())
+        if previous.get("quick") == args.quick:
+            results["comparisons"].update(previous.get("comparisons", {}))
+
+    for key in args.only or list(protocol):
+        settings = dict(protocol[key])
+        if args.meta_steps:
+            settings["meta_steps"] = args.meta_steps
+        cfg = FewShotConfig(task="omniglot", methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                            seed=args.seed, device=args.device, data_root=args.data_root,
+                            out=str(Path(args.runs_dir) / tag / f"omniglot_{key}1shot"), resume=args.resume,
+                            stop_after=args.stop_after, progress=not args.no_progress, **settings)
+        summary = run_fewshot(cfg)
+        if summary.get("message"):
+            print(summary["message"], file=sys.stderr)
+        entry = {"settings": settings, "protocol": summary["config"]["protocol"], "run_folder": summary["out"],
+                 "unfinished": summary["unfinished"], "table": summary.get("table"),
+                 "rows": parse_results_table(summary["table"]) if summary.get("table") else [],
+                 "results": [{k: v for k, v in r.items() if k != "curve"} for r in summary["results"]]}
+        results["comparisons"][f"omniglot {settings['ways']}-way 1-shot"] = entry
+        if summary.get("table"):
+            print(f"\nOmniglot {settings['ways']}-way 1-shot\n{summary['table']}")
+
+    Path(args.results_dir).mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2))
+    json_path.with_suffix(".md").write_text(render_markdown(results))
+    print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+    return 0
+
+
+def render_markdown(results) -> str:
+    lines = [f"# Omniglot few-shot comparison ({results['device']})", ""]
+    for k in ("device_name", "torch", "python", "date", "command", "quick"):
+        lines.append(f"- {k}: {results[k]}")
+    if results["quick"]:
+        lines += ["", "**Quick run**: a tiny budget that checks the pipeline; the numbers mean nothing."]
+    for name, entry in results["comparisons"].items():
+        pr, st = entry["protocol"], entry["settings"]
+        lines += ["", f"## {name}", "",
+                  f"- data: {', '.join(pr['zips'])}; {pr['distinct_background_characters']} distinct background "
+                  f"characters, split seed {pr['split_seed']}: characters train/val/test = "
+                  f"{pr['characters']['train']}/{pr['characters']['val']}/{pr['characters']['test']}, rotations "
+                  f"{pr['rotations']} -> classes {pr['classes']['train']}/{pr['classes']['val']}/{pr['classes']['test']}"
+                  f" (test: {pr['test_source']})",
+                  f"- images: {pr['image_size']}x{pr['image_size']}, {pr['preprocessing']}",
+                  f"- model: {pr['model']}",
+                  f"- episodes: {st['ways']}-way {st['shots']}-shot, {st['queries']} query images per class; "
+                  f"{st['test_episodes']} fixed test episodes, {st['val_episodes']} validation episodes",
+                  f"- budget (every method): {st['meta_steps']} meta-steps, meta-batch {st['meta_batch']}, outer "
+                  f"Adam lr {st['outer_lr']}; inner {st['inner_steps']} steps of size {st['inner_lr']}; "
+                  f"lam {st['lam']} (lcp, imaml, cml; MAML/FOMAML/Reptile lam 0), beta {st['beta']} (lcp, cml)",
+                  f"- run folder: {entry['run_folder']}", ""]
+        if entry["unfinished"]:
+            lines.append(f"Unfinished (resume to complete): {', '.join(entry['unfinished'])}\n")
+        if entry["table"]:
+            lines.append(entry["table"])
+        runs = [r for r in entry["results"] if r.get("one_shot_runs")]
+        if runs:
+            lines += ["", "Official one-shot runs (accuracy % per run):", "",
+                      "| method | " + " | ".join(runs[0]["one_shot_runs"]["per_run"]) + " |",
+                      "|---|" + "---|" * len(runs[0]["one_shot_runs"]["per_run"])]
+            for r in runs:
+                lines.append(f"| {r['method']} | " + " | ".join(f"{100 * v:.0f}" for v in
+                                                             r["one_shot_runs"]["per_run"].values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
