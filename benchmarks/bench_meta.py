@@ -208,8 +208,9 @@ def write(args, device, rows, command):
     meta = dict(device=str(device), device_name=dev_name, torch=torch.__version__, python=platform.python_version(),
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), command=command,
                 threads=torch.get_num_threads(), quick=args.quick,
-                note=("built-in MAML unrolls conv-4 (affine BatchNorm) task by task: vmap computes BatchNorm's "
-                      "double backward wrongly in torch 2.x; the other methods are vmapped"),
+                note=("built-in MAML on conv-4 (affine BatchNorm) uses its hand-written reverse pass over the stored "
+                      "trajectory (vmap computes BatchNorm's double backward wrongly in torch 2.x); its memory on "
+                      "CPU is then the trajectory's bytes"),
                 memory=("CUDA max_memory_allocated over the meta-step (bytes above the pre-step level)"
                         if device.type == "cuda" else
                         "bytes saved for backward in the autograd graph held at the meta-gradient (CPU)"))

@@ -94,7 +94,9 @@ def main(argv=None) -> int:
         summary = run_fewshot(cfg)
         if summary.get("message"):
             print(summary["message"], file=sys.stderr)
-        entry = {"settings": settings, "protocol": summary["config"]["protocol"], "run_folder": summary["out"],
+        folder = Path(summary["out"]).resolve()
+        folder = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+        entry = {"settings": settings, "protocol": summary["config"]["protocol"], "run_folder": str(folder),
                  "unfinished": summary["unfinished"], "table": summary.get("table"),
                  "rows": parse_results_table(summary["table"]) if summary.get("table") else [],
                  "results": [{k: v for k, v in r.items() if k != "curve"} for r in summary["results"]]}
@@ -121,7 +123,8 @@ def render_markdown(results) -> str:
                   f"- data: {', '.join(pr['zips'])}; {pr['distinct_background_characters']} distinct background "
                   f"characters, split seed {pr['split_seed']}: characters train/val/test = "
                   f"{pr['characters']['train']}/{pr['characters']['val']}/{pr['characters']['test']}, rotations "
-                  f"{pr['rotations']} -> classes {pr['classes']['train']}/{pr['classes']['val']}/{pr['classes']['test']}"
+                  f"{pr['rotations']} -> classes "
+                  f"{pr['classes']['train']}/{pr['classes']['val']}/{pr['classes']['test']}"
                   f" (test: {pr['test_source']})",
                   f"- images: {pr['image_size']}x{pr['image_size']}, {pr['preprocessing']}",
                   f"- model: {pr['model']}",

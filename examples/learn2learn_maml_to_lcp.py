@@ -82,7 +82,7 @@ def make_tasksets(ways, shots, seed=0):
                       l2l.data.transforms.KShots(dataset, 2 * shots),
                       l2l.data.transforms.LoadData(dataset),
                       l2l.data.transforms.RemapLabels(dataset)]
-        tasksets.append(l2l.data.TaskDataset(dataset, task_transforms=transforms, num_tasks=2000))
+        tasksets.append(l2l.data.Taskset(dataset, task_transforms=transforms, num_tasks=2000))
     return tasksets
 
 

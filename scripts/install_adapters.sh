@@ -43,7 +43,7 @@ echo "== torchmeta 1.8.0 (without its obsolete torch pins) + its run-time requir
 "${PIP[@]}" h5py ordered-set Pillow requests tqdm numpy
 
 echo "== learn2learn 0.2.0 from its sdist, C extensions regenerated with Cython 3"
-"${PIP[@]}" "cython>=3" setuptools wheel
+"${PIP[@]}" "cython>=3,<4" setuptools wheel
 if [[ -n "${L2L_SDIST:-}" ]]; then
     cp "$L2L_SDIST" "$WORK/"
 else
@@ -60,7 +60,7 @@ grep -q 'classes = <list>set_classes' "$SRC/learn2learn/data/transforms.pyx" || 
 sed -i 's/classes = <list>set_classes/classes = list(set_classes)/' "$SRC/learn2learn/data/transforms.pyx"
 (cd "$SRC" && "$PYTHON" -m cython -3 learn2learn/data/meta_dataset.pyx learn2learn/data/task_dataset.pyx \
     learn2learn/data/transforms.pyx)
-"${PIP[@]}" gym                     # imported by `import learn2learn` (learn2learn.gym)
+"${PIP[@]}" "gym==0.26.2"         # imported by `import learn2learn` (learn2learn.gym)
 "${PIP[@]}" --no-deps --no-build-isolation "$SRC"
 
 echo "== smoke test (imports through lcp_meta's adapters, one learn2learn MAML step)"

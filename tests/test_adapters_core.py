@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("lcp_meta.meta", reason="lcp_meta.meta (the meta-learning methods) is not available")
 from lcp_meta.adapters.l2l import LCPLearner  # noqa: E402  (needs no learn2learn)
-from lcp_meta.meta import DivergenceError, TaskBatch, make_method  # noqa: E402
+from lcp_meta.meta import DivergenceError, TaskBatch  # noqa: E402
 
 D = torch.float64
 
@@ -26,6 +26,18 @@ def test_import_lcp_meta_imports_no_adapter_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"import lcp_meta pulled in {out.stdout.strip()}"
+
+
+def test_install_recipe_is_valid_bash():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "install_adapters.sh"
+    out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    text = script.read_text()
+    # the pins that keep torch untouched and the 3.11 build fixes must stay in the recipe
+    for needle in ("--no-deps \"torchmeta==1.8.0\"", "cython>=3", "--no-build-isolation", "list(set_classes)"):
+        assert needle in text, needle
 
 
 def _mlp(seed=0):

@@ -1,14 +1,19 @@
 """higher 0.2.1 as an independent reference for our MAML, and its functional models as our models."""
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-higher = pytest.importorskip("higher", reason="higher not installed (bash scripts/install_adapters.sh)")
+if importlib.util.find_spec("higher") is None:
+    pytest.skip("higher not installed (bash scripts/install_adapters.sh)", allow_module_level=True)
+import higher  # noqa: E402
 pytest.importorskip("lcp_meta.meta", reason="lcp_meta.meta (the meta-learning methods) is not available")
 
 from lcp_meta.adapters.higher_compat import HigherModel, higher_maml_gradient  # noqa: E402
 from lcp_meta.meta import TaskBatch, make_method  # noqa: E402
 
+pytestmark = pytest.mark.adapters
 D = torch.float64
 
 

@@ -3,16 +3,22 @@
 Real learn2learn objects throughout: a MetaDataset over a TensorDataset, a TaskDataset with NWays /
 KShots / LoadData / RemapLabels, partition_task, and learn2learn's own MAML as the reference gradient.
 """
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-l2l = pytest.importorskip("learn2learn", reason="learn2learn not installed (bash scripts/install_adapters.sh)")
+# skip only when absent: an installed learn2learn that fails to import is a failure, not a skip
+if importlib.util.find_spec("learn2learn") is None:
+    pytest.skip("learn2learn not installed (bash scripts/install_adapters.sh)", allow_module_level=True)
+import learn2learn as l2l  # noqa: E402
 pytest.importorskip("lcp_meta.meta", reason="lcp_meta.meta (the meta-learning methods) is not available")
 
 from lcp_meta.adapters.l2l import LCPLearner, require_learn2learn, task_batch  # noqa: E402
 from lcp_meta.meta import make_method  # noqa: E402
 
+pytestmark = pytest.mark.adapters
 D = torch.float64
 WAYS, SHOTS, QUERIES = 3, 1, 2
 
@@ -26,7 +32,7 @@ def taskset():
     y = torch.arange(6).repeat_interleave(8)
     ds = l2l.data.MetaDataset(torch.utils.data.TensorDataset(x, y))
     t = l2l.data.transforms
-    return l2l.data.TaskDataset(ds, task_transforms=[
+    return l2l.data.Taskset(ds, task_transforms=[
         t.NWays(ds, WAYS), t.KShots(ds, SHOTS + QUERIES), t.LoadData(ds), t.RemapLabels(ds)], num_tasks=20)
 
 
@@ -63,7 +69,7 @@ def test_lcp_meta_training_step_equals_meta_backward(taskset):
     model = _net()
     samples = [taskset.sample() for _ in range(3)]
     tb = task_batch(samples, 3, SHOTS)
-    kw = dict(lam=3.0, beta=1e-2, inner_lr=0.2, inner_steps=400, tol=1e-12)
+    kw = dict(lam=3.0, beta=1e-2, inner_lr=0.2, inner_steps=400, tol=1e-10)
     maml = LCPLearner(model, F.cross_entropy, **kw)
     opt = torch.optim.Adam(maml.parameters(), lr=1e-2)
     opt.zero_grad()

@@ -22,6 +22,7 @@ from torchmeta.transforms import Categorical, ClassSplitter  # noqa: E402
 from torchmeta.utils.data import BatchMetaDataLoader, ClassDataset, CombinationMetaDataset  # noqa: E402
 from torchmeta.utils.data.task import Dataset as TaskDataset  # noqa: E402
 
+pytestmark = pytest.mark.adapters
 D = torch.float64
 WAYS, SHOTS, QUERIES, CLASSES, PER_CLASS = 3, 1, 2, 6, 5
 

@@ -139,3 +139,25 @@ def test_missing_data_root_names_the_expected_files(tmp_path, capsys, monkeypatc
     monkeypatch.setenv("LCP_META_DATA", str(tmp_path))
     assert main(["fewshot", "--task", "omniglot", "--methods", "maml", "--out", str(tmp_path / "x")]) == 2
     assert f"no Omniglot data in {tmp_path / 'omniglot'}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reproduce_fewshot_quick(tmp_path):
+    """benchmarks/reproduce_fewshot.py --quick end to end (minutes on a CPU; LCP_META_SLOW=1)."""
+    if not (SHARED / "omniglot" / "all_runs.zip").is_file():
+        pytest.skip(f"offline Omniglot data not found in {SHARED / 'omniglot'}")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "reproduce_fewshot", Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_fewshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rc = module.main(["--quick", "--device", "cpu", "--data-root", str(SHARED), "--methods", "lcp,maml",
+                      "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res"),
+                      "--no-progress"])
+    assert rc == 0
+    saved = json.loads((tmp_path / "res" / "fewshot_cpu.json").read_text())
+    assert set(saved["comparisons"]) == {"omniglot 5-way 1-shot", "omniglot 20-way 1-shot"}
+    rows = saved["comparisons"]["omniglot 20-way 1-shot"]["rows"]
+    assert [r["method"] for r in rows] == ["lcp", "maml"]
+    assert all(r["one-shot runs accuracy (%) mean ± CI95"] is not None for r in rows)
+    assert "Official one-shot runs" in (tmp_path / "res" / "fewshot_cpu.md").read_text()

@@ -52,7 +52,7 @@ def test_vmap_equals_per_task_loop(name):
     assert isinstance(out[0][1], MetaStats) and set(MetaStats.__dataclass_fields__) - {"extra"} <= set(sa)
 
 
-@pytest.mark.parametrize("name", ["lcp", "imaml", "cml"])
+@pytest.mark.parametrize("name", ["lcp", "imaml", "cml", "maml"])
 def test_batchnorm_conv4_under_vmap(name):
     model, tasks = _conv_tasks()
     grads = []
@@ -69,23 +69,27 @@ def test_batchnorm_conv4_under_vmap(name):
 
 
 def test_maml_conv4_batchnorm_matches_unrolled_autograd():
-    """torch's vmap gets affine BatchNorm's double backward wrong, so MAML unrolls such models task by
-    task; check the result against a hand-written create_graph loop."""
+    """torch's vmap gets affine BatchNorm's double backward wrong, so MAML takes a hand-written reverse
+    pass (vmapped HVPs) for such models; check it against a plain create_graph loop, with momentum and lam."""
     model, tasks = _conv_tasks(1)
+    lam, mom = 0.3, 0.5
     names = [k for k, _ in model.named_parameters()]
     total = 0
     for t in range(tasks.num_tasks):
-        phi = list(model.parameters())
-        for _ in range(2):
+        omega = list(model.parameters())
+        phi, vel = omega, [torch.zeros_like(p) for p in omega]
+        for _ in range(3):
             out = torch.func.functional_call(model, dict(zip(names, phi)), (tasks.x_support[t],))
             g = torch.autograd.grad(F.cross_entropy(out, tasks.y_support[t]), phi, create_graph=True)
-            phi = [p - 0.05 * gi for p, gi in zip(phi, g)]
+            vel = [mom * v - gi - lam * (p - o) for v, gi, p, o in zip(vel, g, phi, omega)]
+            phi = [p + 0.05 * v for p, v in zip(phi, vel)]
         out = torch.func.functional_call(model, dict(zip(names, phi)), (tasks.x_query[t],))
         total = total + F.cross_entropy(out, tasks.y_query[t]) / tasks.num_tasks
     ref = torch.autograd.grad(total, list(model.parameters()))
-    MAML(model, F.cross_entropy, inner_lr=0.05, inner_steps=2).meta_backward(tasks)
+    stats = MAML(model, F.cross_entropy, inner_lr=0.05, inner_steps=3, lam=lam, momentum=mom).meta_backward(tasks)
     for a, b in zip(_grads(model), ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert stats.extra["graph_bytes"] == 3 * tasks.num_tasks * sum(p.numel() * 8 for p in model.parameters())
 
 
 def test_batchnorm_with_running_stats_is_rejected():
@@ -239,3 +243,13 @@ def test_anderson_solver_reaches_the_same_lcp_fixed_point():
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
     assert iters[1] < iters[0]
+
+
+def test_nan_meta_gradient_is_reported_and_not_accumulated():
+    model, tb = _mlp_tasks()
+    bad = TaskBatch(tb.x_support, tb.y_support, tb.x_query, torch.full_like(tb.y_query, float("nan")))
+    with pytest.raises(DivergenceError, match="meta-gradient turned NaN"):
+        FOMAML(model, F.mse_loss, inner_steps=3).meta_backward(bad)
+    with pytest.raises(DivergenceError, match="inner dynamics turned NaN"):
+        LCP(model, F.mse_loss, inner_steps=3).meta_backward(bad)  # the control integrates the NaN
+    assert all(p.grad is None for p in model.parameters())

@@ -30,10 +30,10 @@ def tiny(name, seed=0, **kw):
         with torch.no_grad():  # a less trivial implicit layer than the N(0, 0.01) init
             model.conv1.weight.normal_(0, 0.08)
             model.conv2.weight.normal_(0, 0.08)
-        x = torch.randn(3, 2, 4, 4)
+        x = torch.randn(2, 2, 4, 4)
     elif name == "conv-ff":
-        model = build_model("conv-ff", in_shape=(2, 12, 12), num_classes=3, channels=(3, 4, 5), fc=(6, 5), **kw)
-        x = torch.randn(3, 2, 12, 12)
+        model = build_model("conv-ff", in_shape=(2, 20, 20), num_classes=3, channels=(3, 4, 5), fc=(6, 5), **kw)
+        x = torch.randn(3, 2, 20, 20)
     model = model.to(DT)
     x = x.to(DT)
     y = torch.randint(0, 3, (x.shape[0],))
@@ -114,10 +114,10 @@ def dense_loss_gradient(model, x, y, loss="ce"):
         c0 = model.encode(x)
     v, stats = model.free_equilibrium(c0, tol=1e-15, max_iter=5000)
     n = v.numel()
-    J = torch.autograd.functional.jacobian(lambda s: model.g(c0, s.reshape(v.shape)).reshape(-1), v.reshape(-1))
+    J = torch.autograd.functional.jacobian(lambda s: model.g(c0, s.reshape(v.shape)).reshape(-1), v.reshape(-1), vectorize=True)
     out = model.h(v)
-    gl = torch.autograd.functional.jacobian(lambda o: output_loss(o.reshape(out.shape), y, loss), out.reshape(-1))
-    Jh = torch.autograd.functional.jacobian(lambda s: model.h(s.reshape(v.shape)).reshape(-1), v.reshape(-1))
+    gl = torch.autograd.functional.jacobian(lambda o: output_loss(o.reshape(out.shape), y, loss), out.reshape(-1), vectorize=True)
+    Jh = torch.autograd.functional.jacobian(lambda s: model.h(s.reshape(v.shape)).reshape(-1), v.reshape(-1), vectorize=True)
     a = torch.linalg.solve((torch.eye(n, dtype=DT) - J).T, Jh.T @ gl).reshape(v.shape)
     c = model.encode(x)
     obj = (model.g(c, v) * a).sum() + output_loss(model.h(v), y, loss)
@@ -169,13 +169,10 @@ def test_di_update_is_gradient_of_F_beta(name):
     upd = flat_grads(model)
     z0, _ = solve_state_vector(method, x, y)
     value = lambda: energy_min_value(model, x, y, method.beta, "ce", z0)[0]
-    if name == "conv-rnn":  # ~450 parameters: check along random directions
-        dirs = torch.randn(6, upd.numel(), dtype=DT)
-        fd, _ = fd_gradient(model, value, dirs)
-        assert rel_err(dirs @ upd, fd) < 1e-5
-    else:
-        fd, _ = fd_gradient(model, value)
-        assert rel_err(upd, fd) < 1e-5
+    # directional derivatives along random directions (a full sweep costs two Newton solves per entry)
+    dirs = torch.randn(4, upd.numel(), dtype=DT)
+    fd, _ = fd_gradient(model, value, dirs)
+    assert rel_err(dirs @ upd, fd) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["ff", "rnn"])  # the tiny conv DEQ does not settle under exact control
@@ -193,8 +190,9 @@ def test_di_update_is_gradient_of_H_with_exact_control(name):
     value = lambda: energy_min_value(model, x, y, None, "mse", v.reshape(-1), exact_output=True)[0]
     # H = 1/2 |psi*|^2: the minimum of the constrained energy equals the least control found by DI
     assert value() == pytest.approx(0.5 * float(e.pow(2).sum() + u.pow(2).sum()), rel=1e-9)
-    fd, _ = fd_gradient(model, value)
-    assert rel_err(upd, fd) < 1e-5
+    dirs = torch.randn(4, upd.numel(), dtype=DT)
+    fd, _ = fd_gradient(model, value, dirs)
+    assert rel_err(dirs @ upd, fd) < 1e-5
 
 
 # ------------------------------------------------------------------------------ weak control, RBP, BP
@@ -227,8 +225,8 @@ def test_bp_equals_dense_gradient_ff():
 # ------------------------------------------------------------------------------------ stationarity
 def dense_JT(model, c, v, e, u):
     """J_f(v)^T e + J_h(v)^T u from dense autograd Jacobians."""
-    J = torch.autograd.functional.jacobian(lambda s: model.g(c, s.reshape(v.shape)).reshape(-1), v.reshape(-1))
-    Jh = torch.autograd.functional.jacobian(lambda s: model.h(s.reshape(v.shape)).reshape(-1), v.reshape(-1))
+    J = torch.autograd.functional.jacobian(lambda s: model.g(c, s.reshape(v.shape)).reshape(-1), v.reshape(-1), vectorize=True)
+    Jh = torch.autograd.functional.jacobian(lambda s: model.h(s.reshape(v.shape)).reshape(-1), v.reshape(-1), vectorize=True)
     jf = (J - torch.eye(v.numel(), dtype=DT)).T @ e.reshape(-1)
     return jf, Jh.T @ u.reshape(-1)
 
@@ -243,12 +241,11 @@ def test_stationarity_di_and_ebd(name):
     jf, jh = dense_JT(model, c, v, e, u)
     assert float((jf + jh).norm()) <= 1e-8 * float(jh.norm())
     # EBD (Adam on the energy, beta = 1/alpha) reaches the same stationary state to its tolerance
-    ebd = make_method("lcp-ebd", model, alpha=0.1, ebd_lr=1e-3, ebd_steps=3000,
-                      ebd_init="free" if name == "rnn" else "zeros")
+    ebd = make_method("lcp-ebd", model, alpha=0.1, ebd_lr=1e-2, ebd_steps=800, ebd_init="zeros")  # spec (ff)
     (v2, y2, e2, u2), st = ebd.controlled_equilibrium(c, y)
     jf2, jh2 = dense_JT(model, c, v2, e2, u2)
-    assert float((jf2 + jh2).norm()) <= 1e-2 * float(jh2.norm())
-    assert rel_err(torch.cat([e2.reshape(-1), u2.reshape(-1)]), torch.cat([e.reshape(-1), u.reshape(-1)])) < 1e-2
+    assert float((jf2 + jh2).norm()) <= 1e-3 * float(jh2.norm())
+    assert rel_err(torch.cat([e2.reshape(-1), u2.reshape(-1)]), torch.cat([e.reshape(-1), u.reshape(-1)])) < 1e-3
 
 
 def test_anderson_reaches_the_same_equilibrium():

@@ -25,12 +25,16 @@ that fix is present and raises with the recipe otherwise.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
+
+from lcp_meta.meta import TaskBatch, make_method
+from lcp_meta.meta.base import MetaMethod
 
 from ._routing import guarded, meta_gradient, routed_loss, trainable
 
@@ -39,6 +43,7 @@ __all__ = ["LCPLearner", "TaskLearner", "task_batch", "require_learn2learn"]
 _RECIPE = "bash scripts/install_adapters.sh (builds learn2learn 0.2.0 for Python 3.11, see docs/adapters.md)"
 
 
+@functools.lru_cache(maxsize=None)
 def require_learn2learn():
     """Import learn2learn, with the install recipe in the error when it is missing or mis-built."""
     try:
@@ -61,9 +66,6 @@ def _check_nways(l2l) -> None:
 
 
 def _method(model_or_method, loss_fn, method: str, kwargs):
-    from lcp_meta.meta import make_method  # deferred: lcp_meta.meta is a sibling under construction
-    from lcp_meta.meta.base import MetaMethod
-
     if isinstance(model_or_method, MetaMethod):
         if loss_fn is not None or kwargs:
             raise TypeError("pass either a built method alone, or a model with loss_fn and method settings")
@@ -169,8 +171,6 @@ class TaskLearner:
     def query_loss(self, x_query: torch.Tensor, y_query: torch.Tensor) -> torch.Tensor:
         """The query loss at the adapted parameters; ``backward()`` runs the method's meta-gradient."""
         self._need_adapt()
-        from lcp_meta.meta import TaskBatch
-
         xs, ys = self.support
         tb = TaskBatch(xs.unsqueeze(0), ys.unsqueeze(0), x_query.unsqueeze(0), y_query.unsqueeze(0))
         with torch.no_grad():
@@ -194,8 +194,6 @@ def task_batch(taskset, num_tasks: int, shots: int, device=None):
     Also accepts a sequence of ``(data, labels)`` pairs already sampled.
     """
     l2l = require_learn2learn()
-    from lcp_meta.meta import TaskBatch
-
     if num_tasks < 1 or shots < 1:
         raise ValueError(f"expected num_tasks >= 1 and shots >= 1, got {num_tasks}, {shots}")
     if isinstance(taskset, Sequence):
@@ -212,5 +210,5 @@ def task_batch(taskset, num_tasks: int, shots: int, device=None):
     if len(shapes) != 1:
         raise ValueError(f"tasks of different sizes cannot be batched: {sorted(shapes)}; use the same ways "
                          f"and shots for every task")
-    stack = lambda i, j: torch.stack([p[i][j] for p in parts]).to(device) if device else torch.stack([p[i][j] for p in parts])
-    return TaskBatch(stack(0, 0), stack(0, 1), stack(1, 0), stack(1, 1))
+    tensors = [torch.stack([p[i][j] for p in parts]) for i in (0, 1) for j in (0, 1)]
+    return TaskBatch(*(t.to(device) if device is not None else t for t in tensors))

@@ -1,12 +1,13 @@
 """torchmeta 1.8.0 on current torch: a runtime patch, and its batches/models as lcp_meta inputs.
 
 torchmeta 1.8.0 (the last release, 2021) pins ``torch<1.10``; installed with ``--no-deps`` (see
-``scripts/install_adapters.sh``) it breaks on torch 2.x in exactly two places, both fixed by
-:func:`patch`, which importing this module runs before torchmeta itself is imported:
+``scripts/install_adapters.sh``), the pieces lcp_meta uses (import, ``ClassSplitter`` loaders,
+``MetaModule`` models) break on torch 2.x in two places, both fixed by :func:`patch`, which importing
+this module runs before torchmeta itself is imported:
 
 1. ``import torchmeta`` fails: ``torchmeta/datasets/utils.py`` imports the private helpers
    ``_get_confirm_token`` and ``_save_response_content`` from ``torchvision.datasets.utils``, which
-   torchvision removed (0.13+).  They only serve torchmeta's Google-Drive downloads; we put back
+   current torchvision no longer has (0.29 here).  They only serve torchmeta's Google-Drive downloads; we put back
    equivalent definitions (cookie-token lookup, chunked write) when they are missing.
 2. Every task-splitting loader fails: torch's ``Subset.__init__`` now refuses a subclass that
    overrides ``__getitem__`` without ``__getitems__`` (``NotImplementedError``), because the

@@ -30,7 +30,7 @@ from torch import nn
 
 from .solvers import DivergenceError, SolverStats, solve
 
-__all__ = ["EquilibriumModel", "LOSSES", "output_loss", "output_loss_grad", "check_target",
+__all__ = ["EquilibriumModel", "LOSSES", "output_loss", "output_loss_grad", "loss_grad_fn", "check_target",
            "local_update", "write_grads", "default_check_every"]
 
 LOSSES = ("ce", "mse")
@@ -75,6 +75,16 @@ def output_loss_grad(y: torch.Tensor, target: torch.Tensor, loss: str = "ce") ->
         return (torch.softmax(y, dim=1) - onehot) / y.shape[0]
     if loss == "mse":
         return (y - onehot) / y.shape[0]
+    raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+
+
+def loss_grad_fn(target: torch.Tensor, num_classes: int, dtype: torch.dtype, loss: str = "ce"):
+    """``y -> grad_y l(y)`` with the one-hot targets built once (the controllers call it every step)."""
+    onehot = F.one_hot(target, num_classes).to(dtype)
+    if loss == "ce":
+        return lambda y: (torch.softmax(y, dim=1) - onehot) / y.shape[0]
+    if loss == "mse":
+        return lambda y: (y - onehot) / y.shape[0]
     raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
 
 

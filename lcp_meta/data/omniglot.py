@@ -208,6 +208,18 @@ def find_omniglot_zips(data_root: Optional[str]) -> Tuple[List[Path], Optional[P
     return background, (evaluation if evaluation.is_file() else None)
 
 
+def download_omniglot(data_root: "str | os.PathLike") -> Path:
+    """Download the full background and evaluation zips into ``<data_root>/omniglot`` (needs torchvision and a
+    network; never used by the tests).  URLs and checksums are torchvision's, so they stay in one place."""
+    from torchvision.datasets import Omniglot
+    from torchvision.datasets.utils import download_url
+
+    folder = Path(data_root) / "omniglot"
+    for stem, md5 in Omniglot.zips_md5.items():
+        download_url(f"{Omniglot.download_url_prefix}/{stem}.zip", str(folder), filename=f"{stem}.zip", md5=md5)
+    return folder
+
+
 def rotate_classes(images: torch.Tensor, names: Sequence[str],
                    rotations: Sequence[int] = (0, 90, 180, 270)) -> OmniglotSplit:
     """Each character at each rotation as its own class (rotation-major order: all characters at 0, at 90, ...)."""

@@ -97,8 +97,8 @@ def add_parser(subparsers) -> None:
     demo = subparsers.add_parser("demo", help="sinusoid comparison of LCP and the baselines (minutes on a CPU)",
                                  description="The sinusoid regression comparison (lcp, imaml, maml, fomaml, "
                                              "reptile, cml) with defaults sized for a laptop CPU.",
-                                 epilog="defaults: " + ", ".join(f"{k}={v}" for k, v in
-                                                                 {**TASK_DEFAULTS["sinusoid"], **DEMO_DEFAULTS}.items()))
+                                 epilog="defaults: " + ", ".join(
+                                     f"{k}={v}" for k, v in {**TASK_DEFAULTS["sinusoid"], **DEMO_DEFAULTS}.items()))
     _add_common(demo)
     demo.set_defaults(func=run_demo_command)
 

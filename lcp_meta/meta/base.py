@@ -283,16 +283,11 @@ class MetaMethod(nn.Module):
         system, params = self._system()
         grads, lam_grads, stats, sst = self._meta_gradient(system, params, tb)
         finite = tree_finite(grads) and (lam_grads is None or tree_finite(lam_grads))
-        if sst is not None and (sst.diverged or not sst.converged or not finite):
-            if not finite:
-                sst.diverged = True
+        if sst.diverged or not sst.converged or not finite:
+            what = "inner dynamics" if (sst.diverged or not sst.converged) else "meta-gradient"
+            sst.diverged = sst.diverged or not finite
             stats.converged = False
-            self._fail("inner dynamics", sst, self.name)
-            return stats
-        if not finite:
-            sst = SolverStats(iterations=stats.iterations, residual=stats.residual, converged=False, diverged=True)
-            stats.converged = False
-            self._fail("meta-gradient", sst, self.name)
+            self._fail(what, sst, self.name)  # raises, or warns; .grad is not touched either way
             return stats
         # implicit methods keep no autograd graph across inner steps (MAML reports its own)
         stats.extra.setdefault("graph_bytes", 0)

@@ -9,7 +9,7 @@ import torch
 
 from ..core.solvers import SolverStats
 from .base import MetaMethod, MetaStats
-from .functional import task_map, tree_finite
+from .functional import grad_and_hvp, task_map, tree_finite, tree_norm, tree_sub
 from .memory import graph_saved_bytes
 
 __all__ = ["MAML", "FOMAML", "Reptile"]
@@ -44,9 +44,13 @@ class MAML(_Unrolled):
     """MAML (Finn et al. 2017): the exact gradient of l_out(phi_K(omega)) through the unrolled inner loop.
 
     Differentiates through every inner step (second derivatives, memory linear in ``inner_steps``).
-    ``tol`` is not supported: the unrolled computation has a fixed length.  Models with affine BatchNorm
-    are unrolled task by task even with ``vmap=True``: vmap gets BatchNorm's double backward wrong in
-    torch 2.x (the LCP / iMAML Hessian-vector products, forward-over-reverse, are not affected).
+    ``tol`` is not supported: the unrolled computation has a fixed length.
+
+    Models with affine BatchNorm take a second, equivalent route: torch 2.x's vmap gets BatchNorm's
+    double backward wrong (checked against finite differences), so instead of autograd through the
+    vmapped unroll, the trajectory phi_0..phi_{K-1} is stored and the reverse pass is written out by
+    hand with forward-over-reverse Hessian-vector products (unaffected by the bug), still vmapped.
+    ``MetaStats.extra["graph_bytes"]`` is then the size of the stored trajectory.
     """
 
     name = "maml"
@@ -75,11 +79,10 @@ class MAML(_Unrolled):
             den = sum((phi[k].detach() ** 2).sum() for k in phi).sqrt()
             return system.loss(phi, xq, yq), phi, num / den.clamp_min(1e-12)
 
-        # torch 2.x computes the double backward of affine BatchNorm wrongly under vmap (checked against
-        # a hand-written create_graph loop); the second-order unroll then loops over tasks instead
-        use_vmap = self.use_vmap and not _has_affine_batchnorm(self.model)
+        if self.use_vmap and _has_affine_batchnorm(self.model):
+            return self._adjoint(system, params, tb, stats)
         with torch.enable_grad():
-            lout, phi, rel = task_map(unrolled, (None, 0, 0, 0, 0), use_vmap)(
+            lout, phi, rel = task_map(unrolled, (None, 0, 0, 0, 0), self.use_vmap)(
                 omega, tb.x_support, tb.y_support, tb.x_query, tb.y_query)
             graph_bytes = graph_saved_bytes(lout)
             ok = bool(torch.isfinite(lout).all())
@@ -93,6 +96,54 @@ class MAML(_Unrolled):
         st = SolverStats(iterations=K, residual=float(rel.max()), converged=finite, diverged=not finite)
         self._finish(system, stats, phi, tb, st)
         stats.extra["graph_bytes"] = graph_bytes
+        return grads, None, stats, st
+
+
+    def _adjoint(self, system, params, tb, stats):
+        """MAML's exact meta-gradient by a hand-written reverse pass over the stored trajectory.
+
+        Forward: v_{k+1} = m v_k + f(phi_k), phi_{k+1} = phi_k + eta v_{k+1}, f = -grad l_in - lam (phi - omega).
+        Reverse, from a_phi = grad l_out(phi_K), a_v = 0: with a = a_v + eta a_phi,
+        a_phi <- a_phi - (Hess l_in(phi_k) + lam) a,  a_v <- m a,  grad_omega += lam a;  finally
+        grad_omega += a_phi (phi_0 = omega).
+        """
+        omega = {k: v.detach() for k, v in params.items()}
+        lam, names = self.lam_tree(params), list(omega)
+        lr, mom, K, T = self.inner_lr, self.momentum, self.inner_steps, tb.num_tasks
+        xs, ys = tb.x_support, tb.y_support
+
+        def fwd(phi, vel, x, y):
+            f = system.force(phi, omega, lam, x, y)
+            vel = {k: mom * vel[k] + f[k] for k in f}
+            return {k: phi[k] + lr * vel[k] for k in phi}, vel
+
+        def bwd(phi, a_phi, a_v, x, y):
+            a = {k: a_v[k] + lr * a_phi[k] for k in a_phi}
+            _, ha = grad_and_hvp(system.loss, phi, a, x, y)
+            return ({k: a_phi[k] - ha[k] - lam[k] * a[k] for k in a}, {k: mom * a[k] for k in a},
+                    {k: lam[k] * a[k] for k in a})
+
+        fwd_m, bwd_m = system.tmap(fwd, (0, 0, 0, 0)), system.tmap(bwd, (0, 0, 0, 0, 0))
+        with torch.no_grad():
+            phi = {k: v.unsqueeze(0).expand(T, *v.shape).clone() for k, v in omega.items()}
+            vel = {k: torch.zeros_like(v) for k, v in phi.items()}
+            traj = []
+            for _ in range(K):
+                traj.append(phi)
+                prev, (phi, vel) = phi, fwd_m(phi, vel, xs, ys)
+            rel = (tree_norm(tree_sub(phi, prev), batched=True)
+                   / tree_norm(phi, batched=True).clamp_min(1e-12))
+            a_phi = system.grads(phi, tb.x_query, tb.y_query)
+            a_v = {k: torch.zeros_like(v) for k, v in a_phi.items()}
+            g_omega = {k: torch.zeros_like(v) for k, v in a_phi.items()}
+            for phi_k in reversed(traj):
+                a_phi, a_v, contrib = bwd_m(phi_k, a_phi, a_v, xs, ys)
+                g_omega = {k: g_omega[k] + contrib[k] for k in names}
+            grads = {k: (g_omega[k] + a_phi[k]).mean(0) for k in names}
+        finite = tree_finite(phi) and bool(torch.isfinite(rel).all())
+        st = SolverStats(iterations=K, residual=float(rel.max()), converged=finite, diverged=not finite)
+        self._finish(system, stats, phi, tb, st)
+        stats.extra["graph_bytes"] = sum(v.numel() * v.element_size() for p in traj for v in p.values())
         return grads, None, stats, st
 
 

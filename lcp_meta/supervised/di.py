@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ..core.system import local_update, output_loss, output_loss_grad, write_grads
+from ..core.system import local_update, loss_grad_fn, output_loss, output_loss_grad, write_grads
 from .methods import Method
 
 __all__ = ["DynamicInversion", "KolenPollack"]
@@ -55,11 +55,12 @@ class DynamicInversion(Method):
 
     def controlled_step(self, c, target):
         m, fb, dt = self.model, self._fb(), self.dt
-        k_i, k_p, alpha, loss = self.k_i, self.k_p, self.alpha, self.loss
+        k_i, k_p, alpha = self.k_i, self.k_p, self.alpha
+        grad_l = loss_grad_fn(target, m.num_classes, c.dtype, self.loss)
 
         def step(z):
             v, y, e, u_i = z
-            gl = output_loss_grad(y, target, loss)
+            gl = grad_l(y)
             u = k_i * u_i - k_p * gl if k_p else k_i * u_i
             g, h, jg, jh = m.step_terms(c, v, e, u, fb)
             return (v + dt * (g - v + e), y + dt * (h - y + u), e + dt * (jg - e + jh),

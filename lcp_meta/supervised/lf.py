@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..core.solvers import DivergenceError
-from ..core.system import local_update, output_loss, output_loss_grad, write_grads
+from ..core.system import local_update, loss_grad_fn, output_loss, output_loss_grad, write_grads
 from .methods import Method
 
 __all__ = ["LinearFeedback"]
@@ -75,10 +75,11 @@ class LinearFeedback(Method):
     def controlled_equilibrium(self, c, target):
         m, dt, Q = self.model, self.dt, self.Q
         c = c.detach()
+        grad_l = loss_grad_fn(target, m.num_classes, c.dtype, self.loss)
 
         def step(z):
             v, y, u_i = z
-            gl = output_loss_grad(y, target, self.loss)
+            gl = grad_l(y)
             u = self._u(u_i, gl)
             g, h, _, _ = m.step_terms(c, v, None, None)
             return v + dt * (g - v + u @ Q.t()), y + dt * (h - y + u), u_i + dt * (-gl - self.alpha * u_i)
@@ -97,11 +98,12 @@ class LinearFeedback(Method):
         m, Q, dt, tf = self.model, self.Q, self.dt, self.timescale
         dts = dt / tf ** 2
         c = c.detach()
+        grad_l = loss_grad_fn(target, m.num_classes, c.dtype, self.loss)
         randn = lambda t: torch.randn(t.shape, dtype=t.dtype, device=t.device, generator=generator)
         eps = randn(v)
         acc = torch.zeros_like(Q)
         for _ in range(self.noise_steps):
-            gl = output_loss_grad(y, target, self.loss)
+            gl = grad_l(y)
             u = self._u(u_i, gl)
             v_fb = u @ Q.t() + self.sigma * eps
             # accumulate -(1/sigma^2) v_fb (u - u*)^T, summed over the batch here, averaged below

@@ -274,8 +274,12 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         trainer_hp.update({k: getattr(cfg, k) for k in TRAINER_KEYS if getattr(cfg, k, None) is not None})
         _validate_trainer(trainer_hp)
         method_kwargs = dict(cfg.method_kwargs)
-    if cfg.max_batches is not None and cfg.max_batches < 1:
-        raise ValueError(f"max_batches must be a positive integer, got {cfg.max_batches}")
+    for key in ("max_batches", "test_subset"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
+    if cfg.checkpoint_every < 0 or cfg.eval_batch_size < 1:
+        raise ValueError(f"expected checkpoint_every >= 0 and eval_batch_size >= 1, got {cfg.checkpoint_every} "
+                         f"and {cfg.eval_batch_size}")
     out = Path(cfg.out or f"runs/{cfg.dataset}_{cfg.model}_{cfg.method}_seed{cfg.seed}")
     ckpt_path = out / CHECKPOINT_NAME
     checkpoint = None
@@ -283,7 +287,8 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         if not cfg.resume:
             raise ValueError(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it "
                              f"or choose another --out")
-        checkpoint = load_checkpoint(ckpt_path, map_location=device)
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest beside the parameters
+        checkpoint = load_checkpoint(ckpt_path, map_location="cpu")
         stored = _comparable(checkpoint["config"])
         now = _comparable(dataclasses.asdict(cfg))
         diff = {k: (stored.get(k), now.get(k)) for k in set(stored) | set(now) if stored.get(k) != now.get(k)}
@@ -298,7 +303,7 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_root, device)
     x_train, y_train, x_test, y_test = (t.to(device) for t in data)
-    if cfg.test_subset:
+    if cfg.test_subset is not None:
         x_test, y_test = x_test[:cfg.test_subset], y_test[:cfg.test_subset]
 
     _seed_everything(cfg.seed)
