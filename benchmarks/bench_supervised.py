@@ -80,6 +80,39 @@ def bench_one(model_name, method_name, loader, device, warmup, batches, seed):
             "mean_iterations": statistics.fmean(iters), "skipped": skipped, "batches": len(times)}
 
 
+def write_markdown(meta, rows, ratios, path):
+    """The results table as markdown (also rebuilt from the JSON with ``--markdown-only``)."""
+    cpu = meta["device"].startswith("cpu")
+    load = meta.get("load_average")
+    lines = ["# Supervised training speed (MNIST, batch 64)", "",
+             f"- device: {meta['device_name']} (`{meta['device']}`)",
+             f"- torch {meta['torch_version']}, python {meta['python_version']}",
+             f"- date: {meta['date']}", f"- command: `{meta['command']}`",
+             f"- median over {meta['timed_batches']} timed batches after {meta['warmup_batches']} warm-up batches; "
+             "one batch = backward (all dynamics) + clip + Adam step",
+             f"- load average at the end: {load:.1f} on {meta['cores']} cores (wall times include waiting for the "
+             "CPU; the process CPU time does not)" if load is not None else "- load average: n/a",
+             "", "| model | method | ms / batch (wall) | CPU ms / batch (process) | mean iterations | "
+             "authors, 2-core CPU (ms) |", "|---|---|---|---|---|---|"]
+    skipped = []
+    for r in rows:
+        spb = r["seconds_per_batch"]
+        if not spb:
+            skipped.append(f"{r['model']}/{r['method']}: {r.get('error', 'every batch diverged')}")
+            continue
+        a = r["authors_cpu_seconds"]
+        lines.append(f"| {r['model']} | {r['method']} | {1e3 * spb:.1f} | {1e3 * r['cpu_seconds_per_batch']:.1f} | "
+                     f"{r['mean_iterations']:.0f} | {f'{1e3 * a:.1f}' if a else '-'} |")
+    lines += [""] + [f"- not run: {s}" for s in skipped]
+    lines += ["", "Targets: LCP-DI within 5x of BP on ff, within 1.5x of RBP on rnn "
+              "(authors on a 2-core CPU: ff 185/3.5 = 53x, rnn 325/32 = 10x).", ""]
+    for model_name, r in ratios.items():
+        key = next(k for k in r if k.startswith("lcp-di_over"))
+        lines.append(f"- {model_name}: {key.replace('_', ' ')} = {r[key]:.1f}x ({'CPU' if cpu else 'wall'} time; "
+                     f"target {r['target']}x: {'met' if r['met'] else 'not met'})")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
@@ -91,7 +124,13 @@ def main(argv=None):
     p.add_argument("--data-root", default=os.environ.get("LCP_META_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--markdown-only", action="store_true", help="rebuild the .md from the JSON of --device")
     args = p.parse_args(argv)
+    if args.markdown_only:
+        stem = Path(args.results) / f"supervised_{resolve_device(args.device).type}"
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        write_markdown(saved["meta"], saved["rows"], saved["ratios"], stem.with_suffix(".md"))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -126,36 +165,13 @@ def main(argv=None):
     meta = {"device": str(device), "device_name": dev_name, "torch_version": torch.__version__,
             "python_version": platform.python_version(), "batch_size": 64, "timed_batches": args.batches,
             "warmup_batches": args.warmup, "command": command,
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "cores": os.cpu_count(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"supervised_{device.type}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2) + "\n")
-    lines = [f"# Supervised training speed (MNIST, batch 64)", "",
-             f"- device: {dev_name} (`{device}`)", f"- torch {torch.__version__}, python {platform.python_version()}",
-             f"- date: {meta['date']}", f"- command: `{command}`",
-             f"- median over {args.batches} timed batches after {args.warmup} warm-up batches; one batch = "
-             "backward (all dynamics) + clip + Adam step", "",
-             f"- load average when it finished: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
-             if hasattr(os, "getloadavg") else "- load average: n/a",
-             "", "| model | method | ms / batch (wall) | CPU ms / batch (process) | mean iterations | "
-             "authors, 2-core CPU (ms) |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        spb = r["seconds_per_batch"]
-        a = r["authors_cpu_seconds"]
-        ms = f"{1e3 * spb:.1f}" if spb else "n/a"
-        its = f"{r['mean_iterations']:.0f}" if spb else "-"
-        cms = f"{1e3 * r['cpu_seconds_per_batch']:.1f}" if spb else "n/a"
-        ref = f"{1e3 * a:.1f}" if a else "-"
-        lines.append(f"| {r['model']} | {r['method']} | {ms} | {cms} | {its} | {ref} |")
-    lines += ["", "Targets: LCP-DI within 5x of BP on ff, within 1.5x of RBP on rnn "
-              "(authors on 2-core CPU: ff 185/3.5 = 53x, rnn 325/32 = 10x).", ""]
-    for model_name, r in ratios.items():
-        key = next(k for k in r if k.startswith("lcp-di_over"))
-        lines.append(f"- {model_name}: {key.replace('_', ' ')} = {r[key]:.1f}x "
-                     f"({'CPU' if device.type == 'cpu' else 'wall'} time; target {r['target']}x: "
-                     f"{'met' if r['met'] else 'not met'})")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_markdown(meta, rows, ratios, stem.with_suffix(".md"))
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 

@@ -161,3 +161,11 @@ def test_reproduce_fewshot_quick(tmp_path):
     assert [r["method"] for r in rows] == ["lcp", "maml"]
     assert all(r["one-shot runs accuracy (%) mean ± CI95"] is not None for r in rows)
     assert "Official one-shot runs" in (tmp_path / "res" / "fewshot_cpu.md").read_text()
+
+
+def test_threads_option_is_restored_after_the_command(tmp_path):
+    before = torch.get_num_threads()
+    assert main(["fewshot", "--methods", "fomaml", "--meta-steps", "1", "--threads", "1", "--no-plots",
+                 "--out", str(tmp_path / "t"), *TINY]) == 0
+    assert torch.get_num_threads() == before
+    assert main(["fewshot", "--threads", "0", "--out", str(tmp_path / "t")]) == 2

@@ -15,7 +15,7 @@ DT = torch.float64
 def test_kp_feedback_aligns_with_forward_weights():
     torch.manual_seed(0)
     model = build_model("ff", in_shape=(6,), num_classes=3, hidden=(5, 4)).to(DT)
-    kp = make_method("lcp-di-kp", model, kp_wd=0.02, tol=1e-8)
+    kp = make_method("lcp-di-kp", model, kp_wd=0.05, tol=1e-6)
     # B receives exactly the transpose of its forward weight's update
     x, y = torch.randn(16, 6, dtype=DT), torch.randint(0, 3, (16,))
     kp.backward(x, y)
@@ -23,8 +23,8 @@ def test_kp_feedback_aligns_with_forward_weights():
         torch.testing.assert_close(kp.feedback.B[key].grad, w.grad.t() if lin else w.grad)
     before = kp.alignment_angles()
     opt = torch.optim.SGD(kp.parameters(), lr=0.05)
-    for _ in range(60):
-        x, y = torch.randn(16, 6, dtype=DT), torch.randint(0, 3, (16,))
+    for _ in range(30):
+        x, y = torch.randn(8, 6, dtype=DT), torch.randint(0, 3, (8,))
         opt.zero_grad()
         kp.backward(x, y)
         opt.step()
@@ -160,9 +160,9 @@ def test_every_supported_method_runs_on_tiny_models(model_name):
     the agreed statistics; predict gives logits."""
     small = {"ff": dict(hidden=(8, 8)), "rnn": dict(hidden=8), "conv-ff": dict(channels=(4, 4, 4), fc=(8, 8)),
              "conv-rnn": dict(channels=4, inner=4, groups=2)}[model_name]
-    shape = (1, 28, 28) if model_name in ("ff", "rnn") else (3, 32, 32)
+    shape = (1, 28, 28) if model_name in ("ff", "rnn") else (3, 20, 20) if model_name == "conv-ff" else (3, 8, 8)
     torch.manual_seed(4)
-    x, y = torch.rand(4, *shape), torch.randint(0, 10, (4,))
+    x, y = torch.rand(2, *shape), torch.randint(0, 10, (2,))
     for method_name in SUPPORTED[model_name]:
         model = build_model(model_name, in_shape=shape, num_classes=10, **small)
         hp = default_hparams(model_name, method_name)
@@ -176,5 +176,5 @@ def test_every_supported_method_runs_on_tiny_models(model_name):
         for p in method.parameters():
             assert p.grad is not None and p.grad.shape == p.shape and torch.isfinite(p.grad).all()
         logits, pstats = model.predict(x, max_iter=50)
-        assert logits.shape == (4, 10)
+        assert logits.shape == (2, 10)
         method.after_step()

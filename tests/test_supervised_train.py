@@ -219,3 +219,17 @@ def test_short_mnist_run_of_each_method_on_ff_beats_90_percent(tmp_path, mnist, 
 def test_short_mnist_run_on_rnn_beats_90_percent(tmp_path, mnist, method):
     res = _short_run(tmp_path, mnist, "rnn", method, RNN_SETTINGS[method])
     assert res["epochs"][0]["mean_iterations"] > 10  # a genuinely recurrent equilibrium, not one pass
+
+
+def test_trainer_table_agrees_with_the_method_registry():
+    """Two places state the published optimizer settings (trainer table, default_hparams): they must agree."""
+    from lcp_meta.supervised.config import SUPPORTED, TRAINER_KEYS, default_hparams
+    from lcp_meta.supervised.trainer import trainer_defaults
+    for model, methods in SUPPORTED.items():
+        dataset = "mnist" if model in ("ff", "rnn") else "cifar10"
+        for method in methods:
+            ours, theirs = trainer_defaults(dataset, model, method), default_hparams(model, method)
+            for key in TRAINER_KEYS & set(theirs):
+                assert ours[key] == theirs[key], (model, method, key, ours[key], theirs[key])
+    assert trainer_defaults("cifar10", "conv-rnn", "rbp")["lr"] == 0.03
+    assert trainer_defaults("mnist", "rnn", "lcp-di")["grad_clip"] == 10.0

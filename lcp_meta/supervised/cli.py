@@ -49,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lr-final", type=float, help="end of the per-batch cosine schedule (default lr/10)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), help="optimizer (default: adam on MNIST, sgd on CIFAR)")
     p.add_argument("--weight-decay", type=float, help="optimizer weight decay (default 0; conv-ff 1e-3)")
-    p.add_argument("--grad-clip", type=float, help="gradient norm clip (default: 10 for rnn and conv-rnn, none otherwise)")
+    p.add_argument("--grad-clip", type=float, help="gradient norm clip, 0 for none (default: 10 for rnn and conv-rnn, none otherwise)")
     p.add_argument("--max-batches", type=int, help="train on at most N batches per epoch (quick runs)")
     p.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffles and noise (default 0)")

@@ -152,7 +152,7 @@ class KolenPollack(DynamicInversion):
         out = {}
         for key, (w, is_linear) in self.pairs.items():
             a = (w.t() if is_linear else w).flatten().double()
-            b = self.feedback.B[key].detach().flatten().double()
+            a, b = a.detach(), self.feedback.B[key].detach().flatten().double()
             cos = torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-30)
             out[key] = float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1))))
         return out

@@ -160,8 +160,8 @@ def _validate_trainer(t: Dict[str, Any]) -> None:
     for key in ("lr", "lr_final"):
         if not (isinstance(t[key], (int, float)) and t[key] > 0 and math.isfinite(t[key])):
             raise ValueError(f"{key} must be a positive number, got {t[key]!r}")
-    if t["grad_clip"] is not None and not t["grad_clip"] > 0:
-        raise ValueError(f"grad_clip must be positive (or None for no clipping), got {t['grad_clip']!r}")
+    if t["grad_clip"] is not None and not t["grad_clip"] >= 0:
+        raise ValueError(f"grad_clip must be >= 0 (0 or None: no clipping), got {t['grad_clip']!r}")
 
 
 def load_dataset(name: str, data_root: Optional[str], device: torch.device):
@@ -381,7 +381,7 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
                     reason = f"non-finite loss/gradient (loss {float(stats['loss']):.3e})"
             except DivergenceError as exc:
                 res = exc.stats.residual if exc.stats is not None else float("nan")
-                reason = f"dynamics diverged (residual {res:.3e}): {exc}"
+                reason = f"dynamics failed (residual {res:.3e}): {exc}"
             if reason is None:
                 if trainer_hp["grad_clip"]:
                     _split_clip(params, model, trainer_hp["grad_clip"])
