@@ -1,6 +1,15 @@
-"""lcp_meta: the least-control principle for equilibrium networks and meta-learning."""
-from .core import SOLVERS, DivergenceError, SolverStats, solve
+"""lcp_meta: the least-control principle for equilibrium networks and meta-learning.
+
+Supervised equilibrium networks: :mod:`lcp_meta.models`, :mod:`lcp_meta.supervised`.
+Meta-learning (LCP and the MAML-style baselines behind one interface): :mod:`lcp_meta.meta`.
+Adapters for learn2learn, higher and torchmeta live in :mod:`lcp_meta.adapters` and are never imported here.
+"""
+from .core import SOLVERS, DivergenceError, SolverStats, register_solver, solve
+from .meta import (FOMAML, IMAML, LCP, MAML, METHOD_NAMES, ContrastiveMeta, MetaMethod, MetaStats, Reptile,
+                   TaskBatch, make_method)
 from .utils import resolve_device
 
 __version__ = "0.1.0"
-__all__ = ["SOLVERS", "DivergenceError", "SolverStats", "solve", "resolve_device", "__version__"]
+__all__ = ["SOLVERS", "DivergenceError", "SolverStats", "register_solver", "solve", "resolve_device",
+           "LCP", "MAML", "FOMAML", "Reptile", "IMAML", "ContrastiveMeta", "MetaMethod", "MetaStats", "TaskBatch",
+           "make_method", "METHOD_NAMES", "__version__"]
