@@ -5,11 +5,12 @@ Meta-learning (LCP and the MAML-style baselines behind one interface): :mod:`lcp
 Adapters for learn2learn, higher and torchmeta live in :mod:`lcp_meta.adapters` and are never imported here.
 """
 from .core import SOLVERS, DivergenceError, SolverStats, register_solver, solve
+from .core.system import EquilibriumModel
 from .meta import (FOMAML, IMAML, LCP, MAML, METHOD_NAMES, ContrastiveMeta, MetaMethod, MetaStats, Reptile,
                    TaskBatch, make_method)
 from .utils import resolve_device
 
 __version__ = "0.1.0"
-__all__ = ["SOLVERS", "DivergenceError", "SolverStats", "register_solver", "solve", "resolve_device",
+__all__ = ["EquilibriumModel", "SOLVERS", "DivergenceError", "SolverStats", "register_solver", "solve", "resolve_device",
            "LCP", "MAML", "FOMAML", "Reptile", "IMAML", "ContrastiveMeta", "MetaMethod", "MetaStats", "TaskBatch",
            "make_method", "METHOD_NAMES", "__version__"]
