@@ -12,6 +12,11 @@ import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# The suite is dominated by tiny float64 problems, for which intra-op threads cost far more than they
+# give (measured: a tiny conv-DEQ controller step 84 ms with 2 threads on a loaded 2-core machine,
+# under 2 ms with 1).  Tests that train on MNIST set their own thread count where it pays.
+torch.set_num_threads(int(os.environ.get("LCP_META_TEST_THREADS", "1")))
+
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("LCP_META_SLOW") == "1":
