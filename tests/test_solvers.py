@@ -83,3 +83,12 @@ def test_bad_arguments():
         solve(lambda z: z, torch.zeros(1, 1))
     with pytest.raises(ValueError, match="max_iter >= 1"):
         solve(lambda z: z, (torch.zeros(1, 1),), max_iter=0)
+
+
+def test_anderson_survives_exactly_zero_residuals():
+    # a layered (nilpotent) map reaches its fixed point exactly after two steps: the residual history
+    # then holds exact zeros and the least-squares system is singular
+    step = lambda z: (torch.stack([torch.ones_like(z[0][:, 0]), 2 * z[0][:, 0]], 1),)
+    z, stats = solve(step, (torch.zeros(3, 2, dtype=torch.float64),), solver="anderson", tol=1e-12, max_iter=50)
+    assert stats.converged
+    torch.testing.assert_close(z[0], torch.tensor([[1.0, 2.0]] * 3, dtype=torch.float64))

@@ -179,7 +179,12 @@ def anderson(step: StepFn, z0: State, tol: float, max_iter: int, min_iter: int =
         H[:, 1:, 1:] = FF + (reg * scale)[:, None, None] * torch.eye(n, dtype=x.dtype, device=x.device)
         y = torch.zeros(B, n + 1, 1, dtype=x.dtype, device=x.device)
         y[:, 0] = 1
-        alpha = torch.linalg.solve(H, y)[:, 1 : n + 1, 0]  # (B, n)
+        sol, info = torch.linalg.solve_ex(H, y)
+        alpha = sol[:, 1 : n + 1, 0]  # (B, n)
+        # a singular system (residuals exactly zero or collinear): take the plain step for that sample
+        bad = (info != 0) | ~torch.isfinite(alpha).all(1)
+        plain = torch.nn.functional.one_hot(torch.tensor(k % m, device=x.device), n).to(alpha.dtype)
+        alpha = torch.where(bad[:, None], plain, alpha)
         x_new = beta * (alpha[:, None] @ G[:, :n])[:, 0] + (1 - beta) * (alpha[:, None] @ X[:, :n])[:, 0]
         # the fixed-point residual of the point just evaluated is the honest stop criterion
         rel = (gx - x).double().norm(dim=1) / gx.double().norm(dim=1).clamp_min(1e-12)
