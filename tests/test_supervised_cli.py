@@ -10,13 +10,6 @@ from lcp_meta.cli import main
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These runs are many tiny ops: one thread is faster than two contending ones on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 needs_mnist = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"offline MNIST not found in {DATA}")
 
 # a tiny ff so that runs take a second: 2 x 16 hidden units, 3 batches per epoch, 300 test images

@@ -16,13 +16,6 @@ from lcp_meta.supervised.trainer import RunConfig, SkippedBatchWarning, train
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These runs are many tiny ops: one thread is faster than two contending ones on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- stand-ins (trainer mechanics only)

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ..core.system import local_update, loss_grad_fn, output_loss, output_loss_grad, write_grads
+from ..core.system import local_update, loss_grad_fn, output_loss_grad
 from .methods import Method
 
 __all__ = ["DynamicInversion", "KolenPollack"]
@@ -82,24 +82,8 @@ class DynamicInversion(Method):
             u = self.k_i * u_i - self.k_p * gl
         return (v, y, e, u), stats
 
-    def _update(self, c, v, e, u, params):
-        return local_update(self.model, c, v, e, u, params)
-
     def backward(self, x, y):
-        x, target = self._prepare(x, y)
-        with torch.enable_grad():
-            c = self.model.encode(x)
-        (v, yc, e, u), stats = self.controlled_equilibrium(c, target)
-        params = self.parameters()
-        grads = self._update(c, v, e, u, params)
-        write_grads(params, grads, f"{self.name} update")
-        with torch.no_grad():
-            out = {"loss": float(output_loss(yc, target, self.loss)),
-                   "output_loss": float(output_loss(self.model.h(v), target, self.loss)),
-                   "control_norm": float(torch.sqrt(e.pow(2).sum() + u.pow(2).sum())),
-                   "beta": self.beta}
-        out.update(stats.as_dict())
-        return out
+        return self._controlled_backward(x, y)[0]
 
 
 class KolenPollack(DynamicInversion):

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..core.solvers import DivergenceError, SolverStats
-from ..core.system import local_update, output_loss, output_loss_grad, write_grads
+from ..core.system import output_loss, output_loss_grad
 from .methods import Method
 
 __all__ = ["EnergyBased"]
@@ -97,17 +97,7 @@ class EnergyBased(Method):
         return (v, y, v - g, y - h), stats
 
     def backward(self, x, y):
-        x, target = self._prepare(x, y)
-        with torch.enable_grad():
-            c = self.model.encode(x)
-        (v, yc, e, u), stats = self.controlled_equilibrium(c, target)
-        params = self.parameters()
-        grads = local_update(self.model, c, v, e, u, params)
-        write_grads(params, grads, f"{self.name} update")
+        out, (c, target, v, yc) = self._controlled_backward(x, y)
         with torch.no_grad():
-            out = {"loss": float(output_loss(yc, target, self.loss)),
-                   "output_loss": float(output_loss(self.model.h(v), target, self.loss)),
-                   "control_norm": float(torch.sqrt(e.pow(2).sum() + u.pow(2).sum())),
-                   "energy": float(self.energy(c.detach(), target, v, yc)), "beta": self.beta}
-        out.update(stats.as_dict())
+            out["energy"] = float(self.energy(c.detach(), target, v, yc))
         return out

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..core.solvers import DivergenceError
-from ..core.system import local_update, loss_grad_fn, output_loss, output_loss_grad, write_grads
+from ..core.system import local_update, loss_grad_fn, output_loss_grad, write_grads
 from .methods import Method
 
 __all__ = ["LinearFeedback"]
@@ -133,9 +133,4 @@ class LinearFeedback(Method):
         write_grads(params, grads, f"{self.name} update")
         if new_q is not None:
             self.Q.copy_(new_q)
-        with torch.no_grad():
-            out = {"loss": float(output_loss(yc, target, self.loss)),
-                   "output_loss": float(output_loss(self.model.h(v), target, self.loss)),
-                   "control_norm": float(torch.sqrt(e.pow(2).sum() + u.pow(2).sum())), "beta": self.beta}
-        out.update(stats.as_dict())
-        return out
+        return self._control_stats(target, v, yc, e, u, stats)

@@ -68,6 +68,31 @@ class Method:
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
         raise NotImplementedError
 
+    # ---- the controllers' shared path: controlled equilibrium -> local update -> statistics
+    def _update(self, c, v, e, u, params):
+        """The local update ``-(dg/dtheta)^T e* - (dh/dtheta)^T u*`` (KP routes it through feedback weights)."""
+        return local_update(self.model, c, v, e, u, params)
+
+    def _control_stats(self, target, v, yc, e, u, stats: SolverStats, **extra) -> Dict[str, float]:
+        with torch.no_grad():
+            out = {"loss": float(output_loss(yc, target, self.loss)),
+                   "output_loss": float(output_loss(self.model.h(v), target, self.loss)),
+                   "control_norm": float(torch.sqrt(e.pow(2).sum() + u.pow(2).sum())), "beta": self.beta}
+        out.update(extra)
+        out.update(stats.as_dict())
+        return out
+
+    def _controlled_backward(self, x, y):
+        """Solve the controlled equilibrium (``self.controlled_equilibrium``), write the local update into
+        ``.grad`` (only if every entry is finite) and return ``(statistics, (c, target, v, yc))``."""
+        x, target = self._prepare(x, y)
+        with torch.enable_grad():
+            c = self.model.encode(x)
+        (v, yc, e, u), stats = self.controlled_equilibrium(c, target)
+        params = self.parameters()
+        write_grads(params, self._update(c, v, e, u, params), f"{self.name} update")
+        return self._control_stats(target, v, yc, e, u, stats), (c, target, v, yc)
+
     # ---- helpers
     def _prepare(self, x, y):
         x = self.model.check_input(x)
