@@ -58,3 +58,10 @@ def test_find_data_root(tmp_path, monkeypatch):
         find_data_root(str(tmp_path), "mnist", ["a.gz", "b.gz"])
     monkeypatch.setenv("LCP_META_DATA", str(tmp_path))
     assert find_data_root(None, "mnist", ["a.gz"]) == tmp_path / "mnist"
+
+
+def test_atomic_write_text(tmp_path):
+    from lcp_meta.utils import atomic_write_text
+    path = atomic_write_text('{"a": 1}\n', tmp_path / "sub" / "r.json")
+    assert path.read_text() == '{"a": 1}\n'
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..core.solvers import DivergenceError
 from ..data.episodes import mean_ci95
 from ..data.omniglot import score_one_shot_runs
-from ..utils import atomic_save, load_checkpoint, resolve_device, rng_state, set_rng_state
+from ..utils import atomic_save, atomic_write_text, load_checkpoint, resolve_device, rng_state, set_rng_state
 from . import report
 from .tasks import SOURCES
 
@@ -365,7 +365,7 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
                      "resolved_device": str(device),
                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "torch": torch.__version__, "protocol": source.protocol}
-    (out / "config.json").write_text(json.dumps(config_record, indent=2))
+    atomic_write_text(json.dumps(config_record, indent=2), out / "config.json")
 
     runs, results, unfinished = [], [], []
     one_shot = source.one_shot_runs() if hasattr(source, "one_shot_runs") else None
@@ -388,7 +388,7 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
             m, c = mean_ci95(scores)
             result["one_shot_runs"] = {"mean": m, "ci95": c, "per_run": dict(zip([r.name for r in one_shot],
                                                                                  scores))}
-        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        atomic_write_text(json.dumps(result, indent=2), out / f"{name}.json")
         report.write_curve_csv(run.curve, out / f"{name}_curve.csv")
         runs.append(run)
         results.append(result)
@@ -413,5 +413,5 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
         if cfg.task == "sinusoid":
             plots.append(report.plot_sinusoid_fits(_sinusoid_fits(runs, source), out / "fits.png"))
         summary["plots"] = [str(p) for p in plots]
-    (out / "results.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2))
+    atomic_write_text(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2), out / "results.json")
     return summary

@@ -22,11 +22,9 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import platform
 import random
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +34,7 @@ import numpy as np
 import torch
 
 from ..core import DivergenceError
-from ..utils import atomic_save, load_checkpoint, resolve_device, rng_state, set_rng_state
+from ..utils import atomic_save, atomic_write_text, load_checkpoint, resolve_device, rng_state, set_rng_state
 
 __all__ = ["DATASETS", "MODEL_NAMES", "TRAINER_KEYS", "RunConfig", "trainer_defaults", "resolve_hparams",
            "load_dataset", "evaluate", "train", "SkippedBatchWarning"]
@@ -231,12 +229,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _write_json(obj: Dict[str, Any], path: Path) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(json.dumps(obj, indent=2, default=str) + "\n", path)
 
 
 def _device_name(device: torch.device) -> str:

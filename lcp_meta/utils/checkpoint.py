@@ -27,14 +27,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj: Any, path: "str | os.PathLike") -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a torn file."""
+def _atomic_write(path: "str | os.PathLike", write, mode: str) -> Path:
+    """Write through a temporary file in the same folder, then rename: a crash never leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -43,6 +43,16 @@ def atomic_save(obj: Any, path: "str | os.PathLike") -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: "str | os.PathLike") -> Path:
+    """``torch.save`` atomically (see :func:`_atomic_write`)."""
+    return _atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
+
+
+def atomic_write_text(text: str, path: "str | os.PathLike") -> Path:
+    """Write a text file (a JSON result, a table) atomically: readers never see half a file."""
+    return _atomic_write(path, lambda fh: fh.write(text), "w")
 
 
 def load_checkpoint(path: "str | os.PathLike", map_location: Any = "cpu") -> Dict[str, Any]:
