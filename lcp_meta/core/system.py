@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .solvers import DivergenceError, SolverStats, solve
+from .solvers import SOLVERS, DivergenceError, SolverStats, solve
 
 __all__ = ["EquilibriumModel", "LOSSES", "output_loss", "output_loss_grad", "loss_grad_fn", "check_target",
            "local_update", "write_grads", "default_check_every"]
@@ -161,6 +161,32 @@ class EquilibriumModel(nn.Module):
         jh = None if u is None else self.h_vjp(v, u, fb)
         return self.g(c, v), self.h(v), jg, jh
 
+    # ---- layered nets: exact one-pass solves (generic versions; closed-form models override them)
+    def logits(self, x: torch.Tensor, update_stats: bool = False) -> torch.Tensor:
+        """``h(v*)`` of a layered net by a plain forward pass (with autograd, for BP)."""
+        return self.h(self.forward_sweep(self.encode(x)), update_stats=update_stats)
+
+    def forward_sweep(self, c: torch.Tensor, e: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Exact solution of ``v = g(c, v) + e`` for a layered net: ``depth`` applications from 0 suffice
+        because block ``l`` of ``g`` reads only block ``l-1``."""
+        if not self.layered:
+            raise NotImplementedError(f"{type(self).__name__} is recurrent: no one-pass forward sweep")
+        v = self.init_state(c)
+        for _ in range(self.depth):
+            v = self.g(c, v) if e is None else self.g(c, v) + e
+        return v
+
+    def backward_sweep(self, c: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
+                       fb: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """Exact solution of ``e = J_g(v)^T e + J_h(v)^T u`` for a layered net (``J_g`` is nilpotent)."""
+        if not self.layered:
+            raise NotImplementedError(f"{type(self).__name__} is recurrent: no one-pass backward sweep")
+        jh = self.h_vjp(v, u, fb)
+        e = jh
+        for _ in range(self.depth - 1):
+            e = self.g_vjp(c, v, e, fb) + jh
+        return e
+
     def check_input(self, x) -> torch.Tensor:
         """Validate a batch of inputs and move it to the model's device.
 
@@ -186,6 +212,14 @@ class EquilibriumModel(nn.Module):
                          **solver_kw) -> Tuple[torch.Tensor, SolverStats]:
         """Solve ``v* = g(c, v*)`` from ``v = 0`` (no graph)."""
         ce = check_every or default_check_every(c.device)
+        from .control import CONTROL_SOLVERS  # (a late import: control builds on this module)
+        if solver == "auto" or (solver not in SOLVERS and solver in CONTROL_SOLVERS):  # a controlled strategy
+            if self.layered:  # the exact free equilibrium of a layered net is one forward pass
+                with torch.no_grad():
+                    v = self.forward_sweep(c)
+                return v, SolverStats(iterations=self.depth, residual=0.0, converged=True,
+                                      per_sample=torch.zeros(c.shape[0], dtype=torch.float64))
+            solver = "anderson"
         (v,), stats = solve(lambda z: (self.g(c, z[0]),), (self.init_state(c),), solver=solver, tol=tol,
                             max_iter=max_iter, check_every=ce, raise_on_fail=raise_on_fail,
                             name="free dynamics", **solver_kw)

@@ -112,6 +112,36 @@ class LayeredEquilibrium(EquilibriumModel):
     def act_derivative(self, v):
         return _act_prime(v, _act(v, self.activation), self.activation)
 
+    # ---- layer-ordered sweeps: block l depends only on block l-1, so one pass solves each system exactly
+    def logits(self, x, update_stats=False):
+        """Plain forward pass ``x -> h(v*)`` (what BP differentiates): no stacked state, no padding."""
+        b = self.encoder(x.reshape(x.shape[0], *self.in_shape))
+        for m in self.maps:
+            b = self._apply_map(m, _act(b, self.activation))
+        return self.readout(_act(b, self.activation).flatten(1))
+
+    def forward_sweep(self, c, e=None):
+        """The exact solution of ``v = g(c, v) + e``, one layer after the other."""
+        B, cb = c.shape[0], c.split(self.block_sizes, 1)
+        eb = e.split(self.block_sizes, 1) if e is not None else None
+        out = [cb[0] + eb[0] if eb else cb[0]]
+        for i, m in enumerate(self.maps):
+            s = _act(out[-1].reshape(B, *self.block_shapes[i]), self.activation)
+            nxt = self._apply_map(m, s).flatten(1) + cb[i + 1]
+            out.append(nxt + eb[i + 1] if eb else nxt)
+        return torch.cat(out, 1)
+
+    def backward_sweep(self, c, v, u, fb=None):
+        """The exact solution of ``e = J_g(v)^T e + J_h(v)^T u``, from the readout down: ``e_L = s'(v_L) D^T u``,
+        ``e_l = s'(v_l) W_l^T e_{l+1}`` (``J_g`` is strictly block-lower-triangular)."""
+        vb = self._blocks(v)
+        sp = [_act_prime(b, _act(b, self.activation), self.activation).flatten(1) for b in vb]
+        M = self.readout.weight if not fb else fb["readout"].t()
+        parts = [sp[-1] * (u @ M)]
+        for i in reversed(range(len(self.maps))):
+            parts.insert(0, sp[i] * self._transpose_map(i, parts[0], fb))
+        return torch.cat(parts, 1)
+
     def feedback_pairs(self):
         pairs = {f"map{i}": (m.weight, isinstance(m, nn.Linear)) for i, m in enumerate(self.maps)}
         pairs["readout"] = (self.readout.weight, True)

@@ -22,27 +22,39 @@ import math
 import torch
 from torch import nn
 
-from ..core.system import local_update, loss_grad_fn, output_loss_grad
-from .methods import Method
+from ..core.control import CONTROL_SOLVERS, ControlProblem, OutputControl, resolve_control_solver
+from ..core.solvers import SOLVERS
+from ..core.system import default_check_every, local_update, loss_grad_fn, output_loss_grad
+from .methods import Method, check_finite
 
 __all__ = ["DynamicInversion", "KolenPollack"]
 
 
 class DynamicInversion(Method):
     """LCP-DI.  ``alpha`` leak of the integral controller, ``k_i`` integral gain, ``k_p`` proportional
-    gain, ``dt`` Euler step (spec defaults: 0.1, 1, 0, 1; stop at relative change 1e-6 or 800 steps)."""
+    gain, ``dt`` Euler step (spec defaults: 0.1, 1, 0, 1; stop at relative change 1e-6 or 800 steps).
+    ``solver``: 'auto' (default: the fastest exact solver, see ``core/control.py``), 'sweep' (layered nets),
+    'warm-anderson', or 'euler' / 'anderson' on the joint dynamics (``dt`` matters only for these)."""
 
     name = "lcp-di"
 
     def __init__(self, model, alpha: float = 0.1, k_i: float = 1.0, k_p: float = 0.0, dt: float = 1.0,
-                 loss: str = "ce", **kw):
-        super().__init__(model, loss=loss, **kw)
+                 loss: str = "ce", solver: str = "auto", **kw):
+        super().__init__(model, loss=loss, solver=solver, **kw)
+        for key, val in (("alpha", alpha), ("k_i", k_i), ("k_p", k_p), ("dt", dt)):
+            check_finite(self.name, key, val)
         if alpha < 0 or k_i < 0 or k_p < 0 or not 0 < dt <= 1:
             raise ValueError(f"expected alpha >= 0, k_i >= 0, k_p >= 0 and 0 < dt <= 1; got alpha={alpha}, "
                              f"k_i={k_i}, k_p={k_p}, dt={dt}")
         if k_i == 0 and k_p == 0:
             raise ValueError("k_i and k_p are both 0: the output controller would exert no control")
         self.alpha, self.k_i, self.k_p, self.dt = float(alpha), float(k_i), float(k_p), float(dt)
+        known = set(SOLVERS) | set(CONTROL_SOLVERS) | {"auto"}
+        if solver not in known:
+            raise ValueError(f"unknown solver {solver!r} for {self.name}; expected one of {sorted(known)}")
+        if solver == "sweep" and not model.layered:
+            raise ValueError(f"solver 'sweep' needs a layered model ('ff', 'conv-ff'); {type(model).__name__} is "
+                             f"recurrent: use 'warm-anderson' or 'auto'")
 
     @property
     def beta(self) -> float:
@@ -69,14 +81,31 @@ class DynamicInversion(Method):
         return step
 
     def controlled_equilibrium(self, c, target):
-        """Solve the joint dynamics from 0; returns ``(v*, y*, e*, u*)`` and the solver statistics."""
+        """The controlled equilibrium ``(v*, y*, e*, u*)`` and the solver statistics.
+
+        ``solver`` 'euler' (or 'anderson') runs the joint dynamics from 0 (the faithful simulation, with ``dt``);
+        a name in :data:`~lcp_meta.core.control.CONTROL_SOLVERS` reaches the same fixed point with the
+        problem's structure; 'auto' picks the fastest exact one for the model."""
         c = c.detach()
+        name = resolve_control_solver(self.solver, self.model, self.loss, self.beta)
+        if name in CONTROL_SOLVERS:
+            out = OutputControl(target, self.model.num_classes, c.dtype, self.loss, self.beta)
+            prob = ControlProblem(self.model, c, out, self._fb(), self.tol, self.max_iter,
+                                  self.check_every or default_check_every(c.device))
+            with torch.no_grad():
+                z, stats = CONTROL_SOLVERS[name](prob)
+            self._check(stats, f"controlled dynamics ({name})")
+            return z, stats
+        return self._simulate(c, target, name)
+
+    def _simulate(self, c, target, solver):
+        """The joint Euler dynamics from 0 (see the module docstring)."""
         v0 = self.model.init_state(c)
         with torch.no_grad():
             y0 = torch.zeros_like(self.model.h(v0))
         (v, y, e, u_i), stats = self._solve(self.controlled_step(c, target),
                                             (v0, y0, torch.zeros_like(v0), torch.zeros_like(y0)),
-                                            "controlled dynamics")
+                                            "controlled dynamics", solver=solver)
         with torch.no_grad():
             gl = output_loss_grad(y, target, self.loss)
             u = self.k_i * u_i - self.k_p * gl
@@ -101,6 +130,7 @@ class KolenPollack(DynamicInversion):
         if not pairs:
             raise ValueError(f"lcp-di-kp needs a model with closed-form feedback pathways (ff, rnn, conv-ff); "
                              f"{type(model).__name__} has none")
+        check_finite(self.name, "kp_wd", kp_wd)
         if kp_wd < 0:
             raise ValueError(f"kp_wd must be >= 0, got {kp_wd}")
         self.kp_wd, self.pairs = float(kp_wd), pairs

@@ -24,7 +24,13 @@ from ..core.solvers import DivergenceError, SolverStats, solve
 from ..core.system import (LOSSES, EquilibriumModel, check_target, default_check_every, local_update,
                            output_loss, output_loss_grad, write_grads)
 
-__all__ = ["Method", "Backprop", "RecurrentBackprop"]
+__all__ = ["Method", "Backprop", "RecurrentBackprop", "check_finite"]
+
+
+def check_finite(method: str, key: str, value) -> None:
+    """A hyperparameter must be a finite real number: NaN slips through every ``<``/``>`` test."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{method}: {key} must be a finite number, got {value!r}")
 
 
 class Method:
@@ -40,6 +46,8 @@ class Method:
             raise TypeError(f"{self.name} needs an EquilibriumModel (from build_model), got {type(model).__name__}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+        for key, val in (("tol", tol), ("max_iter", max_iter), ("max_residual", max_residual)):
+            check_finite(self.name, key, val)
         if tol <= 0 or int(max_iter) < 1 or max_residual <= 0:
             raise ValueError(f"expected tol > 0, max_iter >= 1, max_residual > 0; got {tol}, {max_iter}, {max_residual}")
         self.model, self.loss, self.solver = model, loss, solver
@@ -98,9 +106,9 @@ class Method:
         x = self.model.check_input(x)
         return x, check_target(y, x.shape[0], self.model.num_classes, x.device)
 
-    def _solve(self, step, z0, what: str):
-        z, stats = solve(step, z0, solver=self.solver, tol=self.tol, max_iter=self.max_iter,
-                         check_every=self.check_every or default_check_every(z0[0].device), name=what)
+    def _solve(self, step, z0, what: str, solver: Optional[str] = None, **kw):
+        z, stats = solve(step, z0, solver=solver or self.solver, tol=self.tol, max_iter=self.max_iter,
+                         check_every=self.check_every or default_check_every(z0[0].device), name=what, **kw)
         self._check(stats, what)
         return z, stats
 
@@ -118,8 +126,8 @@ class Method:
 
 class Backprop(Method):
     """BP: backpropagation through the feedforward net.  For a layered model the free equilibrium is
-    reached exactly by ``depth`` applications of ``g`` from 0 (one forward pass), so this is the exact
-    gradient of the free-equilibrium loss.  Not defined for recurrent models (use 'rbp')."""
+    one forward pass (``model.logits``), so this is the exact gradient of the free-equilibrium loss, at the
+    cost of plain PyTorch.  Not defined for recurrent models (use 'rbp')."""
 
     name = "bp"
 
@@ -132,12 +140,8 @@ class Backprop(Method):
     def backward(self, x, y):
         x, y = self._prepare(x, y)
         params = self._model_params()
-        with torch.enable_grad():
-            c = self.model.encode(x)
-            v = self.model.init_state(c)
-            for _ in range(self.model.depth):
-                v = self.model.g(c, v)
-            loss = output_loss(self.model.h(v, update_stats=True), y, self.loss)
+        with torch.enable_grad():  # plain autograd through the layers: no state vector, no solver
+            loss = output_loss(self.model.logits(x, update_stats=True), y, self.loss)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
         write_grads(params, grads, "bp gradient")
@@ -148,7 +152,9 @@ class Backprop(Method):
 class RecurrentBackprop(Method):
     """RBP (recurrent backprop / Almeida-Pineda / implicit differentiation): free fixed point
     ``v* = g(c, v*)``, then the adjoint fixed point ``a = J_g(v*)^T a + J_h(v*)^T grad l`` and
-    ``grad = (dh/dtheta)^T grad l + (dg/dtheta)^T a``.  Spec settings: 200 iterations, tolerance 1e-4."""
+    ``grad = (dh/dtheta)^T grad l + (dg/dtheta)^T a``.  Spec settings: 200 iterations, tolerance 1e-4,
+    and the authors' stop rule: the whole batch iterates until its largest relative change is below ``tol``
+    (no per-sample freezing, which would only add work per step)."""
 
     name = "rbp"
 
@@ -161,10 +167,11 @@ class RecurrentBackprop(Method):
         with torch.enable_grad():
             c = m.encode(x)
         cd = c.detach()
-        (v,), s1 = self._solve(lambda z: (m.g(cd, z[0]),), (m.init_state(cd),), "free dynamics")
+        kw = {"freeze_converged": False} if self.solver == "euler" else {}
+        (v,), s1 = self._solve(lambda z: (m.g(cd, z[0]),), (m.init_state(cd),), "free dynamics", **kw)
         with torch.no_grad():
             b = m.h_vjp(v, output_loss_grad(m.h(v), y, self.loss))
-        (a,), s2 = self._solve(lambda z: (m.g_vjp(cd, v, z[0]) + b,), (b,), "adjoint dynamics")
+        (a,), s2 = self._solve(lambda z: (m.g_vjp(cd, v, z[0]) + b,), (b,), "adjoint dynamics", **kw)
         with torch.enable_grad():
             loss = output_loss(m.h(v, update_stats=True), y, self.loss)
             obj = (m.g(c, v) * a).sum() + loss

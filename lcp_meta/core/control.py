@@ -1,0 +1,163 @@
+"""Exact solvers for the LCP-DI controlled equilibrium that use the structure of the problem.
+
+The Euler simulation of the joint dynamics (``supervised/di.py``) is the faithful model of the controller.
+These solvers reach the *same* fixed point with far fewer evaluations; at it (spec section 2)
+
+    y = h(v) + u,   u = -beta grad l(y)          (output controller; exact control: y = argmin l)
+    e = J_g(v)^T e + J_h(v)^T u                   (dynamic inversion, linear in e)
+    v = g(c, v) + e
+
+- The output-controller problem is tiny and decoupled per sample given ``h(v)``: :class:`OutputControl`
+  solves it exactly (closed form for MSE, Newton with a Sherman-Morrison inverse for cross-entropy).
+- ``"sweep"`` (layered nets): ``J_g`` is strictly block-lower-triangular, so for a given ``v`` one backward
+  sweep gives the exact ``e`` and one forward sweep the exact ``v = g(c, v) + e``.  Everything is then a
+  function of ``v`` alone: ``v <- T(v)`` is iterated from the free equilibrium (one forward pass), with
+  Anderson acceleration.  The coupling is weak (``u`` is O(beta / batch)), so a few sweeps suffice.
+- ``"warm-anderson"`` (any net): Anderson on the reduced state ``(v, e)`` with the output controller solved
+  exactly at every step, warm-started from the free equilibrium (itself solved by Anderson).
+
+Strategies are registered by name in :data:`CONTROL_SOLVERS`; each takes a :class:`ControlProblem` and returns
+``((v, y, e, u), SolverStats)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .solvers import SolverStats, solve
+
+__all__ = ["OutputControl", "ControlProblem", "CONTROL_SOLVERS", "register_control_solver", "resolve_control_solver"]
+
+
+class OutputControl:
+    """The output controller at equilibrium, solved exactly per sample for a given ``h = h(v)``.
+
+    Batch-mean loss: ``grad l(y) = (softmax(y) - onehot) / B`` (CE) or ``(y - onehot) / B`` (MSE).
+    ``alpha = 0`` is exact control (``grad l(y) = 0``): only reachable with the MSE loss.
+    """
+
+    def __init__(self, target: torch.Tensor, num_classes: int, dtype: torch.dtype, loss: str, beta: float):
+        self.onehot = F.one_hot(target, num_classes).to(dtype)
+        self.loss, self.beta = loss, beta
+        self.b = beta / target.shape[0]  # per-sample strength of the batch-mean loss
+        if math.isinf(beta) and loss != "mse":
+            raise ValueError(f"exact output control (alpha = 0) has no equilibrium with the {loss!r} loss; use 'mse'")
+
+    def grad_l(self, y: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(y, 1) if self.loss == "ce" else y
+        return (p - self.onehot) / y.shape[0]
+
+    def solve(self, h: torch.Tensor, newton_tol: float = 0.0, max_newton: int = 30) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(y, u)`` with ``y = h + u`` and ``u = -beta grad l(y)``."""
+        if math.isinf(self.beta):
+            return self.onehot, self.onehot - h
+        if self.loss == "mse":  # linear: y = h - b (y - onehot)
+            y = (h + self.b * self.onehot) / (1 + self.b)
+            return y, y - h
+        # Newton on r(y) = y - h + b (p - onehot), J = diag(1 + b p) - b p p^T (invert by Sherman-Morrison);
+        # r is the gradient of a strongly convex function of y, so Newton from y = h converges quadratically
+        y, b = h.clone(), self.b
+        eps = torch.finfo(h.dtype).eps
+        for _ in range(max_newton):
+            p = torch.softmax(y, 1)
+            r = y - h + b * (p - self.onehot)
+            d = 1 + b * p
+            dr, dp = r / d, p / d
+            step = dr + dp * (b * (p * dr).sum(1, keepdim=True) / (1 - b * (p * dp).sum(1, keepdim=True)))
+            y = y - step
+            if float(step.abs().max()) <= max(newton_tol, 4 * eps) * (1 + float(y.abs().max())):
+                break
+        return y, -self.beta * self.grad_l(y)
+
+
+@dataclass
+class ControlProblem:
+    """One batch's controlled-equilibrium problem: model, input drive ``c``, output controller, feedback
+    weights (KP; None for the true transposes) and the stop rule."""
+
+    model: object
+    c: torch.Tensor
+    out: OutputControl
+    fb: Optional[dict]
+    tol: float
+    max_iter: int
+    check_every: int = 1
+    inner: str = "anderson"  # the fixed-point solver the strategy runs on its reduced map
+    warm_tol: float = 1e-4  # stop rule of the warm start's free phase (warm-anderson)
+
+
+CONTROL_SOLVERS: Dict[str, Callable] = {}
+
+
+def register_control_solver(name: str):
+    def deco(fn):
+        CONTROL_SOLVERS[name] = fn
+        return fn
+
+    return deco
+
+
+def resolve_control_solver(name: str, model, loss: str, beta: float) -> str:
+    """``"auto"`` -> the fastest exact strategy for the model: ``sweep`` for layered nets, ``warm-anderson``
+    otherwise; ``euler`` when no equilibrium exists (exact control with cross-entropy)."""
+    if name != "auto":
+        return name
+    if math.isinf(beta) and loss != "mse":
+        return "euler"
+    return "sweep" if model.layered else "warm-anderson"
+
+
+def _finish(stats_list, iterations) -> SolverStats:
+    """Merge the statistics of a strategy's phases (iterations add up, the last phase decides the rest)."""
+    last = stats_list[-1]
+    return SolverStats(iterations=iterations, residual=last.residual, converged=last.converged,
+                       diverged=any(s.diverged for s in stats_list), per_sample=last.per_sample, trace=last.trace)
+
+
+@register_control_solver("sweep")
+def sweep(p: ControlProblem):
+    """Layered nets: fixed point of ``T(v) = forward_sweep(c, backward_sweep(v, u(h(v))))`` from the free
+    equilibrium; each ``T`` is one backward and one forward pass (plus the tiny output solve)."""
+    m, c, out, fb = p.model, p.c, p.out, p.fb
+    if not m.layered:
+        raise ValueError(f"the 'sweep' solver needs a layered (feedforward) model; {type(m).__name__} is recurrent")
+
+    def T(z):
+        v = z[0]
+        _, u = out.solve(m.h(v))
+        return (m.forward_sweep(c, m.backward_sweep(c, v, u, fb)),)
+
+    v0 = m.forward_sweep(c)  # free equilibrium: one forward pass
+    (v,), stats = solve(T, (v0,), solver=p.inner, tol=p.tol, max_iter=p.max_iter, check_every=p.check_every)
+    y, u = out.solve(m.h(v))
+    e = m.backward_sweep(c, v, u, fb)
+    return (v, y, e, u), _finish([stats], stats.iterations + 1)
+
+
+@register_control_solver("warm-anderson")
+def warm_anderson(p: ControlProblem):
+    """Any net: Anderson on ``(v, e) -> (g(c, v) + e, J_g^T e + J_h^T u)`` with the output controller solved
+    exactly for ``u``, from ``e = 0`` and the free equilibrium reached by the free dynamics (Euler, to
+    ``warm_tol``; a diverging free phase is returned as such)."""
+    m, c, out, fb = p.model, p.c, p.out, p.fb
+    # the free phase runs the free dynamics themselves (Euler): an equilibrium the dynamics do not reach (unstable
+    # g) makes them diverge, as in the simulation, where Anderson alone would find it and train on it
+    v0, s0 = m.free_equilibrium(c, solver="euler", tol=max(p.tol, p.warm_tol), max_iter=p.max_iter,
+                                check_every=p.check_every, freeze_converged=False)
+    if s0.diverged or not s0.converged:
+        return (v0, None, None, None), s0
+
+    def step(z):
+        v, e = z
+        _, u = out.solve(m.h(v))
+        g, _, jg, jh = m.step_terms(c, v, e, u, fb)
+        return g + e, jg + jh
+
+    (v, e), s1 = solve(step, (v0, torch.zeros_like(v0)), solver=p.inner, tol=p.tol, max_iter=p.max_iter,
+                       check_every=p.check_every)
+    y, u = out.solve(m.h(v))
+    return (v, y, e, u), _finish([s0, s1], s0.iterations + s1.iterations)
