@@ -14,6 +14,15 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .utils import DataNotFoundError, UserInputError
+
+# Only the library's own user-input errors become one-line messages: a ValueError or TypeError raised anywhere
+# else is a bug and keeps its traceback.  Exit codes: 0 done, 2 bad input (nothing written or changed),
+# 3 stopped by --stop-after (continue with --resume), 4 too many meta-steps/batches skipped (diverged),
+# 130 interrupted.
+USER_ERRORS = (UserInputError, DataNotFoundError)
+EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_TOO_MANY_SKIPPED = 2, 3, 4
+
 # (module, description) of each sub-command family
 _COMMAND_MODULES = ["lcp_meta.supervised.cli", "lcp_meta.fewshot.cli"]
 
@@ -43,8 +52,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run again with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, TypeError) as exc:  # bad input: one clear line, no traceback
-        print(f"lcp-meta {args.command}: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:  # bad input: one clear line, no traceback, exit code 2
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"lcp-meta {args.command}: error: {message}", file=sys.stderr)
         return 2
     return int(result or 0)
 

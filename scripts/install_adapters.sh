@@ -12,13 +12,13 @@
 #                     One Python 3.11 incompatibility in its Cython sources (random.sample on a
 #                     set, in NWays) is fixed before the C files are regenerated.
 #                     Of its requirements only gym is needed at import; gsutil (a download CLI) and
-#                     qpth (MetaOptNet only) are skipped, torch/torchvision/numpy are left as they are.
+#                     qpth (MetaOptNet only) are skipped; gym and scipy are installed first (below).
 #
 # Usage:  bash scripts/install_adapters.sh            (installs into the active `python`)
 #         PYTHON=/path/to/python bash scripts/install_adapters.sh
 #         L2L_SDIST=/path/learn2learn-0.2.0.tar.gz ...  (use a local sdist instead of downloading it)
-# Nothing here touches the torch / torchvision / numpy already installed: every pip call that could
-# resolve them uses --no-deps or names only packages that accept the installed versions.
+# Nothing here replaces the installed torch: the call that adds torchvision pins torch to the installed version,
+# every other pip call uses --no-deps or names only packages that accept the installed versions.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -34,6 +34,23 @@ if sys.version_info < (3, 9):
 import torch  # the adapters patch these libraries for the torch that is already here
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}")
 PY
+
+# What the adapted libraries import but do not (or cannot, given their stale pins) bring themselves:
+# scipy (learn2learn), gym (learn2learn.gym, imported by `import learn2learn`) and torchvision (torchmeta,
+# learn2learn.vision). torchvision must be the build made for the installed torch: torch 2.X.Y pairs with
+# torchvision 0.(X+15).*, and torch is pinned to its installed version in the same call, so pip can never
+# replace it (nor fetch another build of it).
+read -r TORCH_VERSION TORCHVISION_SPEC < <("$PYTHON" - <<'PY'
+from importlib.metadata import version
+v = version("torch").split("+")[0]            # e.g. 2.14.1 (the +cu130/+cpu label stays as installed)
+major, minor = (int(x) for x in v.split(".")[:2])
+if major != 2:
+    raise SystemExit(f"install_adapters.sh: torch 2.x expected, found {v}")
+print(v, f"torchvision==0.{minor + 15}.*")
+PY
+)
+echo "== scipy, gym 0.26.2, $TORCHVISION_SPEC (torch stays $TORCH_VERSION)"
+"${PIP[@]}" "torch==$TORCH_VERSION" "$TORCHVISION_SPEC" scipy "gym==0.26.2"
 
 echo "== higher 0.2.1"
 "${PIP[@]}" --no-deps "higher==0.2.1"
@@ -60,7 +77,6 @@ grep -q 'classes = <list>set_classes' "$SRC/learn2learn/data/transforms.pyx" || 
 sed -i 's/classes = <list>set_classes/classes = list(set_classes)/' "$SRC/learn2learn/data/transforms.pyx"
 (cd "$SRC" && "$PYTHON" -m cython -3 learn2learn/data/meta_dataset.pyx learn2learn/data/task_dataset.pyx \
     learn2learn/data/transforms.pyx)
-"${PIP[@]}" "gym==0.26.2"         # imported by `import learn2learn` (learn2learn.gym)
 "${PIP[@]}" --no-deps --no-build-isolation "$SRC"
 
 echo "== smoke test (imports through lcp_meta's adapters, one learn2learn MAML step)"

@@ -25,6 +25,7 @@ import torch
 
 from ..utils import find_data_root
 from ..utils.paths import DataNotFoundError
+from ..utils.errors import DataFormatError, UserInputError
 
 __all__ = ["CIFAR10_FOLDER", "CIFAR10_TRAIN_FILES", "CIFAR10_TEST_FILES", "CIFAR10_MEAN", "CIFAR10_STD",
            "CIFARFormatError", "read_cifar_batch", "load_cifar10"]
@@ -44,7 +45,7 @@ _ALLOWED = {
 }
 
 
-class CIFARFormatError(ValueError):
+class CIFARFormatError(DataFormatError):
     """A CIFAR batch file that is not a pickle of the expected dict, shapes or labels."""
 
 
@@ -97,9 +98,9 @@ def load_cifar10(data_root: Optional[str] = None, split: str = "train", *, norma
         ``(images, labels)``: float32 ``(N, 3, 32, 32)`` and int64 ``(N,)``.
     """
     if split not in ("train", "test"):
-        raise ValueError(f"unknown CIFAR-10 split {split!r}; expected 'train' or 'test'")
+        raise UserInputError(f"unknown CIFAR-10 split {split!r}; expected 'train' or 'test'")
     if normalize not in ("unit", "standard", "none"):
-        raise ValueError(f"unknown normalize={normalize!r}; expected 'standard', 'unit' or 'none'")
+        raise UserInputError(f"unknown normalize={normalize!r}; expected 'standard', 'unit' or 'none'")
     names = CIFAR10_TRAIN_FILES if split == "train" else CIFAR10_TEST_FILES
     if download:
         root = data_root or os.environ.get("LCP_META_DATA")

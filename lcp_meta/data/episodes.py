@@ -14,6 +14,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .sinusoid import TaskTensors
+from ..utils.errors import UserInputError
 
 
 class EpisodeIndices(NamedTuple):
@@ -45,15 +46,15 @@ class EpisodeSampler:
 
     def __init__(self, images: torch.Tensor, ways: int, shots: int, queries: int = 1):
         if images.dim() < 3:
-            raise ValueError(f"images must have shape (classes, drawings, *image_shape), got {tuple(images.shape)}")
+            raise UserInputError(f"images must have shape (classes, drawings, *image_shape), got {tuple(images.shape)}")
         for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UserInputError(f"{name} must be a positive integer, got {value!r}")
         num_classes, drawings = images.shape[:2]
         if ways > num_classes:
-            raise ValueError(f"{ways}-way episodes need at least {ways} classes; this split has {num_classes}")
+            raise UserInputError(f"{ways}-way episodes need at least {ways} classes; this split has {num_classes}")
         if shots + queries > drawings:
-            raise ValueError(f"shots + queries = {shots + queries} drawings per class needed; "
+            raise UserInputError(f"shots + queries = {shots + queries} drawings per class needed; "
                              f"each class has {drawings}")
         self.images, self.ways, self.shots, self.queries = images, ways, shots, queries
 
@@ -65,7 +66,7 @@ class EpisodeSampler:
                        generator: Optional[torch.Generator] = None) -> EpisodeIndices:
         """Draw the indices of ``num_episodes`` episodes (classes distinct within each episode)."""
         if not isinstance(num_episodes, int) or num_episodes < 1:
-            raise ValueError(f"num_episodes must be a positive integer, got {num_episodes!r}")
+            raise UserInputError(f"num_episodes must be a positive integer, got {num_episodes!r}")
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         num_classes, drawings = self.images.shape[:2]
@@ -123,7 +124,7 @@ def mean_ci95(values: Sequence[float]) -> Tuple[float, float]:
     t = torch.as_tensor(list(values) if not torch.is_tensor(values) else values, dtype=torch.float64).flatten()
     n = t.numel()
     if n == 0:
-        raise ValueError("mean_ci95 needs at least one value")
+        raise UserInputError("mean_ci95 needs at least one value")
     mean = float(t.mean())
     if n == 1:
         return mean, 0.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
@@ -24,6 +25,7 @@ import torch
 
 from ..utils import find_data_root
 from ..utils.paths import DataNotFoundError
+from ..utils.errors import DataFormatError, UserInputError
 
 __all__ = ["MNIST_FILES", "MNIST_MEAN", "MNIST_STD", "IDXFormatError", "read_idx", "load_mnist", "TensorBatches"]
 
@@ -40,7 +42,7 @@ _IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801
 _CACHE: Dict[Tuple[str, int, float], np.ndarray] = {}
 
 
-class IDXFormatError(ValueError):
+class IDXFormatError(DataFormatError):
     """An IDX file whose header or size does not match what MNIST should contain."""
 
 
@@ -63,7 +65,7 @@ def read_idx(path: "str | os.PathLike", magic: int, dims: Optional[Sequence[Opti
     try:
         with opener(path, "rb") as fh:
             raw = fh.read()
-    except (OSError, EOFError) as exc:  # gzip raises these for truncated or non-gzip content
+    except (OSError, EOFError, zlib.error) as exc:  # gzip raises these for truncated, corrupt or non-gzip content
         raise IDXFormatError(f"{path}: cannot read as {'gzip ' if opener is gzip.open else ''}IDX file ({exc})") from exc
     if len(raw) < 4:
         raise IDXFormatError(f"{path}: {len(raw)} bytes, too short for an IDX header")
@@ -127,9 +129,9 @@ def load_mnist(data_root: Optional[str] = None, split: str = "train", *, normali
         ``(images, labels)``: float32 ``(N, 1, 28, 28)`` and int64 ``(N,)``.
     """
     if split not in MNIST_FILES:
-        raise ValueError(f"unknown MNIST split {split!r}; expected 'train' or 'test'")
+        raise UserInputError(f"unknown MNIST split {split!r}; expected 'train' or 'test'")
     if normalize not in ("unit", "standard", "none"):
-        raise ValueError(f"unknown normalize={normalize!r}; expected 'unit', 'standard' or 'none'")
+        raise UserInputError(f"unknown normalize={normalize!r}; expected 'unit', 'standard' or 'none'")
     names = MNIST_FILES[split]
     if download:
         root = data_root or os.environ.get("LCP_META_DATA")
@@ -171,9 +173,9 @@ class TensorBatches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64, *, shuffle: bool = True,
                  drop_last: bool = False, seed: int = 0, device: "str | torch.device | None" = None):
         if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
+            raise UserInputError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
         if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+            raise UserInputError(f"batch_size must be a positive integer, got {batch_size}")
         self.x = x.to(device) if device is not None else x
         self.y = y.to(self.x.device)
         self.batch_size, self.shuffle, self.drop_last, self.seed = int(batch_size), shuffle, drop_last, int(seed)

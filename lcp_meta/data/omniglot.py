@@ -21,6 +21,7 @@ import os
 import re
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from ..utils import DataNotFoundError, atomic_save, find_data_root
+from ..utils.errors import DataFormatError, UserInputError
 
 _CACHE_VERSION = 1
 BACKGROUND_FULL = "images_background.zip"
@@ -89,6 +91,26 @@ def preprocess_png(data: bytes, image_size: int = 28) -> np.ndarray:
         return 255 - np.asarray(grey, dtype=np.uint8)
 
 
+def _read_member(zf: zipfile.ZipFile, path: Path, name: "str | zipfile.ZipInfo") -> bytes:
+    """One member's bytes; a damaged archive (bad CRC, corrupt deflate stream) is a one-line DataFormatError."""
+    try:
+        return zf.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        member = name.filename if isinstance(name, zipfile.ZipInfo) else name
+        raise DataFormatError(f"{path}: member {member} cannot be read ({exc}); the zip is damaged, replace it "
+                              f"with an intact copy ({_EXPECTED})") from None
+
+
+def _read_png(zf: zipfile.ZipFile, path: Path, name: "str | zipfile.ZipInfo", image_size: int) -> np.ndarray:
+    data = _read_member(zf, path, name)
+    try:
+        return preprocess_png(data, image_size)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError (an OSError), bad chunks
+        member = name.filename if isinstance(name, zipfile.ZipInfo) else name
+        raise DataFormatError(f"{path}: member {member} is not a readable PNG image ({exc}); the zip is damaged "
+                              f"or not the Omniglot archive ({_EXPECTED})") from None
+
+
 def _sha256(paths: Sequence[Path], extra: str) -> str:
     h = hashlib.sha256(extra.encode())
     for p in paths:
@@ -103,7 +125,7 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise ValueError(f"{path} is not a readable zip file ({exc}); expected {_EXPECTED}") from exc
+        raise UserInputError(f"{path} is not a readable zip file ({exc}); expected {_EXPECTED}") from exc
 
 
 def _character_members(zf: zipfile.ZipFile) -> Dict[str, List[zipfile.ZipInfo]]:
@@ -130,7 +152,7 @@ def _decode_zips(paths: Sequence[Path], image_size: int, progress: bool) -> Omni
         for path, zf in zips.items():
             chars = _character_members(zf)
             if not chars:
-                raise ValueError(f"{path} holds no ALPHABET/characterNN/*.png drawings; expected the standard "
+                raise UserInputError(f"{path} holds no ALPHABET/characterNN/*.png drawings; expected the standard "
                                  f"Omniglot layout ({_EXPECTED})")
             for key, members in chars.items():
                 if key in seen:
@@ -147,14 +169,14 @@ def _decode_zips(paths: Sequence[Path], image_size: int, progress: bool) -> Omni
         counts = {len(seen[k][1]) for k in names}
         if len(counts) != 1:
             bad = [f"{k}: {len(seen[k][1])}" for k in names if len(seen[k][1]) != max(counts)]
-            raise ValueError(f"Omniglot characters must all have the same number of drawings; "
+            raise UserInputError(f"Omniglot characters must all have the same number of drawings; "
                              f"found {sorted(counts)} ({', '.join(bad[:5])})")
         drawings = counts.pop()
         images = np.empty((len(names), drawings, image_size, image_size), dtype=np.uint8)
         for c, key in enumerate(tqdm(names, desc="decoding Omniglot", disable=not progress, leave=False)):
             path, members = seen[key]
             for d, info in enumerate(members):
-                images[c, d] = preprocess_png(zips[path].read(info), image_size)
+                images[c, d] = _read_png(zips[path], path, info, image_size)
     finally:
         for zf in zips.values():
             zf.close()
@@ -169,7 +191,7 @@ def load_characters(zip_paths: Sequence["str | os.PathLike"], image_size: int = 
     if missing:
         raise DataNotFoundError(f"Omniglot zip(s) not found: {', '.join(missing)}; expected {_EXPECTED}")
     if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        raise UserInputError(f"image_size must be a positive integer, got {image_size!r}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _sha256(paths, f"omniglot-v{_CACHE_VERSION}-{image_size}")
     cache_file = cache / f"omniglot_{key[:20]}.pt"
@@ -226,7 +248,7 @@ def rotate_classes(images: torch.Tensor, names: Sequence[str],
     out, out_names = [], []
     for deg in rotations:
         if deg % 90:
-            raise ValueError(f"rotations must be multiples of 90 degrees, got {deg}")
+            raise UserInputError(f"rotations must be multiples of 90 degrees, got {deg}")
         out.append(torch.rot90(images, k=(deg // 90) % 4, dims=(-2, -1)))
         out_names += [f"{n}/rot{deg:03d}" for n in names]
     return OmniglotSplit(torch.cat(out, 0).contiguous(), out_names)
@@ -235,7 +257,7 @@ def rotate_classes(images: torch.Tensor, names: Sequence[str],
 def split_indices(num: int, fractions: Sequence[float], seed: int) -> List[torch.Tensor]:
     """A seeded partition of ``range(num)`` into consecutive blocks of the given fractions (the last gets the rest)."""
     if any(f < 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
-        raise ValueError(f"split fractions must be non-negative and sum to at most 1, got {list(fractions)}")
+        raise UserInputError(f"split fractions must be non-negative and sum to at most 1, got {list(fractions)}")
     perm = torch.randperm(num, generator=torch.Generator().manual_seed(int(seed)))
     sizes = [int(round(f * num)) for f in fractions]
     parts, start = [], 0
@@ -273,7 +295,7 @@ def load_omniglot_splits(data_root: Optional[str] = None, seed: int = 0, val_fra
     val = rotate_classes(chars.images[val_idx], [chars.names[i] for i in val_idx], rot)
     for name, split in (("train", train), ("validation", val), ("test", test)):
         if len(split) == 0:
-            raise ValueError(f"the Omniglot {name} split is empty: {len(chars)} characters with "
+            raise UserInputError(f"the Omniglot {name} split is empty: {len(chars)} characters with "
                              f"val_fraction={val_fraction}, test_fraction={test_fraction}")
     protocol = {
         "zips": [p.name for p in background] + ([evaluation.name] if evaluation is not None else []),
@@ -313,7 +335,7 @@ def _parse_labels(text: str, run: str) -> Dict[int, int]:
             continue
         m = _RUN_LINE.match(line)
         if not m or m.group(2) != run or m.group(5) != run:
-            raise ValueError(f"{run}/class_labels.txt: cannot read line {line.strip()!r}; expected "
+            raise UserInputError(f"{run}/class_labels.txt: cannot read line {line.strip()!r}; expected "
                              f"'{run}/test/itemNN.png {run}/training/classNN.png'")
         answers[int(m.group(3)) - 1] = int(m.group(6)) - 1
     return answers
@@ -330,24 +352,24 @@ def load_one_shot_runs(data_root: Optional[str] = None, image_size: int = 28,
         files = {info.filename: info for info in zf.infolist() if not info.is_dir()}
         label_files = sorted(f for f in files if re.search(r"(^|/)run\d+/class_labels\.txt$", f))
         if not label_files:
-            raise ValueError(f"{path} holds no runNN/class_labels.txt; expected the all_runs.zip layout "
+            raise UserInputError(f"{path} holds no runNN/class_labels.txt; expected the all_runs.zip layout "
                              f"runNN/training/classNN.png, runNN/test/itemNN.png, runNN/class_labels.txt")
         for label_file in label_files:
             prefix = label_file[: -len("class_labels.txt")]
             run = prefix.rstrip("/").rsplit("/", 1)[-1]
-            answers = _parse_labels(zf.read(files[label_file]).decode("utf-8", "replace"), run)
+            answers = _parse_labels(_read_member(zf, path, files[label_file]).decode("utf-8", "replace"), run)
 
             def images(kind: str, stem: str) -> torch.Tensor:
                 names = sorted(f for f in files if f.startswith(f"{prefix}{kind}/{stem}") and f.endswith(".png"))
                 numbers = [int(re.search(r"(\d+)\.png$", f).group(1)) for f in names]
                 if numbers != list(range(1, len(names) + 1)):
-                    raise ValueError(f"{path}: {run}/{kind} must hold {stem}01.png .. {stem}NN.png, "
+                    raise UserInputError(f"{path}: {run}/{kind} must hold {stem}01.png .. {stem}NN.png, "
                                      f"found {[f.rsplit('/', 1)[-1] for f in names]}")
-                return torch.from_numpy(np.stack([preprocess_png(zf.read(files[f]), image_size) for f in names]))
+                return torch.from_numpy(np.stack([_read_png(zf, path, files[f], image_size) for f in names]))
 
             train, test = images("training", "class"), images("test", "item")
             if sorted(answers) != list(range(len(test))) or not all(0 <= a < len(train) for a in answers.values()):
-                raise ValueError(f"{path}: {run}/class_labels.txt must give one training class (1..{len(train)}) "
+                raise UserInputError(f"{path}: {run}/class_labels.txt must give one training class (1..{len(train)}) "
                                  f"for each of the {len(test)} test items")
             runs.append(OneShotRun(run, train, test, torch.tensor([answers[i] for i in range(len(test))])))
     return runs
@@ -356,11 +378,11 @@ def load_one_shot_runs(data_root: Optional[str] = None, image_size: int = 28,
 def score_one_shot_runs(predictions: Sequence, runs: Sequence[OneShotRun]) -> List[float]:
     """Accuracy of each run: ``predictions[r][i]`` is the predicted 0-based training-image index of test item i."""
     if len(predictions) != len(runs):
-        raise ValueError(f"need one prediction vector per run: {len(runs)} runs, got {len(predictions)}")
+        raise UserInputError(f"need one prediction vector per run: {len(runs)} runs, got {len(predictions)}")
     scores = []
     for pred, run in zip(predictions, runs):
         pred = torch.as_tensor(pred).detach().to("cpu", torch.int64).flatten()
         if pred.shape != run.answers.shape:
-            raise ValueError(f"{run.name}: expected {run.answers.numel()} predicted indices, got {pred.numel()}")
+            raise UserInputError(f"{run.name}: expected {run.answers.numel()} predicted indices, got {pred.numel()}")
         scores.append(float((pred == run.answers).double().mean()))
     return scores

@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from ..utils.errors import UserInputError
+
 
 class TaskTensors(NamedTuple):
     """A batch of tasks, each tensor with a leading task dimension T (a plain tuple ``TaskBatch`` accepts)."""
@@ -33,7 +35,7 @@ class SinusoidBatch(NamedTuple):
 def _check_range(name: str, rng: Tuple[float, float]) -> Tuple[float, float]:
     lo, hi = (float(v) for v in rng)
     if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-        raise ValueError(f"{name} must be a finite (low, high) pair with low <= high, got {rng!r}")
+        raise UserInputError(f"{name} must be a finite (low, high) pair with low <= high, got {rng!r}")
     return lo, hi
 
 
@@ -52,7 +54,7 @@ class SinusoidTasks:
         queries = shots if queries is None else queries
         for name, value in (("shots", shots), ("queries", queries)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UserInputError(f"{name} must be a positive integer, got {value!r}")
         self.shots, self.queries = shots, queries
         self.amplitude = _check_range("amplitude", amplitude)
         self.phase = _check_range("phase", phase)
@@ -74,7 +76,7 @@ class SinusoidTasks:
         Give either ``seed`` (a fresh generator, fully reproducible) or a CPU ``generator`` to continue.
         """
         if not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+            raise UserInputError(f"num_tasks must be a positive integer, got {num_tasks!r}")
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         amp = self._uniform(generator, (num_tasks,), *self.amplitude)

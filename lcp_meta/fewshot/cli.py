@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import sys
 from typing import Dict, Optional
 
 from .runner import DEFAULT_METHODS, FewShotConfig, run_fewshot
+from ..utils.errors import UserInputError
+from ..utils.options import parse_option_value
 
 # defaults that depend on the task (a flag given on the command line always wins)
 TASK_DEFAULTS: Dict[str, Dict[str, object]] = {
@@ -19,31 +20,33 @@ TASK_DEFAULTS: Dict[str, Dict[str, object]] = {
                      outer_lr=1e-3, meta_steps=2000),
 }
 
+EXIT_CODES = ("Exit codes: 0 done; 2 bad input (nothing written); 3 stopped by --stop-after (continue with "
+              "--resume); 4 a method skipped more than --max-skipped of its meta-steps (diverged).")
+
 # the demo: the sinusoid comparison sized to finish in a few minutes on a 2-core laptop CPU
 DEMO_DEFAULTS: Dict[str, object] = dict(task="sinusoid", shots=10, meta_steps=300, meta_batch=10,
                                         inner_steps=10, test_episodes=300, val_episodes=50)
 
 
 def _parse_set(items) -> Dict[str, Dict[str, object]]:
-    """``["maml.inner_steps=1", "lcp.beta=0.01"]`` -> ``{"maml": {"inner_steps": 1}, "lcp": {"beta": 0.01}}``."""
+    """``["maml.inner_steps=1", "lcp.beta=0.01"]`` -> ``{"maml": {"inner_steps": 1}, "lcp": {"beta": 0.01}}``.
+
+    Values are read strictly (``lcp_meta.utils.options``): ``nan``, ``inf`` or ``1e999`` are refused, not passed on
+    as a string or an infinite setting; the runner then checks each known option as it checks the flags."""
     out: Dict[str, Dict[str, object]] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
-        method, dot, option = key.partition(".")
-        if not sep or not dot or not method or not option:
-            raise ValueError(f"--set {item!r}: expected METHOD.OPTION=VALUE, e.g. maml.inner_steps=1")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw  # a bare word such as controller=direct
-        out.setdefault(method, {})[option] = value
+        method, dot, option = key.strip().partition(".")
+        if not sep or not dot or not method or not option.isidentifier():
+            raise UserInputError(f"--set {item!r}: expected METHOD.OPTION=VALUE, e.g. maml.inner_steps=1")
+        out.setdefault(method, {})[option] = parse_option_value(raw, f"--set {key.strip()}")
     return out
 
 
 def _methods(text: str):
     names = tuple(m.strip() for m in text.split(",") if m.strip())
     if not names:
-        raise ValueError(f"--methods {text!r}: expected a comma-separated list such as lcp,imaml,maml")
+        raise UserInputError(f"--methods {text!r}: expected a comma-separated list such as lcp,imaml,maml")
     return names
 
 
@@ -69,6 +72,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue each method from its checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its results, "
+                                                            "checkpoints and plots are deleted first)")
+    p.add_argument("--max-skipped", type=float, default=0.1, metavar="SHARE",
+                   help="exit with code 4 when a method skipped more than this share of its meta-steps because "
+                        "they diverged (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N meta-steps (0: at the end)")
     p.add_argument("--stop-after", type=int, help="stop each method after N meta-steps in this invocation "
                                                   "(continue later with --resume)")
@@ -85,7 +93,7 @@ def add_parser(subparsers) -> None:
                                epilog="defaults per task: " + "; ".join(
                                    f"{task}: " + ", ".join(f"{k}={v}" for k, v in d.items())
                                    for task, d in TASK_DEFAULTS.items())
-                               + ". Exit code 3: stopped by --stop-after (continue with --resume).")
+                               + ". " + EXIT_CODES)
     fs.add_argument("--task", default="sinusoid", help="sinusoid | omniglot (default: %(default)s)")
     fs.add_argument("--ways", type=int, default=5, help="N classes per episode (omniglot)")
     fs.add_argument("--shots", type=int, help="K support examples per class (sinusoid: points per task)")
@@ -101,15 +109,21 @@ def add_parser(subparsers) -> None:
                                  description="The sinusoid regression comparison (lcp, imaml, maml, fomaml, "
                                              "reptile, cml) with defaults sized for a laptop CPU.",
                                  epilog="defaults: " + ", ".join(
-                                     f"{k}={v}" for k, v in {**TASK_DEFAULTS["sinusoid"], **DEMO_DEFAULTS}.items()))
+                                     f"{k}={v}" for k, v in {**TASK_DEFAULTS["sinusoid"], **DEMO_DEFAULTS}.items())
+                                 + ". " + EXIT_CODES)
     _add_common(demo)
     demo.set_defaults(func=run_demo_command)
+
+
+def _default(value, default):
+    # `or` would turn an explicit 0 into the default instead of refusing it
+    return default if value is None else value
 
 
 def config_from_args(args: argparse.Namespace, defaults: Optional[Dict[str, object]] = None) -> FewShotConfig:
     task = getattr(args, "task", None) or (defaults or {}).get("task", "sinusoid")
     if task not in TASK_DEFAULTS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASK_DEFAULTS)}")
+        raise UserInputError(f"unknown task {task!r}; expected one of {', '.join(TASK_DEFAULTS)}")
     merged = {**TASK_DEFAULTS[task], **(defaults or {})}
 
     def pick(name: str):
@@ -121,11 +135,12 @@ def config_from_args(args: argparse.Namespace, defaults: Optional[Dict[str, obje
         task=task, methods=_methods(args.methods), ways=getattr(args, "ways", 5), shots=pick("shots"),
         queries=getattr(args, "queries", None), meta_steps=pick("meta_steps"), meta_batch=pick("meta_batch"),
         inner_steps=pick("inner_steps"), inner_lr=pick("inner_lr"), lam=pick("lam"), beta=pick("beta"),
-        outer_lr=pick("outer_lr"), test_episodes=pick("test_episodes") or 600,
-        val_episodes=pick("val_episodes") or 100, val_every=args.val_every, log_every=args.log_every,
+        outer_lr=pick("outer_lr"), test_episodes=_default(pick("test_episodes"), 600),
+        val_episodes=_default(pick("val_episodes"), 100), val_every=args.val_every, log_every=args.log_every,
         seed=args.seed, split_seed=getattr(args, "split_seed", 0), hidden=args.hidden, device=args.device,
         dtype=args.dtype, data_root=getattr(args, "data_root", None), cache_dir=getattr(args, "cache_dir", None),
-        out=out, resume=args.resume, checkpoint_every=args.checkpoint_every, stop_after=args.stop_after,
+        out=out, resume=args.resume, overwrite=args.overwrite, max_skipped=args.max_skipped,
+        checkpoint_every=args.checkpoint_every, stop_after=args.stop_after,
         progress=not args.no_progress, plots=not args.no_plots, method_options=_parse_set(args.set))
 
 
@@ -135,10 +150,15 @@ def _print_summary(summary: Dict[str, object]) -> int:
     if summary.get("plots"):
         print("plots: " + ", ".join(summary["plots"]))
     print(f"results: {summary['out']}/results.md (per-method JSON/CSV beside it)")
+    code = 0
     if summary.get("message"):
         print(summary["message"], file=sys.stderr)
-        return 3
-    return 0
+        code = 3
+    if summary.get("too_many_skipped"):
+        # a method that mostly skipped its updates did not train: its row shows the untrained model
+        print(summary["skipped_message"], file=sys.stderr)
+        code = 4
+    return code
 
 
 @contextlib.contextmanager
@@ -148,7 +168,7 @@ def _threads(threads: Optional[int]):
         yield
         return
     if threads < 1:
-        raise ValueError(f"--threads must be a positive integer, got {threads}")
+        raise UserInputError(f"--threads must be a positive integer, got {threads}")
     import torch
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from ..utils.errors import UserInputError
+
 CURVE_FIELDS = ("step", "query_loss", "query_metric", "val_metric", "val_ci95", "time_s", "sec_per_step",
                 "peak_memory_mib")
 
@@ -27,22 +29,35 @@ def _fmt_memory(value: Optional[float]) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
 
 
-def results_table(results: Sequence[Mapping], memory_kind: str) -> str:
-    """The markdown table: one row per method, ``method | metric mean ± CI95 | sec/meta-step | peak memory``.
+def format_skipped(result: Mapping) -> str:
+    """``skipped/meta-steps``: how many meta-steps diverged and were dropped (e.g. ``0/300``)."""
+    skipped = result.get("skipped_meta_steps")
+    if skipped is None:
+        skipped = len(result.get("divergences") or ())
+    steps = result.get("meta_steps")
+    return f"{skipped}/{steps}" if steps is not None else str(skipped)
 
-    An extra column holds the accuracy on the 20 official one-shot runs when it was measured.
+
+def results_table(results: Sequence[Mapping], memory_kind: str) -> str:
+    """The markdown table: one row per method, ``method | metric mean ± CI95 | sec/meta-step | peak memory |
+    skipped meta-steps``.
+
+    The last column counts the meta-steps whose update was dropped because the method diverged (a method that
+    skipped many shows a barely trained model).  An extra column holds the accuracy on the 20 official one-shot
+    runs when it was measured.
     """
     if not results:
-        raise ValueError("results_table needs at least one method's results")
+        raise UserInputError("results_table needs at least one method's results")
     metric = results[0]["metric"]
     runs = any(r.get("one_shot_runs") for r in results)
-    head = ["method", f"{_METRIC_LABEL[metric]} mean ± CI95", "sec/meta-step", f"peak memory (MiB, {memory_kind})"]
+    head = ["method", f"{_METRIC_LABEL[metric]} mean ± CI95", "sec/meta-step", f"peak memory (MiB, {memory_kind})",
+            "skipped meta-steps"]
     if runs:
         head.append("one-shot runs accuracy (%) mean ± CI95")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in results:
         row = [r["method"], format_metric(metric, r["test_mean"], r["test_ci95"]), f"{r['sec_per_step']:.4g}",
-               _fmt_memory(r.get("peak_memory_mib"))]
+               _fmt_memory(r.get("peak_memory_mib")), format_skipped(r)]
         if runs:
             o = r.get("one_shot_runs")
             row.append(format_metric("accuracy", o["mean"], o["ci95"]) if o else "n/a")
@@ -57,14 +72,14 @@ def parse_results_table(text: str) -> List[Dict[str, object]]:
     """
     rows = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
     if len(rows) < 2 or not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", rows[1].replace(" ", "")):
-        raise ValueError("no markdown table found (expected a header row and a |---| separator)")
+        raise UserInputError("no markdown table found (expected a header row and a |---| separator)")
     cells = lambda ln: [c.strip() for c in ln.strip("|").split("|")]  # noqa: E731
     head = cells(rows[0])
     out = []
     for ln in rows[2:]:
         values = cells(ln)
         if len(values) != len(head):
-            raise ValueError(f"table row has {len(values)} cells, header has {len(head)}: {ln!r}")
+            raise UserInputError(f"table row has {len(values)} cells, header has {len(head)}: {ln!r}")
         row: Dict[str, object] = {}
         for key, cell in zip(head, values):
             if "±" in cell:

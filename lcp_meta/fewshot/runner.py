@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from ..data.omniglot import score_one_shot_runs
 from ..utils import atomic_save, atomic_write_text, load_checkpoint, resolve_device, rng_state, set_rng_state
 from . import report
 from .tasks import SOURCES
+from ..utils.errors import CheckpointError, RunFolderError, UserInputError
 
 DEFAULT_METHODS = ("lcp", "imaml", "maml", "fomaml", "reptile", "cml")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -53,6 +55,9 @@ class FewShotConfig:
     method_options: per-method overrides, e.g. ``{"maml": {"inner_steps": 1}}``.
     stop_after: stop each method after this many meta-steps in this invocation (an interruption on purpose,
         e.g. to fit a job's time slice); ``resume=True`` continues from there.
+    overwrite: replace a run already in ``out`` (without it, and without ``resume``, such a folder is refused).
+    max_skipped: the share of a method's meta-steps that may be skipped (diverged) before the run is reported
+        as failed (``summary["too_many_skipped"]``, exit code 4 on the command line).
     """
 
     task: str = "sinusoid"
@@ -82,6 +87,8 @@ class FewShotConfig:
     cache_dir: Optional[str] = None
     out: str = "runs/fewshot"
     resume: bool = False
+    overwrite: bool = False
+    max_skipped: float = 0.1
     checkpoint_every: int = 100
     stop_after: Optional[int] = None
     progress: bool = True
@@ -90,31 +97,66 @@ class FewShotConfig:
 
     def validate(self) -> "FewShotConfig":
         if self.task not in SOURCES:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(SOURCES)}")
+            raise UserInputError(f"unknown task {self.task!r}; expected one of {', '.join(SOURCES)}")
         if not self.methods:
-            raise ValueError("no methods given; expected a comma-separated list such as lcp,imaml,maml")
+            raise UserInputError("no methods given; expected a comma-separated list such as lcp,imaml,maml")
         if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods listed twice: {', '.join(self.methods)}")
+            raise UserInputError(f"methods listed twice: {', '.join(self.methods)}")
         for name in ("ways", "shots", "meta_steps", "meta_batch", "inner_steps", "test_episodes", "val_episodes"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.queries is not None and self.queries < 1:
-            raise ValueError(f"queries must be a positive integer, got {self.queries!r}")
-        for name in ("inner_lr", "lam", "beta", "outer_lr"):
+            if not _is_int(value) or value < 1:
+                raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("queries", "hidden", "stop_after"):  # optional, but when given a positive integer
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+            if value is not None and (not _is_int(value) or value < 1):
+                raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("checkpoint_every", "log_every", "val_every"):  # 0: the default schedule
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise UserInputError(f"{name} must be a non-negative integer (0: default), got {value!r}")
+        if self.task == "omniglot" and self.ways < 2:
+            raise UserInputError(f"ways must be at least 2 (with one class every answer is right), got {self.ways}")
+        for name in ("inner_lr", "lam", "beta", "outer_lr"):
+            _check_option(name, getattr(self, name), name)
+        if not (isinstance(self.max_skipped, (int, float)) and 0 <= self.max_skipped <= 1):
+            raise UserInputError(f"max_skipped must be a share between 0 and 1, got {self.max_skipped!r}")
+        if self.resume and self.overwrite:
+            raise UserInputError("--resume and --overwrite exclude each other: continue the run in --out, or "
+                                 "replace it")
         if self.dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; expected float32 or float64")
+            raise UserInputError(f"unknown dtype {self.dtype!r}; expected float32 or float64")
+        for method, options in self.method_options.items():
+            for option, value in options.items():
+                _check_option(option, value, f"--set {method}.{option}")
         unknown = set(self.method_options) - set(self.methods)
         if unknown:
-            raise ValueError(f"options given for methods not in the run: {', '.join(sorted(unknown))} "
-                             f"(methods: {', '.join(self.methods)})")
+            raise UserInputError(f"options given for methods not in the run: {', '.join(sorted(unknown))} "
+                                 f"(methods: {', '.join(self.methods)})")
         return self
 
     def training_dict(self) -> Dict[str, object]:
         return {k: _jsonable(getattr(self, k)) for k in _TRAINING_FIELDS}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# per-method options (--set) checked exactly as the flags of the same name; other values only need to be finite
+_POSITIVE = ("inner_lr", "lam", "beta", "outer_lr", "tol")
+_POSITIVE_INT = ("inner_steps", "cg_steps", "max_iter")
+
+
+def _check_option(name: str, value, what: str) -> None:
+    if name in _POSITIVE and not (name == "tol" and value is None):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise UserInputError(f"{what} must be a positive finite number, got {value!r}")
+    elif name in _POSITIVE_INT and (not _is_int(value) or value < 1):
+        raise UserInputError(f"{what} must be a positive integer, got {value!r}")
+    elif name == "momentum" and not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise UserInputError(f"{what} must be in [0, 1), got {value!r}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise UserInputError(f"{what} must be a finite number, got {value!r}")
 
 
 def _jsonable(value):
@@ -128,6 +170,11 @@ def _jsonable(value):
 def method_names() -> Tuple[str, ...]:
     from ..meta import METHOD_NAMES
     return tuple(METHOD_NAMES)
+
+
+def method_kwargs_of(name: str) -> Tuple[str, ...]:
+    from ..meta import method_kwargs
+    return tuple(method_kwargs(name))
 
 
 def default_method_factory(name: str, model: torch.nn.Module, loss_fn: Callable, **kwargs):
@@ -151,6 +198,56 @@ def common_kwargs(name: str, cfg: FewShotConfig, factory: Callable) -> Dict[str,
     if "beta" in accepted:
         kwargs["beta"] = cfg.beta
     return kwargs
+
+
+# -------------------------------------------------------------------------------------------- run folder
+_RUN_FILES = ("config.json", "results.json", "results.md", "curves.png", "test_metric.png", "cost.png", "fits.png")
+
+
+def run_files(out: Path) -> list:
+    """The files of a comparison run in ``out`` (what ``overwrite`` deletes; nothing else there is touched)."""
+    if not out.is_dir():
+        return []
+    stems = set(method_names())
+    try:  # the methods of the run recorded there, whatever their names
+        stems.update(json.loads((out / "config.json").read_text()).get("methods", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    stems.update(p.name[:-len("_curve.csv")] for p in out.glob("*_curve.csv"))
+    stems.update(p.stem for p in (out / "checkpoints").glob("*.pt"))
+    files = [out / n for n in _RUN_FILES]
+    for stem in stems:
+        files += [out / f"{stem}.json", out / f"{stem}_curve.csv", out / "checkpoints" / f"{stem}.pt"]
+    files = [p for p in files if p.is_file()]
+    files += [p for p in list(out.glob("*.tmp")) + list((out / "checkpoints").glob("*.tmp")) if p.is_file()]
+    return files
+
+
+def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool) -> Path:
+    """Check that ``out`` can take this run, before anything is written (a refused run changes no file).
+
+    A folder holding another run is refused unless ``resume`` (continue it) or ``overwrite`` (delete that run's
+    files first); a path that is a file, or a folder that cannot be written, is refused with what to do.
+    """
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is an existing file, not a folder; choose another --out")
+    held = run_files(out)
+    if held and not (resume or overwrite):
+        names = ", ".join(str(p.relative_to(out)) for p in held[:3]) + (", ..." if len(held) > 3 else "")
+        raise RunFolderError(f"--out {out} already holds a run ({names}); pass --resume to continue it, "
+                             f"--overwrite to replace it, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RunFolderError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") \
+            from None
+    if overwrite:
+        for p in held:
+            p.unlink(missing_ok=True)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -201,7 +298,13 @@ class _MethodRun:
         kwargs = common_kwargs(name, cfg, factory)
         kwargs.update(cfg.method_options.get(name, {}))
         self.kwargs = kwargs
-        self.method = factory(name, self.model, source.loss_fn, **kwargs)
+        try:
+            self.method = factory(name, self.model, source.loss_fn, **kwargs)
+        except (ValueError, TypeError) as exc:
+            if not cfg.method_options.get(name) or isinstance(exc, UserInputError):
+                raise  # not caused by the user's --set options: a bug, keep its traceback
+            raise UserInputError(f"--set {name}.*: the method refused its settings {_jsonable(kwargs)}: "
+                                 f"{' '.join(str(exc).split())}") from exc
         self.params = list(self.method.parameters())
         self.opt = torch.optim.Adam(self.params, lr=cfg.outer_lr)
         self.step, self.curve, self.step_times, self.peak_mib, self.divergences = 0, [], [], None, []
@@ -220,10 +323,15 @@ class _MethodRun:
         if not self.ckpt_path.is_file():
             return False
         ckpt = load_checkpoint(self.ckpt_path)
+        missing = sorted({"method", "config", "step", "params", "model_state", "optimizer", "rng", "curve",
+                          "step_times", "peak_mib", "divergences"} - set(ckpt if isinstance(ckpt, dict) else ()))
+        if missing:
+            raise CheckpointError(f"{self.ckpt_path} is not a checkpoint of lcp-meta fewshot (missing "
+                                  f"{', '.join(missing)}); delete it or choose another --out")
         if ckpt.get("method") != self.name or ckpt.get("config") != self.cfg.training_dict():
             diff = {k: (ckpt.get("config", {}).get(k), v) for k, v in self.cfg.training_dict().items()
                     if ckpt.get("config", {}).get(k) != v}
-            raise ValueError(f"cannot resume {self.name} from {self.ckpt_path}: it was written with different "
+            raise UserInputError(f"cannot resume {self.name} from {self.ckpt_path}: it was written with different "
                              f"settings (checkpoint value, requested value): {diff}")
         self.model.load_state_dict(ckpt["model_state"])
         with torch.no_grad():
@@ -346,18 +454,23 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
         known = method_names()
         unknown = [m for m in cfg.methods if m not in known]
         if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
+            raise UserInputError(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
+        for name, options in cfg.method_options.items():  # refused before anything is written
+            accepted = method_kwargs_of(name)
+            wrong = sorted(set(options) - set(accepted))
+            if wrong:
+                raise UserInputError(f"--set {name}.{wrong[0]}: {name} has no option {wrong[0]!r}; it accepts "
+                                     f"{', '.join(sorted(accepted))}")
     device = resolve_device(cfg.device)
     dtype = _DTYPES[cfg.dtype]
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_run_folder(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
     queries = cfg.queries
     if cfg.task == "sinusoid":
         source = SOURCES["sinusoid"](cfg.shots, queries, cfg.meta_batch, cfg.seed, cfg.val_episodes,
-                                     cfg.test_episodes, device, dtype, hidden=cfg.hidden or 40)
+                                     cfg.test_episodes, device, dtype, hidden=40 if cfg.hidden is None else cfg.hidden)
     else:
         source = SOURCES["omniglot"](cfg.ways, cfg.shots, queries or 5, cfg.meta_batch, cfg.seed,
-                                     cfg.val_episodes, cfg.test_episodes, device, dtype, hidden=cfg.hidden or 64,
+                                     cfg.val_episodes, cfg.test_episodes, device, dtype, hidden=64 if cfg.hidden is None else cfg.hidden,
                                      data_root=cfg.data_root, split_seed=cfg.split_seed,
                                      val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                                      cache_dir=cfg.cache_dir, progress=cfg.progress)
@@ -380,8 +493,8 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
         result = {"method": name, "metric": source.metric, "test_mean": mean, "test_ci95": ci,
                   "test_episodes": int(values.numel()), "sec_per_step": run.sec_per_step(),
                   "peak_memory_mib": run.peak_mib, "memory_kind": memory_kind(device),
-                  "meta_steps": run.step, "method_kwargs": _jsonable(run.kwargs),
-                  "divergences": run.divergences, "curve": run.curve}
+                  "meta_steps": run.step, "skipped_meta_steps": len(run.divergences),
+                  "method_kwargs": _jsonable(run.kwargs), "divergences": run.divergences, "curve": run.curve}
         if one_shot:
             scores = score_one_shot_runs(
                 _predict(run.method, source.one_shot_batch(one_shot)).argmax(-1).cpu(), one_shot)
@@ -395,6 +508,15 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
 
     summary: Dict[str, object] = {"out": str(out), "results": results, "unfinished": unfinished,
                                   "memory_kind": memory_kind(device), "config": config_record}
+    too_many = [r["method"] for r in results if r["skipped_meta_steps"] > cfg.max_skipped * r["meta_steps"]]
+    if too_many:
+        summary["too_many_skipped"] = too_many
+        summary["skipped_message"] = (
+            "; ".join(f"{r['method']} skipped {r['skipped_meta_steps']} of {r['meta_steps']} meta-steps"
+                      for r in results if r["method"] in too_many)
+            + f" (more than the allowed share {cfg.max_skipped:g}): their meta-gradients diverged, so their rows "
+              f"show a barely trained model; see 'divergences' in <method>.json, then lower beta, lam or "
+              f"inner_lr, or check the data")
     if unfinished:
         summary["message"] = (f"stopped before meta-step {cfg.meta_steps} for {', '.join(unfinished)}; "
                               f"run again with --resume to continue")
@@ -402,10 +524,11 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
         mk = memory_kind(device)
         table = report.results_table(results, mk)
         summary["table"] = table
-        (out / "results.md").write_text(
+        atomic_write_text(
             f"# Few-shot comparison: {cfg.task}\n\n{table}\n"
             f"{cfg.test_episodes} fixed test episodes (seed {cfg.seed}), 95% CI = 1.96 std / sqrt(n); "
-            f"sec/meta-step: mean wall-clock of a meta-step after the first on {config_record['device_name']}.\n")
+            f"sec/meta-step: mean wall-clock of a meta-step after the first on {config_record['device_name']}; "
+            f"skipped: meta-steps whose update was dropped because the method diverged.\n", out / "results.md")
     if results and cfg.plots:
         plots = [report.plot_curves(results, out / "curves.png"),
                  report.plot_test_metric(results, out / "test_metric.png", cfg.test_episodes),

@@ -6,16 +6,21 @@ Example (a quick CPU check, then the published MNIST ff run)::
         --data-root ../shared/data --out runs/quick
     lcp-meta supervised --dataset mnist --model ff --method lcp-di --device cuda --out runs/ff_lcp-di
 
+Exit codes: 0 done; 2 bad input (nothing written); 4 more than --max-skipped of the batches were skipped
+(diverged).  A run folder that already holds a run is refused unless --resume or --overwrite is given.
+
 Every option left out takes the published setting (spec, section 3).  The run folder receives
 ``checkpoint.pt`` (after every epoch) and ``result.json``; ``--resume`` continues from the checkpoint.
 """
 from __future__ import annotations
 
 import argparse
-import ast
+import sys
 from typing import Any, Dict, List, Optional
 
 from .trainer import DATASETS, MODEL_NAMES, RunConfig, train
+from ..utils.errors import UserInputError
+from ..utils.options import parse_option_value
 
 __all__ = ["add_parser", "run", "parse_assignments"]
 
@@ -23,16 +28,16 @@ _METHODS_HELP = "bp, rbp, lcp-di, lcp-di-kp, lcp-lf, lcp-ebd"
 
 
 def parse_assignments(items: Optional[List[str]], flag: str) -> Dict[str, Any]:
-    """``["alpha=0.1", "solver=anderson"]`` -> ``{"alpha": 0.1, "solver": "anderson"}`` (python literals, else strings)."""
+    """``["alpha=0.1", "solver=anderson"]`` -> ``{"alpha": 0.1, "solver": "anderson"}``.
+
+    Values are read as strictly as typed flags (``lcp_meta.utils.options``): python literals or bare words;
+    ``nan``, ``inf`` and overflowing numbers are refused."""
     out: Dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip().isidentifier():
-            raise ValueError(f"{flag} expects KEY=VALUE with KEY a python identifier, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value
+            raise UserInputError(f"{flag} expects KEY=VALUE with KEY a python identifier, got {item!r}")
+        out[key.strip()] = parse_option_value(value, f"{flag} {key.strip()}")
     return out
 
 
@@ -57,6 +62,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder holding mnist/ or cifar-10-batches-py/ (default $LCP_META_DATA)")
     p.add_argument("--out", help="run folder (default runs/DATASET_MODEL_METHOD_seedSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its checkpoint "
+                                                            "and result are deleted first)")
+    p.add_argument("--max-skipped", type=float, default=0.1, metavar="SHARE",
+                   help="exit with code 4 when more than this share of the trained batches was skipped because "
+                        "the dynamics diverged (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N batches within an epoch")
     p.add_argument("--solver", choices=("euler", "anderson"), help="fixed-point solver (default euler, as published)")
     p.add_argument("--tol", type=float, help="solver stop threshold on the relative change (default: the method's)")
@@ -75,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         dataset=args.dataset, model=args.model, method=args.method, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, lr_final=args.lr_final, optimizer=args.optimizer,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_batches=args.max_batches, seed=args.seed,
-        device=args.device, data_root=args.data_root, out=args.out, resume=args.resume, solver=args.solver,
+        device=args.device, data_root=args.data_root, out=args.out, resume=args.resume, overwrite=args.overwrite,
+        max_skipped=args.max_skipped, solver=args.solver,
         tol=args.tol, max_iter=args.max_iter, test_subset=args.test_subset,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
         method_kwargs=parse_assignments(args.method_set, "--set"),
@@ -85,4 +96,10 @@ def run(args: argparse.Namespace) -> int:
     summary = f"test accuracy {100 * acc:.2f}%" if acc is not None else "no epoch trained"
     skipped = result["skipped_batches"]
     print(f"done: {summary}; {skipped} batch(es) skipped; results in {result['run_dir']}", flush=True)
+    if result.get("too_many_skipped"):
+        # most updates were dropped: the accuracy above is that of a barely trained network
+        print(f"error: {skipped} of {result['batches_seen']} batches were skipped (more than the allowed share "
+              f"{args.max_skipped:g}): the dynamics diverged; see the skipped-batch warnings, then lower lr or "
+              f"alpha, or raise max_iter", file=sys.stderr)
+        return 4
     return 0

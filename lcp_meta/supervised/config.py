@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from ..utils.errors import UserInputError
+
 __all__ = ["METHOD_NAMES", "TRAINER_KEYS", "default_hparams", "SUPPORTED"]
 
 METHOD_NAMES = ("bp", "rbp", "lcp-di", "lcp-di-kp", "lcp-lf", "lcp-ebd")
@@ -41,11 +43,11 @@ _TRAINER = {
 def default_hparams(model_name: str, method_name: str) -> Dict[str, Any]:
     """The spec's settings for ``method_name`` on ``model_name`` (a fresh dict, safe to modify)."""
     if model_name not in SUPPORTED:
-        raise ValueError(f"unknown model {model_name!r}; expected one of {tuple(SUPPORTED)}")
+        raise UserInputError(f"unknown model {model_name!r}; expected one of {tuple(SUPPORTED)}")
     if method_name not in METHOD_NAMES:
-        raise ValueError(f"unknown method {method_name!r}; expected one of {METHOD_NAMES}")
+        raise UserInputError(f"unknown method {method_name!r}; expected one of {METHOD_NAMES}")
     if method_name not in SUPPORTED[model_name]:
-        raise ValueError(f"method {method_name!r} is not available for model {model_name!r}; "
+        raise UserInputError(f"method {method_name!r} is not available for model {model_name!r}; "
                          f"choose one of {SUPPORTED[model_name]}")
     hp: Dict[str, Any] = dict(_TRAINER[model_name])
     hp["loss"] = "ce"  # the official code trains with nn.CrossEntropyLoss (batch mean)

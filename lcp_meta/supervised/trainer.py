@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import random
 import sys
@@ -35,6 +36,7 @@ import torch
 
 from ..core import DivergenceError
 from ..utils import atomic_save, atomic_write_text, load_checkpoint, resolve_device, rng_state, set_rng_state
+from ..utils.errors import CheckpointError, RunFolderError, UserInputError
 
 __all__ = ["DATASETS", "MODEL_NAMES", "TRAINER_KEYS", "RunConfig", "trainer_defaults", "resolve_hparams",
            "load_dataset", "evaluate", "train", "SkippedBatchWarning"]
@@ -81,7 +83,7 @@ def trainer_defaults(dataset: str, model: str, method: str) -> Dict[str, Any]:
 
 def _check_choice(what: str, value: str, choices) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+        raise UserInputError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
 
 
 @dataclasses.dataclass
@@ -96,6 +98,9 @@ class RunConfig:
     test_subset: evaluate on the first N test images only (a fixed subset).
     checkpoint_every: also checkpoint every N batches inside an epoch (0: only at epoch ends).
     method_kwargs/model_kwargs: overrides of the method's and model's settings.
+    resume/overwrite: continue the run in ``out`` / replace it (without either, a folder holding a run is refused).
+    max_skipped: the share of batches that may be skipped (diverged) before the result is flagged
+        ``too_many_skipped`` (exit code 4 on the command line).
     """
 
     dataset: str = "mnist"
@@ -114,6 +119,8 @@ class RunConfig:
     data_root: Optional[str] = None
     out: Optional[str] = None
     resume: bool = False
+    overwrite: bool = False
+    max_skipped: float = 0.1
     solver: Optional[str] = None
     tol: Optional[float] = None
     max_iter: Optional[int] = None
@@ -154,12 +161,12 @@ def _validate_trainer(t: Dict[str, Any]) -> None:
     _check_choice("optimizer", t["optimizer"], ("adam", "sgd"))
     for key in ("epochs", "batch_size"):
         if not isinstance(t[key], int) or t[key] < 1:
-            raise ValueError(f"{key} must be a positive integer, got {t[key]!r}")
+            raise UserInputError(f"{key} must be a positive integer, got {t[key]!r}")
     for key in ("lr", "lr_final"):
         if not (isinstance(t[key], (int, float)) and t[key] > 0 and math.isfinite(t[key])):
-            raise ValueError(f"{key} must be a positive number, got {t[key]!r}")
+            raise UserInputError(f"{key} must be a positive number, got {t[key]!r}")
     if t["grad_clip"] is not None and not t["grad_clip"] >= 0:
-        raise ValueError(f"grad_clip must be >= 0 (0 or None: no clipping), got {t['grad_clip']!r}")
+        raise UserInputError(f"grad_clip must be >= 0 (0 or None: no clipping), got {t['grad_clip']!r}")
 
 
 def load_dataset(name: str, data_root: Optional[str], device: torch.device):
@@ -240,7 +247,8 @@ def _device_name(device: torch.device) -> str:
 
 def _comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The part of a config that must match for a resumed run to be the same run."""
-    ignore = {"device", "data_root", "out", "resume", "progress", "eval_batch_size", "checkpoint_every"}
+    ignore = {"device", "data_root", "out", "resume", "progress", "eval_batch_size", "checkpoint_every", "overwrite",
+              "max_skipped"}
     return {k: v for k, v in cfg.items() if k not in ignore}
 
 
@@ -269,28 +277,57 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         method_kwargs = dict(cfg.method_kwargs)
     for key in ("max_batches", "test_subset"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
+            raise UserInputError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
     if cfg.checkpoint_every < 0 or cfg.eval_batch_size < 1:
-        raise ValueError(f"expected checkpoint_every >= 0 and eval_batch_size >= 1, got {cfg.checkpoint_every} "
-                         f"and {cfg.eval_batch_size}")
+        raise UserInputError(f"expected checkpoint_every >= 0 and eval_batch_size >= 1, got {cfg.checkpoint_every} "
+                             f"and {cfg.eval_batch_size}")
+    if cfg.tol is not None and not (math.isfinite(cfg.tol) and cfg.tol > 0):
+        raise UserInputError(f"tol must be a positive finite number, got {cfg.tol!r}")
+    if cfg.max_iter is not None and cfg.max_iter < 1:
+        raise UserInputError(f"max_iter must be a positive integer, got {cfg.max_iter!r}")
+    for key, value in {**cfg.method_kwargs, **cfg.model_kwargs}.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserInputError(f"{key} must be a finite number, got {value!r}")
+    if not 0 <= cfg.max_skipped <= 1:
+        raise UserInputError(f"max_skipped must be a share between 0 and 1, got {cfg.max_skipped!r}")
+    if cfg.resume and cfg.overwrite:
+        raise UserInputError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
     out = Path(cfg.out or f"runs/{cfg.dataset}_{cfg.model}_{cfg.method}_seed{cfg.seed}")
     ckpt_path = out / CHECKPOINT_NAME
     checkpoint = None
-    if ckpt_path.exists():
-        if not cfg.resume:
-            raise ValueError(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it "
-                             f"or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is an existing file, not a folder; choose another --out")
+    held = [p for p in (ckpt_path, out / RESULT_NAME) if p.is_file()]
+    if held and not (cfg.resume or cfg.overwrite):
+        raise RunFolderError(f"{out} already holds a run ({', '.join(p.name for p in held)}); pass --resume to "
+                             f"continue it, --overwrite to replace it, or choose another --out")
+    if ckpt_path.exists() and cfg.resume:
         # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest beside the parameters
         checkpoint = load_checkpoint(ckpt_path, map_location="cpu")
+        missing = sorted({"model", "method", "optimizer", "scheduler", "rng", "epoch", "batch", "step", "history",
+                          "skipped", "config"} - set(checkpoint if isinstance(checkpoint, dict) else ()))
+        if missing or not isinstance(checkpoint["config"], dict):
+            raise CheckpointError(f"{ckpt_path} is not a checkpoint of lcp-meta supervised (missing "
+                                  f"{', '.join(missing) or 'config'}); delete it or choose another --out")
         stored = _comparable(checkpoint["config"])
         now = _comparable(dataclasses.asdict(cfg))
         diff = {k: (stored.get(k), now.get(k)) for k in set(stored) | set(now) if stored.get(k) != now.get(k)}
         if diff:
-            raise ValueError("cannot resume: settings differ from the checkpointed run: " +
+            raise UserInputError("cannot resume: settings differ from the checkpointed run: " +
                              ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items())))
     elif cfg.resume:
         log(f"no checkpoint in {out}; starting a new run there")
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # before any data is read or any batch trained: an unwritable folder is found now, not after an epoch
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RunFolderError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") \
+            from None
+    if cfg.overwrite:
+        for p in held:
+            p.unlink(missing_ok=True)
 
     # data first: a missing data set is reported before any model is built
     if data is None:
@@ -302,12 +339,19 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     _seed_everything(cfg.seed)
     if model is None:
         from ..models.supervised import build_model
-        model = build_model(cfg.model, in_shape=tuple(x_train.shape[1:]), num_classes=10, **cfg.model_kwargs)
-        model = model.to(device)
-        method = _method_api()[2](cfg.method, model, **method_kwargs)
+        try:
+            model = build_model(cfg.model, in_shape=tuple(x_train.shape[1:]), num_classes=10, **cfg.model_kwargs)
+            model = model.to(device)
+            method = _method_api()[2](cfg.method, model, **method_kwargs)
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, UserInputError) or not (cfg.model_kwargs or cfg.method_kwargs or cfg.tol is not None
+                                                       or cfg.max_iter is not None or cfg.solver):
+                raise  # not caused by the user's overrides: a bug, keep its traceback
+            raise UserInputError(f"the model or method refused the given settings (--set/--model-set/--tol/"
+                                 f"--max-iter/--solver): {' '.join(str(exc).split())}") from exc
     params = list(method.parameters())
     if not params:
-        raise ValueError(f"method {cfg.method!r} exposes no parameters to train")
+        raise UserInputError(f"method {cfg.method!r} exposes no parameters to train")
 
     from .. data.mnist import TensorBatches
     loader = TensorBatches(x_train, y_train, trainer_hp["batch_size"], shuffle=True, drop_last=False,
@@ -420,6 +464,9 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         if epoch < trainer_hp["epochs"]:
             _write_json(result, out / RESULT_NAME)
     result["status"] = "finished"
+    seen = sum(r["batches"] + r["skipped_batches"] for r in result["epochs"])
+    result["batches_seen"] = seen
+    result["too_many_skipped"] = result["skipped_batches"] > cfg.max_skipped * seen
     result["date_finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if result["epochs"]:
         result["final_test_accuracy"] = result["epochs"][-1]["test_accuracy"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UserInputError
+
 
 def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device:
     """Turn ``'auto' | 'cpu' | 'cuda' | 'cuda:N'`` (or a torch.device) into a torch.device.
@@ -18,7 +20,7 @@ def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+            raise UserInputError(f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here; use --device cpu or auto")
+        raise UserInputError(f"device {device!r} requested but CUDA is not available here; use --device cpu or auto")
     return dev
