@@ -313,7 +313,7 @@ class MetaMethod(nn.Module):
         if self.use_vmap:
             check_vmappable(self.model)
         model_fn = make_model_fn(self.model, consts)
-        return InnerSystem(make_loss(model_fn, self.loss_fn), model_fn, self.use_vmap), params
+        return InnerSystem(make_loss(model_fn, checked_loss(self.loss_fn)), model_fn, self.use_vmap), params
 
     def _prepare(self, tasks) -> TaskBatch:
         tb = TaskBatch.coerce(tasks)
