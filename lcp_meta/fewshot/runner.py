@@ -29,6 +29,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..core.solvers import DivergenceError
 from ..data.episodes import mean_ci95
 from ..data.omniglot import score_one_shot_runs
@@ -305,6 +306,7 @@ class _MethodRun:
                 raise  # not caused by the user's --set options: a bug, keep its traceback
             raise UserInputError(f"--set {name}.*: the method refused its settings {_jsonable(kwargs)}: "
                                  f"{' '.join(str(exc).split())}") from exc
+        self.method = distributed.wrap_meta(self.method)  # under torchrun: this rank's slice, all-reduced
         self.params = list(self.method.parameters())
         self.opt = torch.optim.Adam(self.params, lr=cfg.outer_lr)
         self.step, self.curve, self.step_times, self.peak_mib, self.divergences = 0, [], [], None, []
@@ -312,6 +314,8 @@ class _MethodRun:
 
     # ---- checkpoints
     def save(self) -> None:
+        if not distributed.is_main():  # rank 0 alone writes; every rank holds the same parameters
+            return
         atomic_save({
             "method": self.name, "config": self.cfg.training_dict(), "step": self.step,
             "params": [p.detach().cpu() for p in self.params], "model_state": self.model.state_dict(),
@@ -385,7 +389,10 @@ class _MethodRun:
     def train(self) -> bool:
         """Meta-train up to ``meta_steps`` (or ``stop_after`` more steps); True when finished."""
         cfg = self.cfg
-        if cfg.resume and self.restore() and self.step >= cfg.meta_steps:
+        restored = cfg.resume and self.restore()
+        distributed.check_agreement({"method": self.name, "step": self.step}, "resume point (every rank must read "
+                                    "the same checkpoint: put --out on a shared file system)")
+        if restored and self.step >= cfg.meta_steps:
             return True
         log_every = cfg.log_every or max(1, cfg.meta_steps // 100)
         val_every = cfg.val_every or max(1, cfg.meta_steps // 10)
@@ -461,9 +468,11 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
             if wrong:
                 raise UserInputError(f"--set {name}.{wrong[0]}: {name} has no option {wrong[0]!r}; it accepts "
                                      f"{', '.join(sorted(accepted))}")
-    device = resolve_device(cfg.device)
+    device = distributed.setup(resolve_device(cfg.device))  # under torchrun: join the group (gloo/nccl)
+    distributed.check_agreement(_jsonable(dataclasses.asdict(cfg)), "configuration")
     dtype = _DTYPES[cfg.dtype]
-    out = prepare_run_folder(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
+    out = distributed.on_main(lambda: prepare_run_folder(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite),
+                              Path(cfg.out))
     queries = cfg.queries
     if cfg.task == "sinusoid":
         source = SOURCES["sinusoid"](cfg.shots, queries, cfg.meta_batch, cfg.seed, cfg.val_episodes,
@@ -477,8 +486,10 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
     config_record = {**{k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()},
                      "resolved_device": str(device),
                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "torch": torch.__version__, "protocol": source.protocol}
-    atomic_write_text(json.dumps(config_record, indent=2), out / "config.json")
+                     "torch": torch.__version__, "protocol": source.protocol, "world_size": distributed.world_size()}
+    distributed.check_agreement({"protocol": source.protocol}, "data protocol (same data on every rank)")
+    if distributed.is_main():
+        atomic_write_text(json.dumps(config_record, indent=2), out / "config.json")
 
     runs, results, unfinished = [], [], []
     one_shot = source.one_shot_runs() if hasattr(source, "one_shot_runs") else None
@@ -501,8 +512,9 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
             m, c = mean_ci95(scores)
             result["one_shot_runs"] = {"mean": m, "ci95": c, "per_run": dict(zip([r.name for r in one_shot],
                                                                                  scores))}
-        atomic_write_text(json.dumps(result, indent=2), out / f"{name}.json")
-        report.write_curve_csv(run.curve, out / f"{name}_curve.csv")
+        if distributed.is_main():
+            atomic_write_text(json.dumps(result, indent=2), out / f"{name}.json")
+            report.write_curve_csv(run.curve, out / f"{name}_curve.csv")
         runs.append(run)
         results.append(result)
 
@@ -520,6 +532,8 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
     if unfinished:
         summary["message"] = (f"stopped before meta-step {cfg.meta_steps} for {', '.join(unfinished)}; "
                               f"run again with --resume to continue")
+    if not distributed.is_main():  # the other ranks computed the same numbers; rank 0 writes them
+        return summary
     if results:
         mk = memory_kind(device)
         table = report.results_table(results, mk)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .. import distributed
 from ..core import DivergenceError
 from ..utils import atomic_save, atomic_write_text, load_checkpoint, resolve_device, rng_state, set_rng_state
 from ..utils.errors import CheckpointError, RunFolderError, UserInputError
@@ -236,6 +237,8 @@ def _seed_everything(seed: int) -> None:
 
 
 def _write_json(obj: Dict[str, Any], path: Path) -> None:
+    if not distributed.is_main():  # rank 0 alone writes results
+        return
     atomic_write_text(json.dumps(obj, indent=2, default=str) + "\n", path)
 
 
@@ -265,7 +268,9 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     Returns:
         the result dict: config, hyper-parameters, per-epoch records, skipped batches, device, versions.
     """
-    device = resolve_device(cfg.device)
+    device = distributed.setup(resolve_device(cfg.device))  # under torchrun: join the group (gloo/nccl)
+    distributed.check_agreement(dataclasses.asdict(cfg), "configuration")
+    log = log if distributed.is_main() else (lambda _line: None)
     _check_choice("dataset", cfg.dataset, DATASETS)
     _check_choice("model", cfg.model, MODEL_NAMES)
     if model is None or method is None:
@@ -335,6 +340,8 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     x_train, y_train, x_test, y_test = (t.to(device) for t in data)
     if cfg.test_subset is not None:
         x_test, y_test = x_test[:cfg.test_subset], y_test[:cfg.test_subset]
+    distributed.check_agreement({"data": [(tuple(t.shape), float(t.double().sum())) for t in (x_train, y_train)]},
+                                "training data (same --data-root and files on every rank)")
 
     _seed_everything(cfg.seed)
     if model is None:
@@ -349,6 +356,7 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
                 raise  # not caused by the user's overrides: a bug, keep its traceback
             raise UserInputError(f"the model or method refused the given settings (--set/--model-set/--tol/"
                                  f"--max-iter/--solver): {' '.join(str(exc).split())}") from exc
+    method = distributed.wrap_supervised(method)  # under torchrun: this rank's shard, all-reduced
     params = list(method.parameters())
     if not params:
         raise UserInputError(f"method {cfg.method!r} exposes no parameters to train")
@@ -375,6 +383,7 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         "python_version": platform.python_version(), "command": " ".join(sys.argv),
         "date_started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "batches_per_epoch": per_epoch, "epochs": [], "skipped_batches": 0, "status": "running",
+        "world_size": distributed.world_size(),
     }
     epoch, start_batch, step = 0, 0, 0
     partial: Dict[str, Any] = {}
@@ -390,7 +399,12 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         set_rng_state(checkpoint["rng"])
         log(f"resuming {out} at epoch {epoch + 1}, batch {start_batch} (step {step})")
 
+    distributed.check_agreement({"epoch": epoch, "batch": start_batch, "step": step}, "resume point (every rank "
+                                "must read the same checkpoint: put --out on a shared file system)")
+
     def save(ep: int, batch: int, part: Dict[str, Any]) -> None:
+        if not distributed.is_main():  # rank 0 alone writes; every rank holds the same parameters
+            return
         atomic_save({"model": model.state_dict(), "method": method.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "rng": rng_state(), "epoch": ep, "batch": batch, "step": step,
