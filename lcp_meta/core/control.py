@@ -51,6 +51,20 @@ class OutputControl:
         p = torch.softmax(y, 1) if self.loss == "ce" else y
         return (p - self.onehot) / y.shape[0]
 
+    def u_of(self, y: torch.Tensor) -> torch.Tensor:
+        """``u = -beta grad l(y)`` (finite beta)."""
+        return -self.beta * self.grad_l(y)
+
+    def newton_step(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """One Newton step towards the solution of ``y = h - beta grad l(y)`` (exact for MSE)."""
+        if self.loss == "mse":
+            return (h + self.b * self.onehot) / (1 + self.b)
+        b, p = self.b, torch.softmax(y, 1)
+        r = y - h + b * (p - self.onehot)
+        d = 1 + b * p
+        dr, dp = r / d, p / d
+        return y - dr - dp * (b * (p * dr).sum(1, keepdim=True) / (1 - b * (p * dp).sum(1, keepdim=True)))
+
     def solve(self, h: torch.Tensor, newton_tol: float = 0.0, max_newton: int = 30) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(y, u)`` with ``y = h + u`` and ``u = -beta grad l(y)``."""
         if math.isinf(self.beta):
@@ -60,18 +74,12 @@ class OutputControl:
             return y, y - h
         # Newton on r(y) = y - h + b (p - onehot), J = diag(1 + b p) - b p p^T (invert by Sherman-Morrison);
         # r is the gradient of a strongly convex function of y, so Newton from y = h converges quadratically
-        y, b = h.clone(), self.b
-        eps = torch.finfo(h.dtype).eps
+        y, eps = h, torch.finfo(h.dtype).eps
         for _ in range(max_newton):
-            p = torch.softmax(y, 1)
-            r = y - h + b * (p - self.onehot)
-            d = 1 + b * p
-            dr, dp = r / d, p / d
-            step = dr + dp * (b * (p * dr).sum(1, keepdim=True) / (1 - b * (p * dp).sum(1, keepdim=True)))
-            y = y - step
-            if float(step.abs().max()) <= max(newton_tol, 4 * eps) * (1 + float(y.abs().max())):
+            y, y_old = self.newton_step(y, h), y
+            if float((y - y_old).abs().max()) <= max(newton_tol, 4 * eps) * (1 + float(y.abs().max())):
                 break
-        return y, -self.beta * self.grad_l(y)
+        return y, self.u_of(y)
 
 
 @dataclass
@@ -87,7 +95,8 @@ class ControlProblem:
     max_iter: int
     check_every: int = 1
     inner: str = "anderson"  # the fixed-point solver the strategy runs on its reduced map
-    warm_tol: float = 1e-4  # stop rule of the warm start's free phase (warm-anderson)
+    warm_tol: Optional[float] = 1e-4  # stop rule of the warm start's free phase (warm-anderson)
+    inner_kw: Optional[dict] = None  # options of the inner solver (e.g. Anderson's memory m)
 
 
 CONTROL_SOLVERS: Dict[str, Callable] = {}
@@ -132,7 +141,8 @@ def sweep(p: ControlProblem):
         return (m.forward_sweep(c, m.backward_sweep(c, v, u, fb)),)
 
     v0 = m.forward_sweep(c)  # free equilibrium: one forward pass
-    (v,), stats = solve(T, (v0,), solver=p.inner, tol=p.tol, max_iter=p.max_iter, check_every=p.check_every)
+    (v,), stats = solve(T, (v0,), solver=p.inner, tol=p.tol, max_iter=p.max_iter, check_every=p.check_every,
+                        **(p.inner_kw or {}))
     y, u = out.solve(m.h(v))
     e = m.backward_sweep(c, v, u, fb)
     return (v, y, e, u), _finish([stats], stats.iterations + 1)
@@ -146,18 +156,34 @@ def warm_anderson(p: ControlProblem):
     m, c, out, fb = p.model, p.c, p.out, p.fb
     # the free phase runs the free dynamics themselves (Euler): an equilibrium the dynamics do not reach (unstable
     # g) makes them diverge, as in the simulation, where Anderson alone would find it and train on it
-    v0, s0 = m.free_equilibrium(c, solver="euler", tol=max(p.tol, p.warm_tol), max_iter=p.max_iter,
-                                check_every=p.check_every, freeze_converged=False)
+    if p.warm_tol is None:  # no free phase: start the joint solve from v = 0
+        v0, s0 = m.init_state(c), SolverStats(iterations=0, residual=0.0, converged=True)
+    else:
+        v0, s0 = m.free_equilibrium(c, solver="euler", tol=max(p.tol, p.warm_tol), max_iter=p.max_iter,
+                                    check_every=p.check_every, freeze_converged=False)
     if s0.diverged or not s0.converged:
         return (v0, None, None, None), s0
 
-    def step(z):
-        v, e = z
-        _, u = out.solve(m.h(v))
-        g, _, jg, jh = m.step_terms(c, v, e, u, fb)
-        return g + e, jg + jh
+    if math.isinf(out.beta):  # exact control: u = onehot - h(v) needs h before the step
+        def step(z):
+            v, e = z
+            _, u = out.solve(m.h(v))
+            g, _, jg, jh = m.step_terms(c, v, e, u, fb)
+            return g + e, jg + jh
 
-    (v, e), s1 = solve(step, (v0, torch.zeros_like(v0)), solver=p.inner, tol=p.tol, max_iter=p.max_iter,
-                       check_every=p.check_every)
-    y, u = out.solve(m.h(v))
-    return (v, y, e, u), _finish([s0, s1], s0.iterations + s1.iterations)
+        (v, e), s1 = solve(step, (v0, torch.zeros_like(v0)), solver=p.inner, tol=p.tol, max_iter=p.max_iter,
+                           check_every=p.check_every, **(p.inner_kw or {}))
+        y, u = out.solve(m.h(v))
+        return (v, y, e, u), _finish([s0, s1], s0.iterations + s1.iterations)
+
+    # y rides along in the state and takes one Newton step per evaluation (its fixed point is the exact
+    # output solve), so g, h and both VJPs share one nonlinearity and the step needs no host sync
+    def step(z):
+        v, e, y = z
+        g, h, jg, jh = m.step_terms(c, v, e, out.u_of(y), fb)
+        return g + e, jg + jh, out.newton_step(y, h)
+
+    y0, _ = out.solve(m.h(v0))
+    (v, e, y), s1 = solve(step, (v0, torch.zeros_like(v0), y0), solver=p.inner, tol=p.tol, max_iter=p.max_iter,
+                          check_every=p.check_every, **(p.inner_kw or {}))
+    return (v, y, e, out.u_of(y)), _finish([s0, s1], s0.iterations + s1.iterations)

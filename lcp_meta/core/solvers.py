@@ -82,12 +82,14 @@ def _unflat(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> State:
 
 def relative_change(z_new: Sequence[torch.Tensor], z_old: Sequence[torch.Tensor], eps: float = 1e-12) -> torch.Tensor:
     """Per-sample ``|z_new - z_old| / max(|z_new|, eps)`` over all components of the state."""
-    num = torch.zeros(z_new[0].shape[0], dtype=torch.float64, device=z_new[0].device)
-    den = torch.zeros_like(num)
+    # per-component norms in the state's own dtype (each call of a step map pays for this: keep it to a
+    # few ops), combined in float64
+    num = den = 0
     for a, b in zip(z_new, z_old):
-        num += (a - b).reshape(a.shape[0], -1).double().pow(2).sum(1)
-        den += a.reshape(a.shape[0], -1).double().pow(2).sum(1)
-    return num.sqrt() / den.sqrt().clamp_min(eps)
+        num = num + torch.linalg.vector_norm((a - b).reshape(a.shape[0], -1), dim=1).double().square()
+        den = den + torch.linalg.vector_norm(a.reshape(a.shape[0], -1), dim=1).double().square()
+    # a state whose norm overflows its dtype has diverged: report NaN, not 0 (= finite / inf)
+    return torch.where(torch.isfinite(den), num.sqrt() / den.sqrt().clamp_min(eps), math.nan)
 
 
 SOLVERS: Dict[str, Callable] = {}
@@ -104,9 +106,9 @@ def register_solver(name: str):
 
 
 def _check(rel: torch.Tensor, z: State, tol: float) -> Tuple[bool, bool]:
-    """(all converged, any non-finite). One host synchronisation."""
-    finite = torch.stack([torch.isfinite(t).all() for t in z]).all() & torch.isfinite(rel).all()
-    flags = torch.stack([(rel < tol).all(), ~finite]).cpu()
+    """(all converged, any non-finite). One host synchronisation.  A NaN/inf anywhere in a state makes its
+    relative change NaN/inf, so the relative change alone tells both (the state ``z`` is not scanned)."""
+    flags = torch.stack([(rel < tol).all(), ~torch.isfinite(rel).all()]).cpu()
     return bool(flags[0]), bool(flags[1])
 
 
@@ -150,44 +152,55 @@ def anderson(step: StepFn, z0: State, tol: float, max_iter: int, min_iter: int =
              m: int = 5, beta: float = 1.0, reg: float = 1e-10, trace: bool = False) -> Tuple[State, SolverStats]:
     """Anderson acceleration (type II) of the step map, per sample.
 
-    Keeps the last ``m`` iterates x_k and residuals r_k = step(x_k) - x_k, and takes the affine
-    combination of the step-map outputs whose combined residual has the least norm (a small
-    regularised least-squares problem per sample).  It has the same fixed points as plain iteration.
+    Keeps the last ``m`` step-map outputs g_k = step(x_k) and residuals r_k = g_k - x_k, and takes the
+    affine combination of the outputs whose combined residual has the least norm (a small regularised
+    least-squares problem per sample).  It has the same fixed points as plain iteration.  The buffers are
+    ring buffers updated in place: per step only one row is written (the step map is the cost, not this).
     """
     like = tuple(z0)
     x = _flat(like)
     B, D = x.shape
-    X = x.new_zeros(B, m, D)  # past inputs
+    dt, dev = x.dtype, x.device
+    X = x.new_zeros(B, m, D) if beta != 1 else None  # past inputs (only needed for damping)
     G = x.new_zeros(B, m, D)  # past step-map outputs
+    R = x.new_zeros(B, m, D)  # past residuals
+    H = torch.zeros(B, m + 1, m + 1, dtype=dt, device=dev)  # bordered normal equations, filled per step
+    H[:, 0, 1:] = H[:, 1:, 0] = 1
+    rhs = torch.zeros(B, m + 1, 1, dtype=dt, device=dev)
+    rhs[:, 0] = 1
+    eye = torch.eye(m, dtype=dt, device=dev)
     stats = SolverStats(iterations=0, residual=math.inf, converged=False)
-    rel = torch.full((B,), math.inf, dtype=torch.float64, device=x.device)
+    rel = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
     gx = _flat(step(_unflat(x, like)))
-    X[:, 0], G[:, 0] = x, gx
+    G[:, 0], R[:, 0] = gx, gx - x
+    if X is not None:
+        X[:, 0] = x
     x = gx
     stats.iterations = 1
     for k in range(1, max_iter):
         gx = _flat(step(_unflat(x, like)))
-        n = min(k + 1, m)
-        X[:, k % m], G[:, k % m] = x, gx
-        F = (G[:, :n] - X[:, :n])  # residuals, (B, n, D)
-        # minimise |sum_i a_i F_i| subject to sum_i a_i = 1 via the bordered normal equations
-        H = torch.zeros(B, n + 1, n + 1, dtype=x.dtype, device=x.device)
-        H[:, 0, 1:] = H[:, 1:, 0] = 1
-        FF = F @ F.transpose(1, 2)
-        # regularise relative to the residuals' scale: they shrink by many orders as the solve converges
-        scale = FF.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(x.dtype).tiny)
-        H[:, 1:, 1:] = FF + (reg * scale)[:, None, None] * torch.eye(n, dtype=x.dtype, device=x.device)
-        y = torch.zeros(B, n + 1, 1, dtype=x.dtype, device=x.device)
-        y[:, 0] = 1
-        sol, info = torch.linalg.solve_ex(H, y)
-        alpha = sol[:, 1 : n + 1, 0]  # (B, n)
+        n, j = min(k + 1, m), k % m
+        G[:, j] = gx
+        torch.sub(gx, x, out=R[:, j])
+        if X is not None:
+            X[:, j] = x
+        Rn = R[:, :n]
+        # minimise |sum_i a_i r_i| subject to sum_i a_i = 1; regularise relative to the residuals' scale,
+        # which shrinks by many orders as the solve converges
+        RR = Rn @ Rn.transpose(1, 2)
+        scale = RR.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(dt).tiny)
+        H[:, 1:n + 1, 1:n + 1] = RR + (reg * scale)[:, None, None] * eye[:n, :n]
+        sol, info = torch.linalg.solve_ex(H[:, :n + 1, :n + 1], rhs[:, :n + 1])
+        alpha = sol[:, 1:n + 1, 0]  # (B, n)
         # a singular system (residuals exactly zero or collinear): take the plain step for that sample
         bad = (info != 0) | ~torch.isfinite(alpha).all(1)
-        plain = torch.nn.functional.one_hot(torch.tensor(k % m, device=x.device), n).to(alpha.dtype)
-        alpha = torch.where(bad[:, None], plain, alpha)
-        x_new = beta * (alpha[:, None] @ G[:, :n])[:, 0] + (1 - beta) * (alpha[:, None] @ X[:, :n])[:, 0]
+        alpha = torch.where(bad[:, None], eye[j, :n], alpha)
+        x_new = (alpha[:, None] @ G[:, :n])[:, 0]
+        if X is not None:
+            x_new = beta * x_new + (1 - beta) * (alpha[:, None] @ X[:, :n])[:, 0]
         # the fixed-point residual of the point just evaluated is the honest stop criterion
-        rel = (gx - x).double().norm(dim=1) / gx.double().norm(dim=1).clamp_min(1e-12)
+        rel = (torch.linalg.vector_norm(R[:, j], dim=1).double()
+               / torch.linalg.vector_norm(gx, dim=1).double().clamp_min(1e-12))
         x = x_new
         stats.iterations = k + 1
         if k + 1 >= min_iter and ((k + 1) % check_every == 0 or k + 1 == max_iter):

@@ -49,6 +49,7 @@ class DynamicInversion(Method):
         if k_i == 0 and k_p == 0:
             raise ValueError("k_i and k_p are both 0: the output controller would exert no control")
         self.alpha, self.k_i, self.k_p, self.dt = float(alpha), float(k_i), float(k_p), float(dt)
+        self.control_options = {}  # ControlProblem fields (inner, warm_tol, inner_kw) for the structured solvers
         known = set(SOLVERS) | set(CONTROL_SOLVERS) | {"auto"}
         if solver not in known:
             raise ValueError(f"unknown solver {solver!r} for {self.name}; expected one of {sorted(known)}")
@@ -91,7 +92,7 @@ class DynamicInversion(Method):
         if name in CONTROL_SOLVERS:
             out = OutputControl(target, self.model.num_classes, c.dtype, self.loss, self.beta)
             prob = ControlProblem(self.model, c, out, self._fb(), self.tol, self.max_iter,
-                                  self.check_every or default_check_every(c.device))
+                                  self.check_every or default_check_every(c.device), **self.control_options)
             with torch.no_grad():
                 z, stats = CONTROL_SOLVERS[name](prob)
             self._check(stats, f"controlled dynamics ({name})")
