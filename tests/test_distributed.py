@@ -47,7 +47,8 @@ def _meta_method(key):
 
 def meta_run(key, wrap=lambda m: m):
     method = wrap(_meta_method(key))
-    opt = torch.optim.Adam(method.parameters(), lr=1e-2)
+    # plain SGD: Adam is invariant to a gradient's scale and would hide a wrong normalisation
+    opt = torch.optim.SGD(method.parameters(), lr=0.1)
     for step in range(META_STEPS):
         opt.zero_grad(set_to_none=True)
         method.meta_backward(_meta_tasks(step))
@@ -71,7 +72,7 @@ def sup_run(name, wrap=lambda m: m):
     # tol far below reach: exactly max_iter Euler steps, independent of the stop rule's defaults
     method = wrap(make_method(name, model, solver="euler", tol=1e-300, max_iter=60, max_residual=1.0, **kw)
                   if name.startswith("lcp") else make_method(name, model, **kw))
-    opt = torch.optim.Adam(method.parameters(), lr=1e-2)
+    opt = torch.optim.SGD(method.parameters(), lr=0.5)
     x, y = _sup_data()
     for step in range(SUP_STEPS):
         opt.zero_grad(set_to_none=True)
@@ -219,6 +220,8 @@ def test_supervised_two_ranks_equal_one_process(two_ranks, name):
     want = sup_run(name)
     for res in two_ranks:
         _assert_close(res["sup-" + name], want)
+    init = list(sup_run(name, lambda m: _NoStep(m)))
+    assert max(float((a - b).abs().max()) for a, b in zip(want, init)) > 1e-4
 
 
 def test_diverging_rank_skips_everywhere(two_ranks):
@@ -230,6 +233,19 @@ def test_diverging_rank_skips_everywhere(two_ranks):
         assert res["warn_converged"] is False and len(res["warn_messages"]) == 1
     assert two_ranks[0]["boom"].startswith("RuntimeError: rank 1 failed") and "boom on rank 1" in two_ranks[0]["boom"]
     assert two_ranks[1]["boom"].startswith("KeyError")
+
+
+class _NoStep:
+    """A method whose backward leaves no gradient (the parameters stay at their initial values)."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def __getattr__(self, name):
+        return getattr(self.method, name)
+
+    def backward(self, x, y):
+        return {}
 
 
 def _grad_once():
