@@ -479,7 +479,8 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
                                      cfg.test_episodes, device, dtype, hidden=40 if cfg.hidden is None else cfg.hidden)
     else:
         source = SOURCES["omniglot"](cfg.ways, cfg.shots, queries or 5, cfg.meta_batch, cfg.seed,
-                                     cfg.val_episodes, cfg.test_episodes, device, dtype, hidden=64 if cfg.hidden is None else cfg.hidden,
+                                     cfg.val_episodes, cfg.test_episodes, device, dtype,
+                                     hidden=64 if cfg.hidden is None else cfg.hidden,
                                      data_root=cfg.data_root, split_seed=cfg.split_seed,
                                      val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                                      cache_dir=cfg.cache_dir, progress=cfg.progress)
