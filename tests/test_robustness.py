@@ -10,7 +10,6 @@ import json
 import os
 import stat
 import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from lcp_meta import TaskBatch, make_method
 from lcp_meta.cli import main
 from lcp_meta.fewshot import report
 from lcp_meta.models import MetaMLP
-from lcp_meta.utils import (CheckpointError, DataFormatError, UserInputError, atomic_save, atomic_write_text,
+from lcp_meta.utils import (CheckpointError, DataFormatError, atomic_save, atomic_write_text,
                             load_checkpoint)
 
 TINY = ["--task", "sinusoid", "--shots", "3", "--meta-batch", "2", "--inner-steps", "2", "--test-episodes", "2",
