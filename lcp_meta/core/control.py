@@ -55,11 +55,13 @@ class OutputControl:
         """``u = -beta grad l(y)`` (finite beta)."""
         return -self.beta * self.grad_l(y)
 
-    def newton_step(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """One Newton step towards the solution of ``y = h - beta grad l(y)`` (exact for MSE)."""
+    def newton_step(self, y: torch.Tensor, h: torch.Tensor, p: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One Newton step towards the solution of ``y = h - beta grad l(y)`` (exact for MSE); ``p`` is
+        ``softmax(y)`` when the caller has it already."""
         if self.loss == "mse":
             return (h + self.b * self.onehot) / (1 + self.b)
-        b, p = self.b, torch.softmax(y, 1)
+        b = self.b
+        p = torch.softmax(y, 1) if p is None else p
         r = y - h + b * (p - self.onehot)
         d = 1 + b * p
         dr, dp = r / d, p / d
@@ -94,8 +96,9 @@ class ControlProblem:
     tol: float
     max_iter: int
     check_every: int = 1
-    inner: str = "anderson"  # the fixed-point solver the strategy runs on its reduced map
-    warm_tol: Optional[float] = 1e-4  # stop rule of the warm start's free phase (warm-anderson)
+    inner: str = "euler"  # the fixed-point solver 'reduced' runs on its map
+    sweep_inner: str = "anderson"  # the one 'sweep' runs on T (plain iteration need not contract under exact control)
+    warm_tol: Optional[float] = None  # stop rule of a free phase before the joint solve (None: none)
     inner_kw: Optional[dict] = None  # options of the inner solver (e.g. Anderson's memory m)
 
 
@@ -111,13 +114,18 @@ def register_control_solver(name: str):
 
 
 def resolve_control_solver(name: str, model, loss: str, beta: float) -> str:
-    """``"auto"`` -> the fastest exact strategy for the model: ``sweep`` for layered nets, ``warm-anderson``
-    otherwise; ``euler`` when no equilibrium exists (exact control with cross-entropy)."""
+    """``"auto"`` -> the fastest exact strategy for the model: ``sweep`` for layered nets, ``reduced``
+    otherwise (``warm-anderson`` under exact control); ``euler`` when no equilibrium exists (exact control
+    with cross-entropy).  :class:`~lcp_meta.supervised.DynamicInversion` falls back to ``warm-anderson``
+    when the picked strategy does not converge."""
     if name != "auto":
         return name
     if math.isinf(beta) and loss != "mse":
         return "euler"
-    return "sweep" if model.layered else "warm-anderson"
+    if model.layered:
+        return "sweep"
+    # exact control couples u to h(v) at O(1): plain iteration of the reduced map need not contract then
+    return "warm-anderson" if math.isinf(beta) else "reduced"
 
 
 def _finish(stats_list, iterations) -> SolverStats:
@@ -141,29 +149,27 @@ def sweep(p: ControlProblem):
         return (m.forward_sweep(c, m.backward_sweep(c, v, u, fb)),)
 
     v0 = m.forward_sweep(c)  # free equilibrium: one forward pass
-    (v,), stats = solve(T, (v0,), solver=p.inner, tol=p.tol, max_iter=p.max_iter, check_every=p.check_every,
+    (v,), stats = solve(T, (v0,), solver=p.sweep_inner, tol=p.tol, max_iter=p.max_iter, check_every=p.check_every,
                         **(p.inner_kw or {}))
     y, u = out.solve(m.h(v))
     e = m.backward_sweep(c, v, u, fb)
     return (v, y, e, u), _finish([stats], stats.iterations + 1)
 
 
-@register_control_solver("warm-anderson")
-def warm_anderson(p: ControlProblem):
-    """Any net: Anderson on ``(v, e) -> (g(c, v) + e, J_g^T e + J_h^T u)`` with the output controller solved
-    exactly for ``u``, from ``e = 0`` and the free equilibrium reached by the free dynamics (Euler, to
-    ``warm_tol``; a diverging free phase is returned as such)."""
+def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw: dict):
+    """The reduced map on ``(v, e, y)``: ``u_I`` is eliminated (``u = -beta grad l(y)``), ``y`` takes one
+    Newton step towards the exact output solve per evaluation, and ``g``, ``h`` and both VJPs share one
+    nonlinearity; the map is the joint dynamics at ``dt = 1`` with the output controller settled."""
     m, c, out, fb = p.model, p.c, p.out, p.fb
-    # the free phase runs the free dynamics themselves (Euler): an equilibrium the dynamics do not reach (unstable
-    # g) makes them diverge, as in the simulation, where Anderson alone would find it and train on it
-    if p.warm_tol is None:  # no free phase: start the joint solve from v = 0
+    if warm_tol is None:  # start the joint solve from v = 0
         v0, s0 = m.init_state(c), SolverStats(iterations=0, residual=0.0, converged=True)
-    else:
-        v0, s0 = m.free_equilibrium(c, solver="euler", tol=max(p.tol, p.warm_tol), max_iter=p.max_iter,
+    else:  # the free dynamics themselves (Euler), so that an equilibrium they do not reach makes them diverge
+        v0, s0 = m.free_equilibrium(c, solver="euler", tol=max(p.tol, warm_tol), max_iter=p.max_iter,
                                     check_every=p.check_every, freeze_converged=False)
     if s0.diverged or not s0.converged:
         return (v0, None, None, None), s0
-
+    if inner == "euler":
+        inner_kw = {"freeze_converged": False, **inner_kw}  # samples may be coupled (batch norm): stop together
     if math.isinf(out.beta):  # exact control: u = onehot - h(v) needs h before the step
         def step(z):
             v, e = z
@@ -171,19 +177,36 @@ def warm_anderson(p: ControlProblem):
             g, _, jg, jh = m.step_terms(c, v, e, u, fb)
             return g + e, jg + jh
 
-        (v, e), s1 = solve(step, (v0, torch.zeros_like(v0)), solver=p.inner, tol=p.tol, max_iter=p.max_iter,
-                           check_every=p.check_every, **(p.inner_kw or {}))
+        (v, e), s1 = solve(step, (v0, torch.zeros_like(v0)), solver=inner, tol=p.tol, max_iter=p.max_iter,
+                           check_every=p.check_every, **inner_kw)
         y, u = out.solve(m.h(v))
         return (v, y, e, u), _finish([s0, s1], s0.iterations + s1.iterations)
 
-    # y rides along in the state and takes one Newton step per evaluation (its fixed point is the exact
-    # output solve), so g, h and both VJPs share one nonlinearity and the step needs no host sync
+    ce = out.loss == "ce"
+
     def step(z):
         v, e, y = z
-        g, h, jg, jh = m.step_terms(c, v, e, out.u_of(y), fb)
-        return g + e, jg + jh, out.newton_step(y, h)
+        sm = torch.softmax(y, 1) if ce else y
+        u = (-out.beta / y.shape[0]) * (sm - out.onehot)
+        g, h, jg, jh = m.step_terms(c, v, e, u, fb)
+        return g + e, jg + jh, out.newton_step(y, h, sm if ce else None)
 
     y0, _ = out.solve(m.h(v0))
-    (v, e, y), s1 = solve(step, (v0, torch.zeros_like(v0), y0), solver=p.inner, tol=p.tol, max_iter=p.max_iter,
-                          check_every=p.check_every, **(p.inner_kw or {}))
+    (v, e, y), s1 = solve(step, (v0, torch.zeros_like(v0), y0), solver=inner, tol=p.tol, max_iter=p.max_iter,
+                          check_every=p.check_every, **inner_kw)
     return (v, y, e, out.u_of(y)), _finish([s0, s1], s0.iterations + s1.iterations)
+
+
+@register_control_solver("reduced")
+def reduced(p: ControlProblem):
+    """Any net: plain iteration of the reduced map from 0 (``inner`` 'euler' unless set otherwise).  The
+    iteration is the controlled dynamics themselves (dt = 1), so it diverges where they do."""
+    return _reduced(p, p.warm_tol, p.inner, p.inner_kw or {})
+
+
+@register_control_solver("warm-anderson")
+def warm_anderson(p: ControlProblem):
+    """Any net: Anderson on the reduced map, from the free equilibrium reached by the free dynamics (Euler
+    to ``warm_tol``, default 1e-4).  Fastest where the Jacobian's spectrum leaves room for acceleration
+    (eigenvalues near 1); on a random-init rnn (spectrum a disk around 0) plain iteration is as fast."""
+    return _reduced(p, 1e-4 if p.warm_tol is None else p.warm_tol, "anderson", p.inner_kw or {})

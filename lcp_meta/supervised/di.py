@@ -93,8 +93,17 @@ class DynamicInversion(Method):
             out = OutputControl(target, self.model.num_classes, c.dtype, self.loss, self.beta)
             prob = ControlProblem(self.model, c, out, self._fb(), self.tol, self.max_iter,
                                   self.check_every or default_check_every(c.device), **self.control_options)
+            fallback = self.solver == "auto" and name == "reduced" and self.max_iter >= 2
+            if fallback:  # 'auto' keeps max_iter as its total budget: half for each attempt
+                prob.max_iter = self.max_iter // 2
             with torch.no_grad():
                 z, stats = CONTROL_SOLVERS[name](prob)
+                if fallback and not stats.converged and not stats.diverged:
+                    # plain iteration can chatter where the dynamics settle (e.g. ReLU nets): accelerate instead
+                    prob.max_iter = self.max_iter - stats.iterations
+                    first, (z, stats) = stats, CONTROL_SOLVERS["warm-anderson"](prob)
+                    stats.iterations += first.iterations
+                    name = f"{name}, then warm-anderson"
             self._check(stats, f"controlled dynamics ({name})")
             return z, stats
         return self._simulate(c, target, name)

@@ -1,0 +1,163 @@
+"""The structured controlled-equilibrium solvers (core/control.py) against the faithful Euler simulation.
+
+Each solver must give the same LCP update as the joint Euler dynamics run to a tight tolerance (float64,
+tiny nets), for the layered (ff, conv-ff) and recurrent (rnn, conv-rnn) models, with true and with
+Kolen-Pollack feedback weights, with leaky and with exact output control.
+"""
+import math
+
+import pytest
+import torch
+
+from lcp_meta.core.control import CONTROL_SOLVERS, OutputControl, resolve_control_solver
+from lcp_meta.core.system import output_loss
+from lcp_meta.models.supervised import build_model
+from lcp_meta.supervised import make_method
+
+DT = torch.float64
+
+
+def tiny(name, seed=0):
+    torch.manual_seed(seed)
+    if name == "ff":
+        model, x = build_model("ff", in_shape=(6,), num_classes=3, hidden=(5, 4)), torch.randn(4, 6)
+    elif name == "rnn":
+        model, x = build_model("rnn", in_shape=(4,), num_classes=3, hidden=5), torch.randn(4, 4)
+    elif name == "conv-ff":
+        model = build_model("conv-ff", in_shape=(2, 20, 20), num_classes=3, channels=(3, 4, 5), fc=(6, 5))
+        x = torch.randn(3, 2, 20, 20)
+    else:  # conv-rnn: batch-norm decoder (samples coupled), generic autograd VJPs
+        model = build_model("conv-rnn", in_shape=(2, 4, 4), num_classes=3, channels=4, inner=4, groups=2, pool=2)
+        with torch.no_grad():
+            model.conv1.weight.normal_(0, 0.08)
+            model.conv2.weight.normal_(0, 0.08)
+        x = torch.randn(3, 2, 4, 4)
+    return model.to(DT), x.to(DT), torch.randint(0, 3, (x.shape[0],))
+
+
+def update(model, method_name, x, y, **kw):
+    method = make_method(method_name, model, **kw)
+    torch.manual_seed(123)  # KP's feedback weights: the same draw for every solver
+    method = make_method(method_name, model, **kw)
+    stats = method.backward(x, y)
+    return torch.cat([p.grad.reshape(-1) for p in method.parameters()]), stats
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# the conv DEQ's settings are the spec's conv-rnn ones (stronger control puts the tiny net in a limit cycle)
+GAINS = {"ff": dict(alpha=0.5, k_i=1.0, k_p=0.5), "rnn": dict(alpha=0.5, k_i=1.0, k_p=0.5),
+         "conv-ff": dict(alpha=0.1, k_i=0.1), "conv-rnn": dict(alpha=1.0, k_i=0.3)}
+CASES = [("ff", s) for s in ("sweep", "reduced", "warm-anderson", "auto")] + \
+        [("conv-ff", s) for s in ("sweep", "warm-anderson", "auto")] + \
+        [("rnn", s) for s in ("reduced", "warm-anderson", "auto")] + \
+        [("conv-rnn", s) for s in ("reduced", "warm-anderson", "auto")]
+
+
+@pytest.mark.parametrize("name,solver", CASES)
+def test_solver_update_equals_tight_euler_update(name, solver):
+    model, x, y = tiny(name)
+    ref, _ = update(model, "lcp-di", x, y, solver="euler", tol=1e-14, max_iter=50000, **GAINS[name])
+    got, stats = update(model, "lcp-di", x, y, solver=solver, tol=1e-11, max_iter=5000, **GAINS[name])
+    assert stats["converged"]
+    assert rel_err(got, ref) < 1e-5
+
+
+def test_auto_falls_back_when_plain_iteration_chatters(monkeypatch):
+    """Plain iteration of the reduced map does not settle on the tiny ReLU conv-ff (it chatters between
+    activation patterns); 'auto' then finishes with warm-anderson and still gives the Euler update."""
+    model, x, y = tiny("conv-ff")
+    ref, _ = update(model, "lcp-di", x, y, solver="euler", tol=1e-14, max_iter=50000, **GAINS["conv-ff"])
+    plain, stats = update(model, "lcp-di", x, y, solver="reduced", tol=1e-11, max_iter=500, max_residual=1.0,
+                          **GAINS["conv-ff"])
+    assert not stats["converged"] and rel_err(plain, ref) > 1e-3
+    monkeypatch.setattr("lcp_meta.supervised.di.resolve_control_solver", lambda *a: "reduced")
+    got, stats = update(model, "lcp-di", x, y, tol=1e-11, max_iter=1000, **GAINS["conv-ff"])
+    assert stats["converged"] and 500 < stats["iterations"] <= 1000  # half the budget each, at most
+    assert rel_err(got, ref) < 1e-5
+
+
+def test_every_registered_solver_is_covered():
+    assert {s for _, s in CASES} - {"auto"} == set(CONTROL_SOLVERS)
+
+
+@pytest.mark.parametrize("name,solver", [("ff", "sweep"), ("ff", "reduced"), ("rnn", "reduced"),
+                                         ("rnn", "warm-anderson")])
+def test_kp_solver_update_equals_tight_euler_update(name, solver):
+    model, x, y = tiny(name, seed=1)
+    ref, _ = update(model, "lcp-di-kp", x, y, solver="euler", tol=1e-14, max_iter=50000)
+    got, _ = update(model, "lcp-di-kp", x, y, solver=solver, tol=1e-11, max_iter=5000)
+    assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("name,solver", [("ff", "sweep"), ("rnn", "reduced"), ("rnn", "warm-anderson")])
+def test_exact_output_control_mse(name, solver):
+    """alpha = 0 with the MSE loss: outputs held at the one-hot target (H itself)."""
+    model, x, y = tiny(name, seed=2)
+    ref, _ = update(model, "lcp-di", x, y, solver="euler", alpha=0.0, loss="mse", tol=1e-14, max_iter=50000)
+    got, _ = update(model, "lcp-di", x, y, solver=solver, alpha=0.0, loss="mse", tol=1e-11, max_iter=5000)
+    assert rel_err(got, ref) < 1e-5
+
+
+def test_auto_falls_back_to_euler_without_an_equilibrium():
+    """Exact control with cross-entropy has no equilibrium: 'auto' runs the simulation (which fails as before)."""
+    model, x, y = tiny("ff")
+    with pytest.raises(ValueError, match="no equilibrium"):
+        OutputControl(y, 3, DT, "ce", math.inf)
+    assert resolve_control_solver("auto", model, "ce", math.inf) == "euler"
+    stats = make_method("lcp-di", model, alpha=0.0, loss="ce", max_iter=50, max_residual=1e9).backward(x, y)
+    assert stats["iterations"] == 50 and not stats["converged"]
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_output_controller_solve_is_exact(loss):
+    torch.manual_seed(3)
+    h, target, beta = 3 * torch.randn(7, 5, dtype=DT), torch.randint(0, 5, (7,)), 40.0
+    out = OutputControl(target, 5, DT, loss, beta)
+    y, u = out.solve(h)
+    # y = h + u and u = -beta grad l(y) with grad l the autograd gradient of the batch-mean loss
+    gl = torch.func.grad(lambda o: output_loss(o, target, loss))(y)
+    torch.testing.assert_close(u, -beta * gl, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(y, h + u, rtol=1e-12, atol=1e-14)
+
+
+def test_sweeps_solve_their_systems_exactly():
+    """One forward sweep solves v = g(c, v) + e; one backward sweep solves e = J_g^T e + J_h^T u (dense check)."""
+    model, x, _ = tiny("ff", seed=4)
+    with torch.no_grad():
+        c = model.encode(x)
+    e, u = torch.randn_like(c), torch.randn(c.shape[0], 3, dtype=DT)
+    v = model.forward_sweep(c, e)
+    torch.testing.assert_close(v, model.g(c, v) + e, rtol=1e-12, atol=1e-12)
+    ea = model.backward_sweep(c, v, u)
+    J = torch.autograd.functional.jacobian(lambda s: model.g(c, s.reshape(v.shape)).reshape(-1), v.reshape(-1))
+    Jh = torch.autograd.functional.jacobian(lambda s: model.h(s.reshape(v.shape)).reshape(-1), v.reshape(-1))
+    dense = torch.linalg.solve(torch.eye(v.numel(), dtype=DT) - J.T, Jh.T @ u.reshape(-1))
+    torch.testing.assert_close(ea.reshape(-1), dense, rtol=1e-10, atol=1e-12)
+    # the generic (autograd) versions agree with the closed forms
+    from lcp_meta.core.system import EquilibriumModel
+    torch.testing.assert_close(EquilibriumModel.forward_sweep(model, c, e), v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(EquilibriumModel.backward_sweep(model, c, v, u), ea, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.logits(x), model.h(model.forward_sweep(c)), rtol=1e-12, atol=1e-12)
+
+
+def test_bad_solver_names():
+    model, _, _ = tiny("rnn")
+    with pytest.raises(ValueError, match="unknown solver 'fast'"):
+        make_method("lcp-di", model, solver="fast")
+    with pytest.raises(ValueError, match="'sweep' needs a layered model"):
+        make_method("lcp-di", model, solver="sweep")
+
+
+@pytest.mark.parametrize("key,value", [("tol", float("nan")), ("alpha", float("nan")), ("k_i", float("inf")),
+                                       ("max_residual", float("nan")), ("dt", float("nan")), ("k_p", "1")])
+def test_non_finite_hyperparameters_are_refused(key, value):
+    model, _, _ = tiny("ff")
+    with pytest.raises(ValueError, match=f"{key} must be a finite number, got {value!r}".replace("(", r"\(")
+                       .replace(")", r"\)")):
+        make_method("lcp-di", model, **{key: value})
+    if key in ("tol", "max_residual"):
+        with pytest.raises(ValueError, match=f"{key} must be a finite number"):
+            make_method("rbp", model, **{key: value})
