@@ -56,6 +56,28 @@ def meta_run(key, wrap=lambda m: m):
     return [p.detach().clone() for p in method.parameters()]
 
 
+def _learner():
+    from lcp_meta.adapters.l2l import LCPLearner
+    return LCPLearner(_meta_method("lcp"))
+
+
+def l2l_run(wrap=None):
+    """learn2learn-style loop over tasks (clone / adapt / query_loss.backward); ``wrap``: DistributedMeta."""
+    learner = _learner()
+    dm = wrap(learner) if wrap else None
+    opt = torch.optim.SGD(learner.parameters(), lr=0.1)
+    for step in range(META_STEPS):
+        opt.zero_grad(set_to_none=True)
+        xs, ys, xq, yq = _meta_tasks(step)
+        for i in (dm.task_range(META_BATCH) if dm else range(META_BATCH)):
+            task = learner.clone()
+            task.adapt(xs[i], ys[i])
+            (task.query_loss(xq[i], yq[i]) / META_BATCH).backward()  # the GLOBAL meta-batch size
+        if dm is None or dm.sum_grads():
+            opt.step()
+    return [p.detach().clone() for p in learner.parameters()]
+
+
 def _sup_data():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(SUP_STEPS, SUP_BATCH, 1, 2, 3, generator=g, dtype=torch.float64)
@@ -87,6 +109,7 @@ def _worker(out_dir: str) -> None:
     import warnings
 
     from lcp_meta import distributed as D
+    from lcp_meta.adapters.l2l import LCPLearner
     from lcp_meta.core.solvers import DivergenceError
     torch.set_num_threads(1)
     with D.session(torch.device("cpu"), timeout_s=60):
@@ -94,6 +117,8 @@ def _worker(out_dir: str) -> None:
         res = {"world_size": D.world_size()}
         for key in META_SETTINGS:
             res[key] = meta_run(key, D.DistributedMeta)
+        res["l2l-batch"] = meta_run("lcp", lambda m: D.DistributedMeta(LCPLearner(m)))
+        res["l2l-loop"] = l2l_run(D.DistributedMeta)
         for name in ("lcp-di", "lcp-di-kp", "bp"):
             res["sup-" + name] = sup_run(name, D.DistributedSupervised)
         # a slice that diverges on rank 1 only (NaN in its last task): every rank skips the step together
@@ -213,6 +238,15 @@ def test_meta_two_ranks_equal_one_process(two_ranks, key):
     # the 3 meta-steps moved the parameters (the test would notice a no-op)
     init = [p.detach() for p in _meta_method(key).parameters()]
     assert max(float((a - b).abs().max()) for a, b in zip(want, init)) > 1e-4
+
+
+def test_learn2learn_adapter_two_ranks(two_ranks):
+    """LCPLearner under DistributedMeta: its batched meta_backward, and a per-task clone/adapt loop over
+    task_range with sum_grads, both equal one process."""
+    batch, loop = meta_run("lcp"), l2l_run()
+    for res in two_ranks:
+        _assert_close(res["l2l-batch"], batch)
+        _assert_close(res["l2l-loop"], loop)
 
 
 @pytest.mark.parametrize("name", ["lcp-di", "lcp-di-kp", "bp"])
