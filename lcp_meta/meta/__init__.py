@@ -23,7 +23,7 @@ __all__ = ["TaskBatch", "MetaMethod", "MetaStats", "LCP", "MAML", "FOMAML", "Rep
            "ContrastiveMeta", "make_method", "METHOD_NAMES", "CONTROLLERS", "DivergenceError",
            "graph_saved_bytes", "method_kwargs"]
 
-METHOD_NAMES = ("lcp", "lcp-direct", "lcp-ebd", "imaml", "maml", "fomaml", "reptile", "cml")
+METHOD_NAMES = ("lcp", "lcp-direct", "lcp-ebd", "imaml", "maml", "fomaml", "reptile", "cml", "lcp-truncated")
 
 # name -> (class, fixed keyword arguments)
 _REGISTRY = {
@@ -35,6 +35,8 @@ _REGISTRY = {
     "fomaml": (FOMAML, {}),
     "reptile": (Reptile, {}),
     "cml": (ContrastiveMeta, {}),
+    # the fixed-step controller: not the LCP meta-gradient, reported with its residuals
+    "lcp-truncated": (LCP, {"controller": "di", "truncated": True}),
 }
 
 
@@ -56,8 +58,9 @@ def method_kwargs(name: str) -> tuple:
 def make_method(name: str, model: nn.Module, loss_fn: Callable, **kwargs) -> MetaMethod:
     """Build a meta-learning method by name (one of :data:`METHOD_NAMES`).
 
-    ``"lcp"`` is LCP with the dynamic-inversion controller, ``"lcp-direct"`` / ``"lcp-ebd"`` the direct
-    and energy-based controllers.  Keyword arguments a method does not take raise a TypeError that
+    ``"lcp"`` is LCP with the dynamic-inversion controller run to its equilibrium, ``"lcp-direct"`` /
+    ``"lcp-ebd"`` the direct and energy-based controllers, ``"lcp-truncated"`` the dynamic-inversion
+    controller stopped after ``inner_steps`` joint steps (not an equilibrium; reported as such).  Keyword arguments a method does not take raise a TypeError that
     lists the ones it does.
     """
     if name not in _REGISTRY:

@@ -18,11 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.solvers import DivergenceError, SolverStats, solve
+from .dynamics import SAFETY, flat_state, iterate, momentum_for, power_iteration, relax_map
 from .functional import (Tree, check_vmappable, make_loss, make_model_fn, split_model, task_map,
-                         tree_detach, tree_finite, tree_norm)
+                         tree_detach, tree_expand, tree_finite, tree_norm, tree_zeros_like)
 from .system import InnerSystem
 
-__all__ = ["TaskBatch", "MetaStats", "MetaMethod"]
+__all__ = ["TaskBatch", "MetaStats", "MetaMethod", "check_positive"]
 
 
 # ----------------------------------------------------------------------------------- task batches
@@ -139,10 +140,18 @@ class MetaStats:
     query_loss_before / query_loss_after: query loss l_out at omega / at the adapted parameters (for the
         single-phase LCP controllers the adapted state is the controlled one, O(beta) from the free one).
     control_norm: |psi*|, the norm of the control (0 for methods without a controller).
-    iterations: steps of the (main) inner dynamics; converged: all tasks met the stop rule and stayed
-        finite; residual: the final relative change, maximum over tasks.
+    iterations: steps of the dynamics (all phases).
+    converged: every task met the residual tolerance ``tol`` and stayed finite.  A run with ``tol=None``
+        (a fixed number of steps, e.g. ``lcp-truncated``) is never reported as converged; the unrolled
+        methods (MAML, FOMAML, Reptile) compute exactly what they define after their K steps.
+    residual: the largest final residual, maximum over tasks (max of inner_residual and control_residual).
+    inner_residual: ``|f(phi) + beta u| / |f(omega)|``, the inner force left at the returned state relative to
+        the force at omega (maximum over tasks); None for unrolled methods.
+    control_residual: ``|(Hess l_in + lam) u + grad l_out| / |grad l_out|`` at the returned state (LCP; for
+        iMAML the conjugate-gradient residual of the same system; maximum over tasks); None where there
+        is no such system (MAML family, CML).
     meta_grad_norm: norm of the accumulated mean meta-gradient of the model parameters.
-    extra: method-specific numbers (CG residual, lam, ...).
+    extra: method-specific numbers (CG residual, lam, step sizes, Hessian-vector products, ...).
     """
 
     inner_loss_before: float = math.nan
@@ -153,6 +162,8 @@ class MetaStats:
     iterations: int = 0
     converged: bool = True
     residual: float = 0.0
+    inner_residual: Optional[float] = None
+    control_residual: Optional[float] = None
     meta_grad_norm: float = 0.0
     extra: Dict[str, float] = field(default_factory=dict)
 
@@ -168,7 +179,21 @@ def _softplus_inv(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
 
+def check_positive(name: str, value, allow_none: bool = False, allow_zero: bool = False) -> None:
+    """One-line ValueError unless ``value`` is a finite real number > 0 (>= 0 with allow_zero)."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        want = "a finite number >= 0" if allow_zero else "a finite number > 0"
+        raise ValueError(f"{name} must be {want}{' or None' if allow_none else ''}, got {value!r}")
+
+
 ON_DIVERGENCE = ("raise", "warn")
+AUTO = "auto"
+# default residual tolerance of the equilibrium methods, by dtype (float32 cannot resolve much below 1e-5)
+DEFAULT_TOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 # ------------------------------------------------------------------------------------ base class
@@ -179,48 +204,68 @@ class MetaMethod(nn.Module):
         model: the learner; its trainable parameters are the meta-parameters omega.  It is called as
             ``functional_call(model, {**params, **buffers}, x)``.
         loss_fn: per-task loss ``loss_fn(pred, target) -> scalar`` (l_in on support, l_out on query).
-        inner_lr: step size eta of the inner gradient dynamics.
-        inner_steps: number of inner steps (the cap when ``tol`` is set).
+        inner_lr: step size eta of the inner gradient dynamics.  None (the default of the equilibrium
+            methods): ``1 / (1.25 lam_max)`` with lam_max a power-iteration estimate of the largest
+            eigenvalue of ``Hess l_in(omega) + lam`` (``power_iters`` Hessian-vector products per task),
+            with heavy-ball momentum ``(1 - sqrt(inner_lr lam))^2`` and a guard that halves the step
+            whenever the inner energy rises without momentum.
+        inner_steps: the cap on the number of steps of each phase (exactly this many when ``tol=None``).
         lam: strength of the proximal regulariser ``lam/2 |phi - omega|^2`` of the inner problem.
-        momentum: heavy-ball momentum of the inner dynamics (0: plain gradient descent).
-        tol: stop the inner dynamics when the relative change of the state falls below ``tol``
-            (None: run exactly ``inner_steps``).
+        momentum: heavy-ball momentum of the inner dynamics with a given ``inner_lr`` (0: gradient descent).
+        tol: residual tolerance: the equilibrium methods stop when every task's relative residual
+            (see :class:`MetaStats`) is below it.  Default ``"auto"``: 1e-6 in float64, 1e-4 in float32
+            (equilibrium methods), None (unrolled methods).  ``None``: run exactly ``inner_steps`` (a
+            truncated run: accumulated, but reported with ``converged=False`` and its residuals).
         learn_lam: False, ``"scalar"`` or ``"per_param"``: learn lam (kept positive through softplus).
         vmap: map over tasks with torch.func.vmap (False: a Python loop, same numbers).
-        on_divergence: ``"raise"`` a DivergenceError or ``"warn"`` when the inner dynamics turn NaN or do
-            not meet ``tol``; either way ``.grad`` is left untouched.
-        solver: fixed-point solver of :mod:`lcp_meta.core.solvers` for the inner dynamics.
+        on_divergence: ``"raise"`` a DivergenceError or ``"warn"`` when the dynamics turn NaN or do not
+            meet ``tol``; either way ``.grad`` is left untouched.
+        solver: ``"auto"`` (the residual-stopped loops of :mod:`lcp_meta.meta.dynamics`), ``"euler"`` (for
+            LCP: the single-phase joint dynamics from omega) or ``"anderson"`` (the fixed-point solver of
+            :mod:`lcp_meta.core.solvers`, stopping on the relative change of the state).
+        power_iters: Hessian-vector products of the eigenvalue estimate behind the automatic step.
     """
 
     name = "base"
     supports_learned_lam = True
+    equilibrium = True  # stops on a residual tolerance by default (False: unrolled, fixed length)
 
-    def __init__(self, model: nn.Module, loss_fn: Callable = F.mse_loss, *, inner_lr: float = 0.1,
-                 inner_steps: int = 100, lam: float = 1.0, momentum: float = 0.0, tol: Optional[float] = None,
-                 learn_lam=False, vmap: bool = True, on_divergence: str = "raise", solver: str = "euler"):
+    def __init__(self, model: nn.Module, loss_fn: Callable = F.mse_loss, *, inner_lr: Optional[float] = None,
+                 inner_steps: int = 500, lam: float = 1.0, momentum: float = 0.0, tol=AUTO,
+                 learn_lam=False, vmap: bool = True, on_divergence: str = "raise", solver: str = "auto",
+                 power_iters: int = 8):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(pred, target) -> scalar")
-        if inner_lr <= 0 or int(inner_steps) < 1:
-            raise ValueError(f"expected inner_lr > 0 and inner_steps >= 1, got {inner_lr}, {inner_steps}")
-        if tol is not None and tol <= 0:
-            raise ValueError(f"tol must be None or > 0, got {tol}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        check_positive("inner_lr", inner_lr, allow_none=True)
+        if isinstance(inner_steps, bool) or int(inner_steps) != inner_steps or int(inner_steps) < 1:
+            raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
+        if tol != AUTO:
+            check_positive("tol", tol, allow_none=True)
+        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if on_divergence not in ON_DIVERGENCE:
             raise ValueError(f"on_divergence must be one of {ON_DIVERGENCE}, got {on_divergence!r}")
+        if solver not in ("auto", "euler", "anderson", "heavy-ball"):
+            raise ValueError(f"solver must be 'auto', 'euler', 'heavy-ball' or 'anderson', got {solver!r}")
+        if isinstance(power_iters, bool) or int(power_iters) < 1:
+            raise ValueError(f"power_iters must be an integer >= 1, got {power_iters!r}")
         if learn_lam not in (False, None, "scalar", "per_param"):
             raise ValueError(f"learn_lam must be False, 'scalar' or 'per_param', got {learn_lam!r}")
         if learn_lam and not self.supports_learned_lam:
             raise ValueError(f"{type(self).__name__} has no implicit lam-gradient; use learn_lam=False")
-        if lam < 0 or (learn_lam and lam <= 0):
-            raise ValueError(f"lam must be >= 0 (> 0 when learned), got {lam}")
+        # the proximal problem needs lam > 0 (its curvature); unrolled methods may use lam = 0
+        check_positive("lam", lam, allow_zero=not (self.equilibrium or learn_lam))
         self.model = model
         self.loss_fn = loss_fn
-        self.inner_lr, self.inner_steps, self.momentum = float(inner_lr), int(inner_steps), float(momentum)
+        self.inner_lr = float(inner_lr) if inner_lr is not None else None
+        self.inner_steps, self.momentum = int(inner_steps), float(momentum)
+        if tol == AUTO and not self.equilibrium:
+            tol = None
         self.tol, self.use_vmap, self.on_divergence, self.solver = tol, bool(vmap), on_divergence, solver
+        self.power_iters = int(power_iters)
         self.learn_lam = learn_lam or False
         self._lam = float(lam)
         params, _ = split_model(model)
@@ -253,6 +298,12 @@ class MetaMethod(nn.Module):
             return self.lam_tree(split_model(self.model)[0])
         return self._lam
 
+    def tol_for(self, dtype: torch.dtype) -> Optional[float]:
+        """The residual tolerance in effect for data of ``dtype`` (None: a fixed number of steps)."""
+        if self.tol == AUTO:
+            return DEFAULT_TOL.get(dtype, 1e-6)
+        return self.tol
+
     # ------------------------------------------------------------------------------- plumbing
     def _system(self) -> Tuple[InnerSystem, Tree]:
         params, consts = split_model(self.model)
@@ -272,53 +323,161 @@ class MetaMethod(nn.Module):
     def _tmap(self, fn, in_dims):
         return task_map(fn, in_dims, self.use_vmap)
 
-    def _dynamics(self, step, state: Tuple[torch.Tensor, ...], name: str, tol=None, max_iter=None):
-        """Run a task-batched step map with the configured solver; returns (state, SolverStats).
+    def _dynamics(self, step, state: Tuple[torch.Tensor, ...], name: str, tol=AUTO, max_iter=None):
+        """Run a task-batched step map with the fixed-point solvers of :mod:`lcp_meta.core.solvers`
+        (stop rule: relative change of the state); returns (state, SolverStats).
 
-        ``tol=None`` runs exactly ``max_iter`` steps (the relative change of the last step is still
-        reported as the residual).  No autograd graph is kept across steps.
+        ``tol=None`` runs exactly ``max_iter`` steps (reported as not converged).  No autograd graph is
+        kept across steps.
         """
-        tol = self.tol if tol is None else tol
+        tol = self.tol_for(state[0].dtype) if tol == AUTO else tol
         max_iter = self.inner_steps if max_iter is None else int(max_iter)
         if tol is None:
             z, st = solve(step, state, solver="euler", tol=1e-300, max_iter=max_iter, min_iter=max_iter,
                           check_every=max_iter, name=name)
-            st.converged = not st.diverged
+            st.converged = False
         else:
-            z, st = solve(step, state, solver=self.solver, tol=tol, max_iter=max_iter, name=name)
+            z, st = solve(step, state, solver="anderson" if self.solver == "anderson" else "euler", tol=tol,
+                          max_iter=max_iter, name=name)
         return z, st
 
-    def _fail(self, what: str, stats: SolverStats, name: str):
-        """Report non-finite or unconverged dynamics (raise or warn); never touches ``.grad``."""
-        kind = "turned NaN/inf" if stats.diverged else f"did not converge to tol {self.tol}"
-        msg = (f"{self.name}: {what} {kind} after {stats.iterations} iterations (relative residual "
-               f"{stats.residual:.3e}); .grad of the meta-parameters was left untouched. Lower inner_lr, "
-               f"raise inner_steps or tol")
-        if self.on_divergence == "raise":
-            raise DivergenceError(msg, stats)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    def _mu(self, lam: Tree) -> float:
+        """The smallest lam: the curvature of the proximal problem where Hess l_in >= 0."""
+        return float(min(float(v.min()) for v in lam.values()))
+
+    def _auto_step(self, system: InnerSystem, phi: Tree, lam: Tree, xs, ys) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(per-task step 1 / (SAFETY lam_max), lam_max) from a power-iteration estimate at ``phi``."""
+        lmax = self._tmap(lambda p, x, y: power_iteration(system, p, lam, x, y, self.power_iters),
+                          (0, 0, 0))(phi, xs, ys)
+        lmax = torch.nan_to_num(lmax, nan=float("inf")).clamp_min(self._mu(lam))
+        return 1.0 / (SAFETY * lmax), lmax
+
+    def _relax(self, system: InnerSystem, omega: Tree, lam: Tree, xs, ys, phi0: Optional[Tree] = None,
+               beta: float = 0.0, xq=None, yq=None, steps: Optional[int] = None, shift: Optional[Tree] = None,
+               scale: Optional[torch.Tensor] = None, reuse: Optional[dict] = None):
+        """Relax the inner problem ``l_in + lam/2 |phi - omega|^2 [+ beta l_out]`` from ``phi0`` (default
+        omega) with gradients only, until the residual ``|grad E| / |grad E(phi0)|`` is below tol.
+
+        Returns (phi, SolverStats, info) where info holds the per-task step ``a``, momentum ``m``,
+        ``lmax`` (None with a given inner_lr), ``scale`` = |grad E(phi0)| and ``hvps`` (power iteration).
+        ``shift``: a constant per-task force c added to f (the energy gets ``- <c, phi>``); ``scale``: the
+        residual's denominator (default |grad E(phi0)|); ``reuse``: the info of an earlier relaxation
+        (its step and momentum are kept, no new eigenvalue estimate).
+        """
+        T = xs.shape[0]
+        if phi0 is None:
+            phi0 = tree_expand(omega, T)
+        ref = next(iter(phi0.values()))
+        mu = self._mu(lam)
+        info = {"lmax": None, "hvps": 0}
+        if reuse is not None:
+            a, m = reuse["a"], reuse["m"]
+        elif self.inner_lr is None:
+            a, info["lmax"] = self._auto_step(system, phi0, lam, xs, ys)
+            info["hvps"] = self.power_iters
+            m = momentum_for(a, mu)
+        else:
+            a = torch.full((T,), self.inner_lr, dtype=ref.dtype, device=ref.device)
+            m = torch.full((T,), self.momentum, dtype=ref.dtype, device=ref.device)
+        nudged = beta != 0.0
+        one = relax_map(system, omega, lam, mu, adaptive=self.inner_lr is None, beta=beta)
+        data = (xs, ys, xq, yq) if nudged else (xs, ys, xs, ys)
+        if shift is not None:
+            data = data + (shift,)
+        mapped = self._tmap(one, (0,) * (7 + len(data)))
+        inf = torch.full((T,), float("inf"), dtype=ref.dtype, device=ref.device)
+        scale0 = torch.full_like(inf, float("nan")) if scale is None else scale.to(ref.dtype)
+        state, rebuild = flat_state([phi0, tree_zeros_like(phi0), dict(phi0), inf, a, m, scale0])
+
+        def step(z):
+            new, res = mapped(*rebuild(z), *data)
+            return flat_state(new)[0], res
+
+        tol = self.tol_for(ref.dtype)
+        z, st, _ = iterate(step, state, tol, self.inner_steps if steps is None else int(steps))
+        phi, _, _, _, a, m, scale = rebuild(z)
+        if tol is None and not self.equilibrium:
+            st.converged = not st.diverged  # an unrolled method's K steps are its definition
+        info.update(a=a, m=m, scale=scale)
+        return phi, st, info
 
     def _free(self, system: InnerSystem, omega: Tree, lam: Tree, xs, ys):
         """The free inner equilibrium phi* of l_in(phi) + lam/2 |phi - omega|^2, from phi = omega."""
-        return system.free_equilibrium(omega, lam, xs, ys, self)
+        if self.solver == "anderson":
+            return system.free_equilibrium(omega, lam, xs, ys, self)
+        phi, st, _ = self._relax(system, omega, lam, xs, ys)
+        return phi, st
+
+    # ------------------------------------------------------------------------------- failures
+    def _advice(self, tb: Optional[TaskBatch], phase: str, stats: SolverStats) -> str:
+        """The likely cause of a failure, from what actually went wrong."""
+        if getattr(stats, "indefinite", False):
+            return (f"likely cause: Hess l_in + lam is not positive definite at the inner solution (lam="
+                    f"{self._lam}), so the control has no stable equilibrium there: raise lam")
+        if tb is not None:
+            bad = [n for n in ("x_support", "y_support", "x_query", "y_query")
+                   if getattr(tb, n).is_floating_point() and not bool(torch.isfinite(getattr(tb, n)).all())]
+            if bad:
+                return (f"likely cause: non-finite data ({', '.join(bad)} contain NaN/inf); clean the task "
+                        "batch (hyper-parameters cannot fix this)")
+        if not stats.diverged:
+            return (f"likely cause: too few steps: raise inner_steps (the cap, now {self.inner_steps}) or tol "
+                    f"(now {self.tol_for(next(iter(split_model(self.model)[0].values())).dtype)}), or leave inner_lr unset for the accelerated automatic step")
+        if phase == "inner":
+            if self.inner_lr is not None:
+                return (f"likely cause: inner_lr={self.inner_lr} is past the stability limit of the free inner "
+                        "dynamics (inner_lr * largest eigenvalue of Hess l_in + lam must stay below 2): lower "
+                        "inner_lr, or leave it unset for a step from a power-iteration estimate")
+            return (f"likely cause: the inner problem has no stable minimum near omega at lam={self._lam}: "
+                    "raise lam")
+        psi_lr = getattr(self, "psi_lr_given", None)
+        beta = getattr(self, "beta", None)
+        if psi_lr is not None:
+            return f"likely cause: psi_lr={psi_lr} is too large for the control dynamics: lower psi_lr or leave it unset"
+        if beta is not None and beta >= self._lam:
+            return (f"likely cause: beta={beta} is large against lam={self._lam} (the control feeds beta u back "
+                    "into the inner dynamics): lower beta")
+        return (f"likely cause: Hess l_in + lam is not positive definite at the inner solution (lam={self._lam}): "
+                "raise lam" + (f", or lower inner_lr={self.inner_lr}" if self.inner_lr is not None else ""))
+
+    def _fail(self, what: str, stats: SolverStats, name: str, tb: Optional[TaskBatch] = None,
+              phase: str = "inner"):
+        """Report non-finite or unconverged dynamics (raise or warn); never touches ``.grad``."""
+        p = next(iter(split_model(self.model)[0].values()))
+        kind = "turned NaN/inf" if stats.diverged else f"did not converge to tol {self.tol_for(p.dtype)}"
+        res = stats.residual
+        msg = (f"{self.name}: {what} {kind} after {stats.iterations} iterations (relative residual "
+               f"{res:.3e}); .grad of the meta-parameters was left untouched. {self._advice(tb, phase, stats)}")
+        if self.on_divergence == "raise":
+            raise DivergenceError(msg, stats)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------------------- public API
     def meta_backward(self, tasks) -> MetaStats:
         """Accumulate the mean-over-tasks meta-gradient into ``.grad`` of :meth:`parameters`.
 
-        Returns the :class:`MetaStats` of the step.  When the inner dynamics diverge nothing is
-        accumulated (DivergenceError, or a warning with ``on_divergence="warn"``).
+        Returns the :class:`MetaStats` of the step.  When the dynamics diverge, or miss ``tol``, nothing
+        is accumulated (DivergenceError, or a warning with ``on_divergence="warn"``).  With ``tol=None``
+        (a fixed number of steps) the result is accumulated and reported with ``converged=False``.
         """
         tb = self._prepare(tasks)
         system, params = self._system()
         grads, lam_grads, stats, sst = self._meta_gradient(system, params, tb)
         finite = tree_finite(grads) and (lam_grads is None or tree_finite(lam_grads))
-        if sst.diverged or not sst.converged or not finite:
-            what = "inner dynamics" if (sst.diverged or not sst.converged) else "meta-gradient"
-            sst.diverged = sst.diverged or not finite
+        phase = getattr(sst, "phase", "inner")
+        requested = self.tol_for(next(iter(params.values())).dtype) is not None
+        unconverged = requested and not sst.converged
+        if sst.diverged or unconverged or not finite:
+            what = {"inner": "inner dynamics", "control": "control dynamics"}.get(phase, "inner dynamics")
+            if not (sst.diverged or unconverged):
+                what = "meta-gradient"
+            # an unconverged run is reported as such (its placeholder gradient is NaN on purpose)
+            sst.diverged = sst.diverged or (not finite and not unconverged)
             stats.converged = False
-            self._fail(what, sst, self.name)  # raises, or warns; .grad is not touched either way
+            self._fail(what, sst, self.name, tb, phase)  # raises, or warns; .grad is not touched either way
             return stats
+        if not requested:
+            stats.converged = stats.converged and not self.equilibrium
         # implicit methods keep no autograd graph across inner steps (MAML reports its own)
         stats.extra.setdefault("graph_bytes", 0)
         self._accumulate(params, grads, lam_grads)
@@ -355,8 +514,8 @@ class MetaMethod(nn.Module):
         system, params = self._system()
         omega = tree_detach(params)
         phi, st = self._free(system, omega, self.lam_tree(params), xs, ys)
-        if st.diverged or not st.converged:
-            self._fail("inner adaptation", st, self.name)
+        if st.diverged or (self.tol_for(p.dtype) is not None and not st.converged):
+            self._fail("inner adaptation", st, self.name, TaskBatch(xs, ys, xs, ys))
         return phi
 
     def adapt(self, x_support: torch.Tensor, y_support: torch.Tensor) -> nn.Module:
@@ -390,5 +549,5 @@ class MetaMethod(nn.Module):
             return self._tmap(system.model_fn, (0, 0))(phi, xq)
 
     def extra_repr(self) -> str:
-        return (f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, lam={self._lam}, "
+        return (f"inner_lr={self.inner_lr or 'auto'}, inner_steps={self.inner_steps}, lam={self._lam}, "
                 f"learn_lam={self.learn_lam}, tol={self.tol}, vmap={self.use_vmap}")

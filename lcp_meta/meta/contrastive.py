@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .base import MetaMethod, MetaStats
+from .base import MetaMethod, MetaStats, check_positive
 
 __all__ = ["ContrastiveMeta"]
 
@@ -33,8 +33,7 @@ class ContrastiveMeta(MetaMethod):
         if loss_fn is not None:
             kwargs["loss_fn"] = loss_fn
         super().__init__(model, **kwargs)
-        if not beta > 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
+        check_positive("beta", beta)
         if nudged_steps is not None and int(nudged_steps) < 1:
             raise ValueError(f"nudged_steps must be >= 1, got {nudged_steps}")
         self.beta, self.symmetric = float(beta), bool(symmetric)
@@ -45,15 +44,25 @@ class ContrastiveMeta(MetaMethod):
         lam, beta = self.lam_tree(params), self.beta
         stats = MetaStats(inner_loss_before=float(system.losses(omega, tb.x_support, tb.y_support, True).mean()),
                           query_loss_before=float(system.losses(omega, tb.x_query, tb.y_query, True).mean()))
-        phi0, st = self._free(system, omega, lam, tb.x_support, tb.y_support)
+        if self.solver == "anderson":
+            phi0, st = self._free(system, omega, lam, tb.x_support, tb.y_support)
+        else:
+            phi0, st, info0 = self._relax(system, omega, lam, tb.x_support, tb.y_support)
         total = st.iterations
         ends = []
         for b in ((beta, -beta) if self.symmetric else (beta,)):
             if st.diverged:
                 break
-            phib, stb = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, self, phi0=phi0, beta=b,
-                                                xq=tb.x_query, yq=tb.y_query, steps=self.nudged_steps,
-                                                name="CML nudged phase")
+            if self.solver == "anderson":
+                phib, stb = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, self, phi0=phi0,
+                                                    beta=b, xq=tb.x_query, yq=tb.y_query, steps=self.nudged_steps,
+                                                    name="CML nudged phase")
+            else:
+                # residual relative to |f(omega)|, the scale of the inner problem (the nudged phase starts
+                # with a force of only beta |grad l_out|); same step and momentum as the free phase
+                phib, stb, _ = self._relax(system, omega, lam, tb.x_support, tb.y_support, phi0=phi0, beta=b,
+                                           xq=tb.x_query, yq=tb.y_query, steps=self.nudged_steps,
+                                           scale=info0["scale"], reuse=info0)
             ends.append(phib)
             total += stb.iterations
             stb.converged = stb.converged and st.converged
@@ -61,6 +70,7 @@ class ContrastiveMeta(MetaMethod):
             st = stb
         st.iterations = total
         stats.iterations, stats.residual, stats.converged = st.iterations, st.residual, bool(st.converged)
+        stats.inner_residual = st.residual  # the largest over the free and nudged phases
         with torch.no_grad():
             if st.diverged or not ends:
                 nan = {k: torch.full_like(v, float("nan")) for k, v in omega.items()}

@@ -8,9 +8,11 @@ Lambda); then omega's gradient is ``Lambda y`` and lam's is ``-(phi* - omega) * 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from .base import MetaMethod, MetaStats
+from .base import MetaMethod, MetaStats, check_positive
 from .functional import grad_and_hvp
 
 __all__ = ["IMAML"]
@@ -20,25 +22,36 @@ class IMAML(MetaMethod):
     """iMAML with a conjugate-gradient hypergradient.
 
     Args (beyond :class:`MetaMethod`):
-        cg_steps: conjugate-gradient iterations (5 in the iMAML paper).
-        damping: added to the diagonal, ``(Hess l_in + lam + damping) y = grad l_out``; guards CG against
-            the indefinite Hessians of non-convex inner losses (0: the exact system).
+        cg_steps: conjugate-gradient iterations (5 in the iMAML paper); the cap when ``cg_tol`` is set.
+        cg_tol: stop CG when the relative residual ``|(Hess l_in + lam) y - grad l_out| / |grad l_out|``
+            is below it (None: exactly ``cg_steps``).
+        damping: added to the diagonal, ``(Hess l_in + lam + damping) y = grad l_out`` (0: the exact system).
+
+    CG needs a positive definite system.  Hess l_in + lam is indefinite where the inner loss curves down
+    by more than lam (or the inner problem is not solved); CG then meets a direction with
+    ``p^T A p <= 0``, where its step would go the wrong way or divide by zero.  Such a task stops at its
+    last iterate (reported as ``extra["cg_indefinite"]``, the number of tasks) instead of diverging;
+    ``control_residual`` shows how far that iterate is from solving the system.
     """
 
     name = "imaml"
 
-    def __init__(self, model, loss_fn=None, *, cg_steps: int = 5, damping: float = 0.0, **kwargs):
+    def __init__(self, model, loss_fn=None, *, cg_steps: int = 5, cg_tol: Optional[float] = None,
+                 damping: float = 0.0, **kwargs):
         if loss_fn is not None:
             kwargs["loss_fn"] = loss_fn
         kwargs.setdefault("lam", 2.0)
         super().__init__(model, **kwargs)
-        if int(cg_steps) < 1 or damping < 0:
-            raise ValueError(f"expected cg_steps >= 1 and damping >= 0, got {cg_steps}, {damping}")
-        self.cg_steps, self.damping = int(cg_steps), float(damping)
+        if isinstance(cg_steps, bool) or int(cg_steps) < 1:
+            raise ValueError(f"cg_steps must be an integer >= 1, got {cg_steps!r}")
+        check_positive("cg_tol", cg_tol, allow_none=True)
+        check_positive("damping", damping, allow_zero=True)
+        self.cg_steps, self.cg_tol, self.damping = int(cg_steps), cg_tol, float(damping)
 
     def _cg(self, system, lam):
-        """Per-task CG on (Hess l_in(phi) + lam + damping) y = b, from y = 0, a fixed number of steps."""
-        damping, steps = self.damping, self.cg_steps
+        """Per-task CG on (Hess l_in(phi) + lam + damping) y = b from y = 0, masked per task: a task stops
+        when its residual meets cg_tol or its curvature p^T A p is not positive (indefinite system)."""
+        damping, steps, cg_tol = self.damping, self.cg_steps, self.cg_tol
 
         def dot(a, b):
             return sum((a[k] * b[k]).sum() for k in a)
@@ -49,22 +62,27 @@ class IMAML(MetaMethod):
                 return {k: hv[k] + (lam[k] + damping) * v[k] for k in v}
 
             y = {k: torch.zeros_like(v) for k, v in b.items()}
-            r = dict(b)
-            p = dict(b)
+            r, p = dict(b), dict(b)
             rs = dot(r, r)
             bnorm = rs.sqrt()
+            active = bnorm > 0
+            indefinite = torch.zeros_like(active)
             for _ in range(steps):
+                if cg_tol is not None:
+                    active = active & (rs.sqrt() > cg_tol * bnorm)
                 Ap = A(p)
                 pAp = dot(p, Ap)
-                # an exactly solved system gives p = 0: step by 0 instead of dividing 0 by 0
-                alpha = torch.where(pAp != 0, rs / torch.where(pAp != 0, pAp, torch.ones_like(pAp)), 0.0 * pAp)
+                bad = active & ~(pAp > 0)  # includes NaN
+                indefinite = indefinite | bad
+                active = active & ~bad
+                alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)), 0.0 * rs)
                 y = {k: y[k] + alpha * p[k] for k in y}
                 r = {k: r[k] - alpha * Ap[k] for k in r}
                 rs_new = dot(r, r)
-                ratio = torch.where(rs != 0, rs_new / torch.where(rs != 0, rs, torch.ones_like(rs)), 0.0 * rs)
-                p = {k: r[k] + ratio * p[k] for k in p}
-                rs = rs_new
-            return y, rs.sqrt() / bnorm.clamp_min(torch.finfo(bnorm.dtype).tiny)
+                ratio = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)), 0.0 * rs)
+                p = {k: torch.where(active, r[k] + ratio * p[k], p[k]) for k in p}
+                rs = torch.where(active, rs_new, rs)
+            return y, rs.sqrt() / bnorm.clamp_min(torch.finfo(bnorm.dtype).tiny), indefinite
 
         return system.tmap(cg, (0, 0, 0, 0))
 
@@ -75,12 +93,17 @@ class IMAML(MetaMethod):
                           query_loss_before=float(system.losses(omega, tb.x_query, tb.y_query, True).mean()))
         phi, st = self._free(system, omega, lam, tb.x_support, tb.y_support)
         stats.iterations, stats.residual, stats.converged = st.iterations, st.residual, bool(st.converged)
+        stats.inner_residual = st.residual
+        st.phase = "inner"
         with torch.no_grad():
             go = system.grads(phi, tb.x_query, tb.y_query)
-            y, cg_res = self._cg(system, lam)(phi, go, tb.x_support, tb.y_support)
+            y, cg_res, indefinite = self._cg(system, lam)(phi, go, tb.x_support, tb.y_support)
             grads = {k: (lam[k] * y[k]).mean(0) for k in omega}
             lam_grads = {k: (-(phi[k] - omega[k]) * y[k]).mean(0) for k in omega} if self.learn_lam else None
             stats.inner_loss_after = float(system.losses(phi, tb.x_support, tb.y_support).mean())
             stats.query_loss_after = float(system.losses(phi, tb.x_query, tb.y_query).mean())
-            stats.extra["cg_residual"] = float(cg_res.max())
+            stats.control_residual = float(cg_res.max())
+            stats.extra["cg_residual"] = stats.control_residual
+            stats.extra["cg_indefinite"] = int(indefinite.sum())
+        stats.residual = max(st.residual, stats.control_residual)
         return grads, lam_grads, stats, st

@@ -8,9 +8,31 @@ the adapted parameters to a state where the query loss l_out is small, with as l
 
 (reported divided by the control strength ``beta`` so that learning rates carry over from implicit
 differentiation; beta -> 0 gives the iMAML hypergradient ``lam (Hess l_in + lam)^-1 grad l_out(phi*)``).
+These formulas hold ONLY at the controlled equilibrium, so ``LCP`` runs its dynamics until the residuals
+``|f(phi) + beta u| / |f(omega)|`` (inner) and ``|(Hess l_in + lam) u + grad l_out| / |grad l_out|``
+(control) are below ``tol`` and raises a DivergenceError otherwise.
+
+How the dynamic-inversion (DI) equilibrium is reached by default (``solver="auto"``), in two phases:
+
+1. relax the inner problem with gradients only (no Hessian-vector products), u = 0;
+2. run the DI controller jointly with the inner dynamics from (phi*, 0): ``phi += f(phi) + beta u``,
+   ``u += -(Hess l_in + lam) u - grad l_out`` (one HVP and one query gradient per step).  At finite beta
+   this is the exact controlled equilibrium (phi moves by O(beta)); nothing is linearised.
+
+Both phases take heavy-ball steps with the step ``a`` of the inner relaxation (a user's ``inner_lr``, or
+``1 / (1.25 lam_max)`` from a power-iteration estimate) and momentum ``(1 - sqrt(a lam))^2``: the control's
+Jacobian is the inner dynamics' Jacobian at the equilibrium, so the control cannot diverge where the inner
+relaxation at that step converges (see :mod:`lcp_meta.meta.dynamics`).  The momentum changes the path
+in time, never the equilibrium.  ``solver="euler"`` is the single-phase simulation: the joint
+dynamics from (omega, 0) with Euler steps inner_lr / psi_lr, also stopped on the residuals.
+
+``LCP(..., truncated=True)`` (``make_method("lcp-truncated")``) is the former fixed-step controller:
+``inner_steps`` joint Euler steps from (omega, 0), whatever the residual.  It computes something else than
+the LCP meta-gradient, is reported with ``converged=False`` and its residuals, and never runs under the
+name ``lcp``.
 
 Internally the control is stored as ``u = psi / beta``: the same dynamics, but both halves of the state
-have comparable scale, which keeps the relative-change stop rule meaningful and float32 accurate.
+have comparable scale.
 """
 from __future__ import annotations
 
@@ -19,7 +41,10 @@ from typing import Optional
 import torch
 from torch.func import grad
 
-from .base import MetaMethod, MetaStats
+from .base import MetaMethod, MetaStats, check_positive
+from .dynamics import cg_map, control_map, flat_state, iterate, momentum_for
+from .functional import grad_and_hvp
+from .functional import tree_expand, tree_zeros_like
 from .system import pack, unpack
 
 __all__ = ["LCP", "CONTROLLERS"]
@@ -32,25 +57,32 @@ class LCP(MetaMethod):
 
     Args (beyond :class:`MetaMethod`):
         beta: control strength (the relaxation of spec section 1); small beta = implicit differentiation.
-        controller: ``"di"`` dynamic inversion (exact; one Hessian-vector product per step, run jointly
-            with the inner loop from phi = omega, psi = 0), ``"direct"`` (first order: psi = -beta grad
-            l_out(phi), no HVPs; it replaces (Hess l_in + lam)^-1 by 1/lam), or ``"ebd"`` energy-based
-            (free inner loop, then gradient descent on 1/2 |f(phi)|^2 + beta l_out(phi); psi = -f).
-        psi_lr: Euler step eta_psi of the control dynamics (default: inner_lr).
+        controller: ``"di"`` dynamic inversion (exact; one Hessian-vector product per control step),
+            ``"direct"`` (first order: psi = -beta grad l_out(phi), no HVPs; it replaces
+            (Hess l_in + lam)^-1 by 1/lam), or ``"ebd"`` energy-based (free inner loop, then gradient
+            descent on 1/2 |f(phi)|^2 + beta l_out(phi); psi = -f).
+        psi_lr: Euler step of the control dynamics (default: the heavy-ball step of the inner relaxation,
+            see the module docstring; with ``solver="euler"`` / ``truncated``: inner_lr).
         first_order: True selects the direct controller (no second derivatives).
         ebd_lr, ebd_steps, ebd_momentum: step size, number of steps (cap when tol is set) and momentum of
             the energy descent of the ``"ebd"`` controller.
         leaky: direct controller only: psi is a leaky integral of the query-loss gradient,
             ``u += psi_lr (-grad l_out(phi) - u)`` with psi = beta u (same equilibrium, smoother dynamics).
+        truncated: DI only: exactly ``inner_steps`` joint Euler steps from (omega, 0), not an equilibrium
+            (the method is then named ``lcp-truncated``).
     """
 
     name = "lcp"
 
     def __init__(self, model, loss_fn=None, *, beta: float = 1e-2, controller: str = "di",
                  psi_lr: Optional[float] = None, first_order: bool = False, ebd_lr: float = 0.01,
-                 ebd_steps: int = 200, ebd_momentum: float = 0.0, leaky: bool = False, **kwargs):
+                 ebd_steps: int = 200, ebd_momentum: float = 0.0, leaky: bool = False, truncated: bool = False,
+                 **kwargs):
         if loss_fn is not None:
             kwargs["loss_fn"] = loss_fn
+        if truncated:
+            kwargs.setdefault("tol", None)
+            kwargs.setdefault("inner_steps", 10)
         super().__init__(model, **kwargs)
         if controller not in CONTROLLERS:
             raise ValueError(f"unknown controller {controller!r}; expected one of {CONTROLLERS}")
@@ -58,43 +90,220 @@ class LCP(MetaMethod):
             if controller == "ebd":
                 raise ValueError("first_order=True is the direct controller; it cannot be combined with 'ebd'")
             controller = "direct"
-        if not beta > 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
-        if (psi_lr is not None and psi_lr <= 0) or ebd_lr <= 0 or int(ebd_steps) < 1:
-            raise ValueError(f"expected psi_lr > 0, ebd_lr > 0, ebd_steps >= 1; got {psi_lr}, {ebd_lr}, {ebd_steps}")
+        check_positive("beta", beta)
+        check_positive("psi_lr", psi_lr, allow_none=True)
+        check_positive("ebd_lr", ebd_lr)
+        if int(ebd_steps) < 1:
+            raise ValueError(f"ebd_steps must be an integer >= 1, got {ebd_steps!r}")
         if not 0.0 <= ebd_momentum < 1.0:
             raise ValueError(f"ebd_momentum must be in [0, 1), got {ebd_momentum}")
-        self.beta, self.controller = float(beta), controller
-        self.name = {"di": "lcp", "direct": "lcp-direct", "ebd": "lcp-ebd"}[controller]
-        self.psi_lr = float(psi_lr) if psi_lr is not None else self.inner_lr
+        if truncated and controller != "di":
+            raise ValueError("truncated=True is the fixed-step dynamic-inversion controller (lcp-truncated)")
+        if truncated and self.tol is not None:
+            raise ValueError(f"lcp-truncated runs exactly inner_steps steps; got tol={self.tol} (use lcp for a "
+                             "residual-stopped run)")
+        if controller == "di" and not truncated and self.tol is None:
+            raise ValueError("lcp runs its dynamics to the controlled equilibrium, so tol=None (a fixed number of "
+                             "steps) is not lcp: use LCP(..., truncated=True) / make_method('lcp-truncated')")
+        self.beta, self.controller, self.truncated = float(beta), controller, bool(truncated)
+        self.name = {"di": "lcp-truncated" if truncated else "lcp", "direct": "lcp-direct",
+                     "ebd": "lcp-ebd"}[controller]
+        self.psi_lr_given = float(psi_lr) if psi_lr is not None else None
         self.ebd_lr, self.ebd_steps, self.ebd_momentum = float(ebd_lr), int(ebd_steps), float(ebd_momentum)
         if leaky and controller != "direct":
             raise ValueError("leaky=True applies to the direct controller only")
         self.leaky = bool(leaky)
 
+    @property
+    def psi_lr(self) -> Optional[float]:
+        """The control step given by the user (None: automatic)."""
+        return self.psi_lr_given
+
+    # ----------------------------------------------------------------------------- step sizes
+    def _steps_at_omega(self, system, omega, lam, tb):
+        """Per-task (a_phi, a_u) of the single-phase dynamics from omega: inner_lr / psi_lr, or the
+        automatic step 1 / (1.25 lam_max(omega)) for either when not given."""
+        T = tb.num_tasks
+        ref = next(iter(omega.values()))
+        if self.inner_lr is None or self.psi_lr is None:
+            auto, _ = self._auto_step(system, tree_expand(omega, T), lam, tb.x_support, tb.y_support)
+        full = lambda v: torch.full((T,), v, dtype=ref.dtype, device=ref.device)  # noqa: E731
+        a_phi = full(self.inner_lr) if self.inner_lr is not None else auto
+        a_u = full(self.psi_lr) if self.psi_lr is not None else a_phi
+        return a_phi, a_u
+
     # ----------------------------------------------------------------------------- controllers
-    def _joint(self, system, omega, lam, tb, control, name):
-        """Joint Euler dynamics of (phi, u = psi/beta) from phi = omega, u = 0:
+    def _control_loop(self, system, omega, lam, tb, phi0, a_phi, m_phi, a_u, m_u, scale_in, tol, steps):
+        """The joint DI dynamics (phi, u) from (phi0, 0) until both residuals are below tol."""
+        T = tb.num_tasks
+        mapped = self._tmap(control_map(system, omega, lam, self.beta), (0,) * 13)
+        u0 = {k: torch.zeros_like(v) for k, v in phi0.items()}
+        state, rebuild = flat_state([phi0, u0, tree_zeros_like(phi0), tree_zeros_like(phi0),
+                                     a_phi, m_phi, a_u, m_u, scale_in])
+        data = (tb.x_support, tb.y_support, tb.x_query, tb.y_query)
+
+        def step(z):
+            new, res = mapped(*rebuild(z), *data)
+            return flat_state(new)[0], res
+
+        z, st, res = iterate(step, state, tol, steps)
+        trees = rebuild(z)
+        return trees[0], trees[1], st, res.reshape(T, 2)
+
+    def _force_scale(self, system, omega, lam, tb):
+        """|f(omega)| = |grad l_in(omega)| per task: the scale of the inner residual."""
+        g = system.tmap(system.grad, (None, 0, 0))(omega, tb.x_support, tb.y_support)
+        return torch.stack([v.reshape(v.shape[0], -1).pow(2).sum(1) for v in g.values()]).sum(0).sqrt()
+
+    def _di(self, system, omega, lam, tb):
+        """Dynamic inversion: at the equilibrium u* = -(Hess l_in(phi*) + lam)^-1 grad l_out(phi*)."""
+        tol = self.tol_for(next(iter(omega.values())).dtype)
+        if self.solver == "anderson":
+            return self._legacy_di(system, omega, lam, tb)
+        if self.truncated or self.solver == "euler":
+            a_phi, a_u = self._steps_at_omega(system, omega, lam, tb)
+            m_phi = torch.full_like(a_phi, self.momentum)
+            phi0 = tree_expand(omega, tb.num_tasks)
+            phi, u, st, res = self._control_loop(system, omega, lam, tb, phi0, a_phi, m_phi, a_u,
+                                                 torch.zeros_like(a_u), self._force_scale(system, omega, lam, tb),
+                                                 tol, self.inner_steps)
+            st.phase = "inner"  # one joint dynamics: a failure is reported as the inner dynamics'
+            self._info = {"control_iterations": st.iterations, "step": float(a_phi.mean())}
+            return phi, u, st, res
+        if self.solver == "heavy-ball":
+            return self._di_heavy_ball(system, omega, lam, tb, tol)
+        return self._di_rounds(system, omega, lam, tb, tol)
+
+    def _di_heavy_ball(self, system, omega, lam, tb, tol):
+        """Relax (gradients only), then the joint DI dynamics from (phi*, 0) with heavy-ball steps."""
+        phi0, st1, info = self._relax(system, omega, lam, tb.x_support, tb.y_support)
+        self._info = {"inner_iterations": st1.iterations, "hvps": info["hvps"], "step": float(info["a"].mean())}
+        if info["lmax"] is not None:
+            self._info["lam_max"] = float(info["lmax"].max())
+        if st1.diverged or not st1.converged:
+            st1.phase = "inner"
+            return phi0, None, st1, None
+        a = info["a"]
+        m = momentum_for(a, self._mu(lam))
+        a_u, m_u = (a, m) if self.psi_lr is None else (torch.full_like(a, self.psi_lr), torch.zeros_like(a))
+        phi, u, st2, res = self._control_loop(system, omega, lam, tb, phi0, a, m, a_u, m_u, info["scale"], tol,
+                                              self.inner_steps)
+        self._info.update(control_iterations=st2.iterations, hvps=info["hvps"] + st2.iterations + 1)
+        st2.phase = "control"
+        st2.iterations += st1.iterations
+        return phi, u, st2, res
+
+    def _cg_control(self, system, lam, tb, phi, u0, tol, steps):
+        """The control at a fixed inner state, from u0, by line-searched heavy-ball steps (CG)."""
+        T = tb.num_tasks
+        xs, ys = tb.x_support, tb.y_support
+
+        def start(p, u, x, y, xq, yq):
+            _, hu = grad_and_hvp(system.loss, p, u, x, y)
+            g = system.grad(p, xq, yq)
+            r = {k: -(hu[k] + lam[k] * u[k]) - g[k] for k in u}
+            rs = sum((v * v).sum() for v in r.values())
+            gn = sum((v * v).sum() for v in g.values()).sqrt()
+            return r, rs, gn
+
+        with torch.no_grad():
+            r, rs, gn = self._tmap(start, (0,) * 6)(phi, u0, xs, ys, tb.x_query, tb.y_query)
+        true = torch.ones(T, dtype=torch.bool, device=rs.device)
+        state, rebuild = flat_state([phi, u0, r, dict(r), rs, gn, true, ~true])
+        mapped = self._tmap(cg_map(system, lam), (0,) * 10)
+
+        def step(z):
+            new, res, stuck = mapped(*rebuild(z), xs, ys)
+            return flat_state(new)[0], res, stuck
+
+        z, st, res = iterate(step, state, tol, steps)
+        trees = rebuild(z)
+        return trees[1], st, bool(trees[7].any())
+
+    def _di_rounds(self, system, omega, lam, tb, tol):
+        """The default: alternate (1) relaxing phi under the current control, f(phi) + beta u = 0, with
+        gradients only, and (2) the control at that phi, (Hess l_in + lam) u = -grad l_out, by CG steps,
+        until the joint residuals are below tol.  The fixed point is the joint equilibrium of the DI
+        controller; at small beta phi moves by O(beta) and one or two rounds suffice."""
+        T = tb.num_tasks
+        scale_in = self._force_scale(system, omega, lam, tb)
+        phi, st1, info = self._relax(system, omega, lam, tb.x_support, tb.y_support, scale=scale_in)
+        inner_it, ctrl_it, hvps = st1.iterations, 0, info["hvps"]
+        self._info = {"step": float(info["a"].mean())}
+        if info["lmax"] is not None:
+            self._info["lam_max"] = float(info["lmax"].max())
+        if st1.diverged or not st1.converged:
+            st1.phase = "inner"
+            self._info.update(inner_iterations=inner_it)
+            return phi, None, st1, None
+        u = tree_zeros_like(phi)
+        st = st1
+        for rounds in range(1, 21):
+            u, stc, indefinite = self._cg_control(system, lam, tb, phi, u, tol, self.inner_steps)
+            ctrl_it += stc.iterations
+            hvps += stc.iterations + 1
+            if stc.diverged or indefinite or not stc.converged:
+                stc.phase, stc.indefinite = "control", indefinite
+                st = stc
+                break
+            res = self._residuals(system, omega, lam, tb, phi, u)
+            hvps += 1
+            if tol is None or bool((res.amax(1) <= tol).all()):
+                st = stc
+                st.residual = float(res.max())
+                break
+            # the control moved: relax phi under the force f + beta u (gradients only)
+            shift = {k: self.beta * v for k, v in u.items()}
+            phi, st1, _ = self._relax(system, omega, lam, tb.x_support, tb.y_support, phi0=phi, shift=shift,
+                                      scale=scale_in, reuse=info)
+            inner_it += st1.iterations
+            if st1.diverged or not st1.converged:
+                st1.phase, st = "inner", st1
+                break
+        else:
+            st = stc
+            st.converged = False
+            st.phase = "control"
+        st.iterations = inner_it + ctrl_it
+        self._info.update(inner_iterations=inner_it, control_iterations=ctrl_it, rounds=rounds, hvps=hvps)
+        return phi, u, st, None
+
+    def _legacy_di(self, system, omega, lam, tb):
+        """The joint dynamics through :func:`lcp_meta.core.solvers.solve` (``solver="anderson"``)."""
+        a_phi, a_u = self._steps_at_omega(system, omega, lam, tb)
+
+        def control(phi, u, lr, plr, xs, ys, xq, yq):
+            f, hu = system.force_and_hvp(phi, u, omega, lam, xs, ys)  # hu = (Hess l_in + lam) u
+            go = system.grad(phi, xq, yq)
+            return f, {k: u[k] - plr * (hu[k] + go[k]) for k in u}
+
+        phi, u, st = self._joint(system, omega, lam, tb, control, "LCP dynamic-inversion dynamics", a_phi, a_u)
+        self._info = {"control_iterations": st.iterations}
+        st.phase = "inner"
+        return phi, u, st, None
+
+    def _joint(self, system, omega, lam, tb, control, name, a_phi, a_u):
+        """Joint Euler dynamics of (phi, u = psi/beta) from phi = omega, u = 0 through the core solvers:
         phi += eta (f(phi) + beta u) (heavy-ball with ``momentum``), u <- control(...)."""
         names, T = list(omega), tb.num_tasks
-        lr, beta, mom = self.inner_lr, self.beta, self.momentum
+        beta, mom = self.beta, self.momentum
 
-        def one(phi, u, vel, xs, ys, xq, yq):
-            f, u_new = control(phi, u, xs, ys, xq, yq)
+        def one(phi, u, vel, lr, plr, xs, ys, xq, yq):
+            f, u_new = control(phi, u, lr, plr, xs, ys, xq, yq)
             drive = {k: f[k] + beta * u[k] for k in phi}
             if vel is None:
                 return {k: phi[k] + lr * drive[k] for k in phi}, u_new, None
             vel = {k: mom * vel[k] + drive[k] for k in vel}
             return {k: phi[k] + lr * vel[k] for k in phi}, u_new, vel
 
-        phi0 = {k: v.unsqueeze(0).expand(T, *v.shape).clone() for k, v in omega.items()}
+        phi0 = tree_expand(omega, T)
         zeros = {k: torch.zeros_like(v) for k, v in phi0.items()}
-        data = (tb.x_support, tb.y_support, tb.x_query, tb.y_query)
+        data = (a_phi, a_u, tb.x_support, tb.y_support, tb.x_query, tb.y_query)
         if mom > 0:
-            mapped = system.tmap(lambda p, u, v, *d: one(p, u, v, *d), (0,) * 7)
+            mapped = system.tmap(lambda p, u, v, *d: one(p, u, v, *d), (0,) * 9)
             state = pack([phi0, zeros, dict(zeros)])
         else:
-            mapped = system.tmap(lambda p, u, *d: one(p, u, None, *d)[:2], (0,) * 6)
+            mapped = system.tmap(lambda p, u, *d: one(p, u, None, *d)[:2], (0,) * 8)
             state = pack([phi0, zeros])
 
         def step(z):
@@ -104,47 +313,42 @@ class LCP(MetaMethod):
         trees = unpack(z, names)
         return trees[0], trees[1], st
 
-    def _di(self, system, omega, lam, tb):
-        """Dynamic inversion: u += eta_psi (-(Hess l_in(phi) + lam) u - grad l_out(phi)), one HVP per step;
-        at the fixed point u* = -(Hess l_in + lam)^-1 grad l_out(phi*)."""
-        plr = self.psi_lr
-
-        def control(phi, u, xs, ys, xq, yq):
-            f, hu = system.force_and_hvp(phi, u, omega, lam, xs, ys)  # hu = (Hess l_in + lam) u
-            go = system.grad(phi, xq, yq)
-            return f, {k: u[k] - plr * (hu[k] + go[k]) for k in u}
-
-        return self._joint(system, omega, lam, tb, control, "LCP dynamic-inversion dynamics")
-
     def _direct(self, system, omega, lam, tb):
         """psi = -beta grad l_out(phi): the controlled equilibrium solves
         grad l_in + lam (phi - omega) + beta grad l_out = 0 (the nudged phase, reached in one phase)."""
         if self.leaky:
             return self._leaky(system, omega, lam, tb)
-        phi, st = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, self, beta=self.beta,
-                                          xq=tb.x_query, yq=tb.y_query, name="LCP direct-control dynamics")
+        if self.solver == "anderson":
+            phi, st = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, self, beta=self.beta,
+                                              xq=tb.x_query, yq=tb.y_query, name="LCP direct-control dynamics")
+        else:
+            phi, st, info = self._relax(system, omega, lam, tb.x_support, tb.y_support, beta=self.beta,
+                                        xq=tb.x_query, yq=tb.y_query)
+            self._info = {"inner_iterations": st.iterations, "step": float(info["a"].mean())}
         with torch.no_grad():
             u = {k: -v for k, v in system.grads(phi, tb.x_query, tb.y_query).items()}
-        return phi, u, st
+        return phi, u, st, None
 
     def _leaky(self, system, omega, lam, tb):
         """Direct control through a leaky integrator: u += eta_psi (-grad l_out(phi) - u), psi = beta u."""
-        plr = self.psi_lr
+        a_phi, a_u = self._steps_at_omega(system, omega, lam, tb)
 
-        def control(phi, u, xs, ys, xq, yq):
+        def control(phi, u, lr, plr, xs, ys, xq, yq):
             f = system.force(phi, omega, lam, xs, ys)
             go = system.grad(phi, xq, yq)
             return f, {k: u[k] - plr * (go[k] + u[k]) for k in u}
 
-        return self._joint(system, omega, lam, tb, control, "LCP leaky direct-control dynamics")
+        phi, u, st = self._joint(system, omega, lam, tb, control, "LCP leaky direct-control dynamics", a_phi, a_u)
+        return phi, u, st, None
 
     def _ebd(self, system, omega, lam, tb):
         """Free equilibrium, then descent on E(phi) = 1/2 |f(phi)|^2 + beta l_out(phi); psi = -f."""
         names, beta, lr, mom = list(omega), self.beta, self.ebd_lr, self.ebd_momentum
-        phi0, st0 = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, self,
-                                            name="LCP-EBD free inner dynamics")
-        if st0.diverged:
-            return phi0, None, st0
+        phi0, st0 = self._free(system, omega, lam, tb.x_support, tb.y_support)
+        if st0.diverged or (self.tol_for(tb.x_support.dtype if tb.x_support.is_floating_point() else
+                                         next(iter(omega.values())).dtype) is not None and not st0.converged):
+            st0.phase = "inner"
+            return phi0, None, st0, None
 
         def energy(phi, xs, ys, xq, yq):
             f = system.force(phi, omega, lam, xs, ys)
@@ -172,6 +376,7 @@ class LCP(MetaMethod):
             return pack(out if isinstance(out, tuple) else [out])
 
         z, st = self._dynamics(step, state, name="LCP energy-based descent", max_iter=self.ebd_steps)
+        st.phase = "control"
         phi = unpack(z, names)[0]
         with torch.no_grad():
             f = system.tmap(lambda p, x, y: system.force(p, omega, lam, x, y), (0, 0, 0))(
@@ -180,19 +385,42 @@ class LCP(MetaMethod):
         st.iterations += st0.iterations
         st.converged = st.converged and st0.converged
         st.residual = max(st.residual, st0.residual)
-        return phi, u, st
+        return phi, u, st, None
 
     # ----------------------------------------------------------------------------- meta-gradient
+    def _residuals(self, system, omega, lam, tb, phi, u):
+        """(control, inner) residuals of (phi, u) per task: one evaluation of the DI step, no update."""
+        T = tb.num_tasks
+        one = control_map(system, omega, lam, self.beta)
+        zero = torch.zeros(T, dtype=next(iter(phi.values())).dtype, device=next(iter(phi.values())).device)
+        scale = self._force_scale(system, omega, lam, tb)
+        with torch.no_grad():
+            _, res = self._tmap(one, (0,) * 13)(phi, u, tree_zeros_like(phi), tree_zeros_like(u), zero, zero,
+                                                zero, zero, scale, tb.x_support, tb.y_support, tb.x_query,
+                                                tb.y_query)
+        return res.reshape(T, 2).to(torch.float64)
+
     def _meta_gradient(self, system, params, tb):
         omega = {k: v.detach() for k, v in params.items()}
         lam = self.lam_tree(params)
         stats = MetaStats(inner_loss_before=float(system.losses(omega, tb.x_support, tb.y_support, True).mean()),
                           query_loss_before=float(system.losses(omega, tb.x_query, tb.y_query, True).mean()))
-        phi, u, st = getattr(self, "_" + self.controller)(system, omega, lam, tb)
-        stats.iterations, stats.residual = st.iterations, st.residual
+        self._info = {}
+        phi, u, st, res = getattr(self, "_" + self.controller)(system, omega, lam, tb)
+        stats.iterations = st.iterations
         stats.converged = bool(st.converged and not st.diverged)
+        stats.extra.update(self._info)
         if u is None:
             u = {k: torch.full_like(v, float("nan")) for k, v in phi.items()}
+            stats.residual = st.residual
+            stats.inner_residual = st.residual
+        else:
+            if res is None:
+                res = self._residuals(system, omega, lam, tb, phi, u)
+            stats.control_residual = float(res[:, 0].max())
+            stats.inner_residual = float(res[:, 1].max())
+            stats.residual = max(stats.control_residual, stats.inner_residual)
+            st.residual = stats.residual
         with torch.no_grad():
             # grad_omega = -lam psi / beta = -lam u ;  grad_lam = (phi - omega) . psi / beta = (phi - omega) . u
             grads = {k: (-lam[k] * u[k]).mean(0) for k in omega}

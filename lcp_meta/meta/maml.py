@@ -21,6 +21,7 @@ def _has_affine_batchnorm(model) -> bool:
 
 class _Unrolled(MetaMethod):
     supports_learned_lam = False
+    equilibrium = False  # K steps define the method: no residual tolerance
 
     def __init__(self, model, loss_fn=None, **kwargs):
         if loss_fn is not None:

@@ -1,0 +1,243 @@
+"""Residual-stopped, task-batched loops for the equilibrium methods (LCP, iMAML, CML).
+
+Two dynamics, both written per task and mapped over tasks (vmap), both integrated with heavy-ball steps
+``v <- m v + a F(x);  x <- x + v`` (m = 0: forward Euler with step a):
+
+* relaxation of the inner problem, ``F = f(phi) = -grad E(phi)`` with
+  ``E(phi) = l_in(phi) + lam/2 |phi - omega|^2 [+ beta l_out(phi)]`` (gradients only);
+* the dynamic-inversion control of LCP, run jointly with the inner dynamics:
+  ``F_phi = f(phi) + beta u``, ``F_u = -(Hess l_in(phi) + lam) u - grad l_out(phi)`` (u = psi / beta).
+
+Why heavy-ball with these steps is safe: linearised at the inner equilibrium, the relaxation has Jacobian
+``-(Hess l_in + lam)``, and so has the control (it IS that linearisation applied to u).  A heavy-ball
+iteration on a symmetric positive definite A is stable for every eigenvalue with ``0 < a lam_i < 2 (1 + m)``.
+So the control, run with the step that made the inner relaxation converge, cannot diverge; the momentum
+``m = (1 - sqrt(a mu))^2`` with ``mu = min lam`` (the smallest curvature of the proximal problem when
+Hess l_in >= 0) makes both converge at the rate ``1 - sqrt(a mu)`` instead of ``1 - a mu``.
+
+Stop rule: every iteration evaluates the residual at the current state (a by-product of the step), tasks
+whose residual is below ``tol`` keep their state, the loop ends when all tasks are done or at ``max_iter``
+updates.  The residual reported is therefore the residual of the state returned.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch.func import grad_and_value
+
+from ..core.solvers import SolverStats
+from .functional import Tree, grad_and_hvp
+
+__all__ = ["iterate", "power_iteration", "momentum_for", "relax_map", "control_map", "cg_map", "SAFETY"]
+
+# the step is 1 / (SAFETY * estimated largest eigenvalue): power iteration estimates it from below
+SAFETY = 1.25
+
+
+def _tdot(a: Tree, b: Tree) -> torch.Tensor:
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def _tnorm(a: Tree) -> torch.Tensor:
+    return _tdot(a, a).sqrt()
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den with 0 / 0 = 0 (a task that starts at its solution has nothing left to do)."""
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, num / safe, torch.where(num > 0, torch.full_like(num, float("inf")), 0.0 * num))
+
+
+def momentum_for(a: torch.Tensor, mu: float) -> torch.Tensor:
+    """Heavy-ball momentum (1 - sqrt(a mu))^2: the uniform rate 1 - sqrt(a mu) on eigenvalues in [mu, 1/a]."""
+    return (1 - (a * mu).clamp(0, 1).sqrt()) ** 2
+
+
+# --------------------------------------------------------------------------------------- the loop
+def iterate(step: Callable, state: Tuple[torch.Tensor, ...], tol: Optional[float], max_iter: int
+            ) -> Tuple[Tuple[torch.Tensor, ...], SolverStats, torch.Tensor]:
+    """Run ``step(state) -> (new_state, residual (T,) or (T, k)[, stuck (T,)])`` until every task's
+    residuals are <= tol (or it is stuck: it stops there, unconverged).
+
+    ``residual`` is the residual of the INPUT state.  Tasks that are done keep their state.  ``tol=None``
+    runs exactly ``max_iter`` updates (then ``converged`` is False: nothing says the run is at an
+    equilibrium).  Returns (state, SolverStats, per-task residuals).  Stops early when a residual is not
+    finite (``diverged``).
+    """
+    T = state[0].shape[0]
+    done = torch.zeros(T, dtype=torch.bool, device=state[0].device)
+    res = torch.full((T,), float("nan"), dtype=torch.float64, device=state[0].device)
+    k = 0
+    with torch.no_grad():
+        while True:
+            out = step(state)
+            new, r = out[0], out[1]
+            stuck = out[2] if len(out) > 2 else None  # tasks that cannot move on (stop, not converged)
+            res = r.detach().to(torch.float64)
+            worst = res if res.dim() == 1 else res.amax(1)  # several residuals: all must meet tol
+            finite = torch.isfinite(worst)
+            if tol is not None:
+                done = done | (finite & (worst <= tol))
+            halt = done if stuck is None else done | stuck
+            flags = torch.stack([done.all(), ~finite.all(), halt.all()]).cpu()
+            if bool(flags[0]) or bool(flags[1]) or bool(flags[2]) or k >= max_iter:
+                break
+            state = tuple(torch.where(done.view(-1, *([1] * (o.dim() - 1))), o, n) for o, n in zip(state, new))
+            k += 1
+    diverged = bool(flags[1])
+    worst = res if res.dim() == 1 else res.amax(1)
+    st = SolverStats(iterations=k, residual=float(worst.max()) if not diverged else float("nan"),
+                     converged=bool(flags[0]) and not diverged, diverged=diverged, per_sample=worst.cpu())
+    return state, st, res
+
+
+# ------------------------------------------------------------------------------- eigenvalue estimate
+def power_iteration(system, phi: Tree, lam: Tree, xs, ys, iters: int) -> torch.Tensor:
+    """Largest eigenvalue of Hess l_in(phi) + lam for ONE task by power iteration (``iters`` HVPs).
+
+    Starts from grad l_in(phi) plus a constant vector (deterministic, so vmapped and looped runs agree);
+    returns the last Rayleigh quotient, a lower bound of the largest eigenvalue (hence SAFETY)."""
+    g = system.grad(phi, xs, ys)
+    v = {k: g[k] + 1e-3 * (g[k].abs().mean() + 1) * torch.ones_like(g[k]) for k in g}
+    rq = torch.zeros((), dtype=next(iter(phi.values())).dtype)
+    for _ in range(iters):
+        n = _tnorm(v)
+        v = {k: v[k] / n for k in v}
+        _, hv = grad_and_hvp(system.loss, phi, v, xs, ys)
+        av = {k: hv[k] + lam[k] * v[k] for k in v}
+        rq = _tdot(v, av)
+        v = av
+    return rq
+
+
+# ------------------------------------------------------------------------------------ relaxation
+def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: float = 0.0) -> Callable:
+    """Per-task step of the heavy-ball relaxation of E (gradients only).
+
+    State per task: (phi, vel, phi_prev, e_prev, a, m, scale) [, c: a constant control added to the force,
+    E - <c, phi>].  ``adaptive``: the step a came from an
+    eigenvalue estimate; the momentum is dropped when E rises or the velocity points uphill, the step is
+    halved when E rises with no momentum, and a non-finite point is undone (step / 4), so a curvature
+    larger than estimated cannot make the run diverge.
+    Otherwise (a user's inner_lr, momentum m) it is the plain dynamics.  Residual:
+    ``|grad E(phi)| / |grad E(phi_start)|`` (the force left, relative to the force at the start).
+    """
+    nudged = beta != 0.0
+
+    def energy(phi, xs, ys, xq, yq, c):
+        e = system.loss(phi, xs, ys) + 0.5 * sum((lam[k] * (phi[k] - omega[k]) ** 2).sum() for k in phi)
+        if c is not None:  # a constant control c: the force is f(phi) + c
+            e = e - sum((c[k] * phi[k]).sum() for k in phi)
+        return e + beta * system.loss(phi, xq, yq) if nudged else e
+
+    gv = grad_and_value(energy)
+
+    def one(phi, vel, phi_prev, e_prev, a, m, scale, xs, ys, xq, yq, c=None):
+        g, e = gv(phi, xs, ys, xq, yq, c)
+        gn = _tnorm(g)
+        scale = torch.where(torch.isnan(scale), gn, scale)
+        res = _ratio(gn, scale)
+        if adaptive:
+            bad = ~(torch.isfinite(e) & torch.isfinite(gn))
+            rise = e > e_prev + 1e-8 * e_prev.abs()  # beyond round-off: the step overshot
+            uphill = _tdot(g, vel) > 0               # the momentum points uphill: restart it
+            still = _tnorm(vel) == 0
+            a_new = torch.where(bad, 0.25 * a, torch.where(rise & still, 0.5 * a, a))
+            m_new = momentum_for(a_new, mu)
+            restart = bad | rise | uphill
+            res = torch.where(bad, torch.full_like(res, float(1e30)), res)  # a rejected point is not a solution
+            g = {k: torch.where(bad, torch.zeros_like(g[k]), g[k]) for k in g}
+            vel_n = {k: torch.where(restart, torch.zeros_like(vel[k]), m_new * vel[k]) - a_new * g[k] for k in vel}
+            base = {k: torch.where(bad, phi_prev[k], phi[k]) for k in phi}  # non-finite: back to the last point
+            phi_n = {k: base[k] + vel_n[k] for k in phi}
+            return (phi_n, vel_n, base, torch.where(bad, e_prev, e), a_new, m_new, scale), res
+        vel_n = {k: m * vel[k] - a * g[k] for k in vel}
+        return ({k: phi[k] + vel_n[k] for k in phi}, vel_n, phi_prev, e, a, m, scale), res
+
+    return one
+
+
+# --------------------------------------------------------------------------------------- control
+def control_map(system, omega: Tree, lam: Tree, beta: float) -> Callable:
+    """Per-task step of the joint (phi, u) dynamics of the dynamic-inversion controller.
+
+    State per task: (phi, u, vphi, vu, a_phi, m_phi, a_u, m_u, scale_in).  One forward-over-reverse pass
+    gives f(phi) and (Hess l_in + lam) u; one gradient gives grad l_out(phi).  Residuals (of the input
+    state): control ``|(Hess l_in + lam) u + grad l_out| / |grad l_out|``, inner ``|f + beta u| / scale_in``
+    (scale_in = |f(omega)|); the step returns the larger of the two and both separately.
+    """
+
+    def one(phi, u, vphi, vu, a_phi, m_phi, a_u, m_u, scale_in, xs, ys, xq, yq):
+        g, hu = grad_and_hvp(system.loss, phi, u, xs, ys)
+        go = system.grad(phi, xq, yq)
+        f_in = {k: -g[k] - lam[k] * (phi[k] - omega[k]) + beta * u[k] for k in phi}
+        f_u = {k: -(hu[k] + lam[k] * u[k]) - go[k] for k in u}
+        r_u = _ratio(_tnorm(f_u), _tnorm(go))
+        r_in = _ratio(_tnorm(f_in), scale_in)
+        vphi = {k: m_phi * vphi[k] + a_phi * f_in[k] for k in vphi}
+        vu = {k: m_u * vu[k] + a_u * f_u[k] for k in vu}
+        new = ({k: phi[k] + vphi[k] for k in phi}, {k: u[k] + vu[k] for k in u}, vphi, vu,
+               a_phi, m_phi, a_u, m_u, scale_in)
+        return new, torch.stack([r_u, r_in])
+
+    return one
+
+
+def flat_state(trees: Sequence) -> Tuple[Tuple[torch.Tensor, ...], Callable]:
+    """A mixed sequence of trees and tensors -> a flat tuple, and the inverse."""
+    layout, flat = [], []
+    for t in trees:
+        if isinstance(t, dict):
+            layout.append(list(t))
+            flat.extend(t.values())
+        else:
+            layout.append(None)
+            flat.append(t)
+
+    def rebuild(z):
+        out, i = [], 0
+        for names in layout:
+            if names is None:
+                out.append(z[i])
+                i += 1
+            else:
+                out.append(dict(zip(names, z[i:i + len(names)])))
+                i += len(names)
+        return out
+
+    return tuple(flat), rebuild
+
+
+# ------------------------------------------------------------------ control at a fixed inner state
+def cg_map(system, lam: Tree) -> Callable:
+    """Per-task step of the control dynamics ``du/dt = -(Hess l_in(phi) + lam) u - grad l_out(phi)`` at a
+    fixed (solved) inner state phi, integrated by heavy-ball steps whose step and momentum come from an
+    exact line search each step: that is the conjugate-gradient method, so the control reaches its
+    equilibrium ``u* = -(Hess l_in + lam)^-1 grad l_out`` in at most dim(u) steps (far fewer for the
+    clustered spectra of few-shot problems) instead of ~sqrt(condition number) per digit.
+
+    State per task: (phi, u, r, p, rs, gnorm, active, indefinite), with r = -(A u + g) the force on u.
+    A task whose curvature ``p^T A p`` is not positive (Hess l_in + lam indefinite at phi) stops at its
+    last iterate and is flagged; the residual ``|A u + g| / |g|`` then shows how far it is from u*.
+    """
+
+    def one(phi, u, r, p, rs, gnorm, active, indefinite, xs, ys):
+        res = torch.where(gnorm > 0, rs.sqrt() / torch.where(gnorm > 0, gnorm, torch.ones_like(gnorm)), 0 * rs)
+        _, hp = grad_and_hvp(system.loss, phi, p, xs, ys)
+        Ap = {k: hp[k] + lam[k] * p[k] for k in p}
+        pAp = _tdot(p, Ap)
+        bad = active & ~(pAp > 0) & (rs > 0)
+        go = active & (pAp > 0) & (rs > 0)
+        alpha = torch.where(go, rs / torch.where(go, pAp, torch.ones_like(pAp)), 0 * rs)
+        u = {k: u[k] + alpha * p[k] for k in u}
+        r = {k: r[k] - alpha * Ap[k] for k in r}
+        rs_new = _tdot(r, r)
+        ratio = torch.where(go, rs_new / torch.where(go, rs, torch.ones_like(rs)), 0 * rs)
+        p = {k: torch.where(go, r[k] + ratio * p[k], p[k]) for k in p}
+        rs = torch.where(go, rs_new, rs)
+        # a flagged task reports an infinite-free but unmet residual; it will not move again
+        indefinite = indefinite | bad
+        return (phi, u, r, p, rs, gnorm, go, indefinite), res, indefinite
+
+    return one
