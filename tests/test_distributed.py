@@ -85,15 +85,21 @@ def _sup_data():
     return x, y
 
 
-def sup_run(name, wrap=lambda m: m):
+# tol far below reach with the Euler simulation: exactly max_iter steps, independent of the stop rule's defaults;
+# "lcp-di-auto": the method's default (structured) solver and stop rule, which must not couple the samples
+_DI = dict(alpha=0.1, k_i=1.0, k_p=0.5)
+SUP_SETTINGS = {"lcp-di": dict(_DI, solver="euler", tol=1e-300, max_iter=60, max_residual=1.0),
+                "lcp-di-kp": dict(_DI, solver="euler", tol=1e-300, max_iter=60, max_residual=1.0),
+                "lcp-di-auto": dict(_DI, tol=1e-10),
+                "bp": {}}
+
+
+def sup_run(key, wrap=lambda m: m):
     from lcp_meta.models.supervised import build_model
     from lcp_meta.supervised import make_method
     torch.manual_seed(0)
     model = build_model("ff", in_shape=(1, 2, 3), num_classes=3, hidden=(5, 4)).double()
-    kw = dict(alpha=0.1, k_i=1.0, k_p=0.5) if name.startswith("lcp") else {}
-    # tol far below reach: exactly max_iter Euler steps, independent of the stop rule's defaults
-    method = wrap(make_method(name, model, solver="euler", tol=1e-300, max_iter=60, max_residual=1.0, **kw)
-                  if name.startswith("lcp") else make_method(name, model, **kw))
+    method = wrap(make_method(key.replace("-auto", ""), model, **SUP_SETTINGS[key]))
     opt = torch.optim.SGD(method.parameters(), lr=0.5)
     x, y = _sup_data()
     for step in range(SUP_STEPS):
@@ -119,7 +125,7 @@ def _worker(out_dir: str) -> None:
             res[key] = meta_run(key, D.DistributedMeta)
         res["l2l-batch"] = meta_run("lcp", lambda m: D.DistributedMeta(LCPLearner(m)))
         res["l2l-loop"] = l2l_run(D.DistributedMeta)
-        for name in ("lcp-di", "lcp-di-kp", "bp"):
+        for name in SUP_SETTINGS:
             res["sup-" + name] = sup_run(name, D.DistributedSupervised)
         # a slice that diverges on rank 1 only (NaN in its last task): every rank skips the step together
         dm = D.DistributedMeta(_meta_method("lcp"))
@@ -249,7 +255,7 @@ def test_learn2learn_adapter_two_ranks(two_ranks):
         _assert_close(res["l2l-loop"], loop)
 
 
-@pytest.mark.parametrize("name", ["lcp-di", "lcp-di-kp", "bp"])
+@pytest.mark.parametrize("name", list(SUP_SETTINGS))
 def test_supervised_two_ranks_equal_one_process(two_ranks, name):
     want = sup_run(name)
     for res in two_ranks:
