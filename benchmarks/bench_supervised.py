@@ -1,16 +1,29 @@
-"""Seconds per training batch (batch 64, MNIST) of every supervised method on the ff and rnn models.
+"""Seconds per training batch (batch 64, MNIST) of the supervised methods, ours and (with --peer) the authors'.
 
-    python benchmarks/bench_supervised.py --device auto --batches 20
+    python benchmarks/bench_supervised.py --device cpu --threads 1 --models ff,rnn --methods bp,rbp,lcp-di \\
+        --batches 20 --warmup 3 --peer /tmp/least-control
 
 One training batch = zero the gradients, ``method.backward`` (the whole controlled or two-phase dynamics),
-gradient clipping where the published setting has it, the Adam step and ``method.after_step``.  Times are
-medians over ``--batches`` batches after ``--warmup`` batches (CUDA is synchronised around every batch),
-with the mean controller / solver iterations.  Writes ``benchmarks/results/supervised_<device>.json`` and
-``.md`` (device, torch version, date, the exact command) next to the authors' published timings.
+gradient clipping where the published setting has it, the Adam step and ``method.after_step``.  Every
+configuration trains its own model on the same MNIST batches, and the configurations are run *interleaved*,
+one batch each in turn, so that load from other processes on a shared machine hits them alike.  Times are
+medians over ``--batches`` timed batches after ``--warmup`` batches (process CPU time on the CPU, wall time
+on CUDA, synchronised).
+
+``--peer DIR`` also times the authors' implementation (a checkout of the public seijin-kobayashi/least-control,
+which has no licence: it is imported from DIR at run time, never copied here) with the settings of its README:
+BP, RBP (vanilla solver, 200 iterations, threshold 1e-4) and LCP-DI (800 iterations, threshold 1e-6).
+
+For every LCP-DI configuration of ours the result also holds the cosine between its update (default solver,
+at the model's dtype) and the update of the Euler simulation run to a tight tolerance in float64, at the
+parameters reached after the timed batches.  Ratios are taken against the fastest BP (ff) / RBP (rnn) in the
+table, ours or the authors'.  Writes ``<results>/supervised_<device>.json`` (``rows``: ours, ``peer_rows``: the
+authors') and ``.md``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -32,9 +45,7 @@ from lcp_meta.supervised import METHOD_NAMES, default_hparams, make_method  # no
 from lcp_meta.supervised.trainer import TRAINER_KEYS, trainer_defaults  # noqa: E402
 from lcp_meta.utils import resolve_device  # noqa: E402
 
-# the authors' timings on a 2-core CPU (seconds per batch of 64), quoted for scale
-AUTHORS_CPU = {("ff", "bp"): 3.5e-3, ("ff", "lcp-di"): 185e-3, ("rnn", "rbp"): 32e-3, ("rnn", "lcp-di"): 325e-3}
-# targets: LCP-DI within 5x of BP on ff, within 1.5x of RBP on rnn
+# targets: LCP-DI within 5x of the fastest BP on ff, within 1.5x of the fastest RBP on rnn
 TARGETS = {"ff": ("bp", 5.0), "rnn": ("rbp", 1.5)}
 
 
@@ -43,84 +54,183 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench_one(model_name, method_name, loader, device, warmup, batches, seed):
-    torch.manual_seed(seed)
-    model = build_model(model_name, in_shape=tuple(loader.x.shape[1:]), num_classes=10).to(device)
-    hp = default_hparams(model_name, method_name)
-    method = make_method(method_name, model, **{k: v for k, v in hp.items() if k not in TRAINER_KEYS})
-    clip = trainer_defaults("mnist", model_name, method_name)["grad_clip"]
-    params = list(method.parameters())
-    opt = torch.optim.Adam(params, lr=1e-3)
-    times, cpu, iters, skipped = [], [], [], 0
+class Ours:
+    """One of our (model, method) configurations training on its own copy of the model."""
+
+    impl = "lcp_meta"
+
+    def __init__(self, model_name, method_name, in_shape, device, seed):
+        torch.manual_seed(seed)
+        self.model_name, self.method_name = model_name, method_name
+        self.model = build_model(model_name, in_shape=in_shape, num_classes=10).to(device)
+        hp = {k: v for k, v in default_hparams(model_name, method_name).items() if k not in TRAINER_KEYS}
+        self.hp = hp
+        self.method = make_method(method_name, self.model, **hp)
+        self.clip = trainer_defaults("mnist", model_name, method_name)["grad_clip"]
+        self.params = list(self.method.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=1e-3)
+        self.errors = 0
+
+    def step(self, x, y):
+        self.opt.zero_grad(set_to_none=True)
+        try:
+            stats = self.method.backward(x, y)
+        except DivergenceError as exc:  # timed all the same: the work was done
+            self.errors += 1
+            return float(exc.stats.iterations) if exc.stats is not None else float("nan")
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.method.after_step()
+        return float(stats.get("iterations", 0))
+
+    def update_cosine(self, x, y):
+        """Cosine of the default solver's update with the tight float64 Euler update, at the current parameters."""
+        def grads(method):
+            method.backward(x.to(next(method.model.parameters()).dtype), y)
+            return torch.cat([p.grad.reshape(-1).double() for p in method.parameters()])
+        torch.manual_seed(1)
+        fast = grads(make_method(self.method_name, copy.deepcopy(self.model), **self.hp))
+        tight = dict(self.hp, solver="euler", tol=1e-12, max_iter=50000, max_residual=1e-6)
+        torch.manual_seed(1)
+        try:
+            ref = grads(make_method(self.method_name, copy.deepcopy(self.model).double(), **tight))
+        except DivergenceError as exc:  # at these parameters the simulation itself does not settle
+            print(f"{self.model_name}/{self.method_name}: no tight Euler reference: {exc}", flush=True)
+            return None
+        return float(fast @ ref / (fast.norm() * ref.norm()))
+
+
+class Peer:
+    """The authors' implementation, run as their ``train()`` loop runs one batch (README settings)."""
+
+    impl = "authors"
+    SETTINGS = {"bp": dict(solver_max_iter=800, solver_error_threshold=1e-4),
+                "rbp": dict(solver_max_iter=200, solver_error_threshold=1e-4),
+                "lcp-di": dict(solver_max_iter=800, solver_error_threshold=1e-6)}
+
+    def __init__(self, peer_dir, model_name, method_name, in_shape, device, seed, batches_total):
+        import argparse as ap
+        sys.path.insert(0, str(peer_dir))
+        import fixpoint_solver
+        import fixpoint_trainer
+        import implicit_model
+        torch.manual_seed(seed)
+        self.model_name, self.method_name = model_name, method_name
+        args = ap.Namespace(model=model_name, rnn_hidden_units=256, trainer=method_name, solver="vanilla",
+                            solver_threshold_metric="l2", alpha=0.1, dt=1.0, k_i=1.0, k_p=0.0, tau_v=1.0, tau_u=1.0,
+                            tau_e=1.0, metagrad_clip=10.0 if model_name == "rnn" else -1.0,
+                            **self.SETTINGS[method_name])
+        self.args = args
+        self.model = implicit_model.get_impliciti_model(args, list(in_shape), 10).to(device)
+        self.loss_fn = torch.nn.CrossEntropyLoss()
+        self.solver = fixpoint_solver.get_fp_solver(args)
+        self.trainer = fixpoint_trainer.get_fp_trainer(self.loss_fn, self.solver, args)
+        self.aux = self.trainer.get_auxiliary_module(self.model, device)
+        self.opt = torch.optim.Adam(list(self.model.parameters()) + list(self.aux.parameters()), 1e-3)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, max(batches_total, 1), eta_min=1e-4)
+        self.errors = 0
+
+    def step(self, x, y):
+        before = getattr(self.solver, "inner_loop_length", 0)
+        yp = self.trainer.forward_train(self.model, x, y, auxiliary_module=self.aux)
+        self.opt.zero_grad()
+        self.loss_fn(yp, y).backward()
+        if self.args.metagrad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.args.metagrad_clip)
+            torch.nn.utils.clip_grad_norm_(self.aux.parameters(), max_norm=self.args.metagrad_clip)
+        self.opt.step()
+        self.sched.step()
+        return float(getattr(self.solver, "inner_loop_length", 0) - before)
+
+
+def run_interleaved(runners, loader, device, warmup, batches):
+    """Each runner trains on the same batches; per batch index every runner takes its step in turn."""
+    times = {id(r): [] for r in runners}
+    iters = {id(r): [] for r in runners}
     it = iter(loader)
     for b in range(warmup + batches):
         x, y = next(it)
-        _sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        opt.zero_grad(set_to_none=True)
-        try:
-            stats = method.backward(x, y)
-        except DivergenceError:
-            skipped += 1
+        for r in runners:
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = r.step(x, y)
+            _sync(device)
+            if b >= warmup:
+                times[id(r)].append((time.perf_counter() - t0, time.process_time() - c0))
+                iters[id(r)].append(n)
+    rows = []
+    for r in runners:
+        wall = [t[0] for t in times[id(r)]]
+        cpu = [t[1] for t in times[id(r)]]
+        ok = [i for i in iters[id(r)] if i == i]
+        rows.append({"model": r.model_name, "method": r.method_name, "impl": r.impl,
+                     "seconds_per_batch": statistics.median(cpu if device.type == "cpu" else wall),
+                     "wall_seconds_per_batch": statistics.median(wall), "cpu_seconds_per_batch": statistics.median(cpu),
+                     "min_seconds": min(cpu if device.type == "cpu" else wall),
+                     "mean_iterations": statistics.fmean(ok) if ok else None, "errors": r.errors,
+                     "batches": len(wall)})
+    return rows
+
+
+def ratios_of(rows, peer_rows):
+    out = {}
+    for model_name, (base, target) in TARGETS.items():
+        everything = rows + peer_rows
+        bases = [r for r in everything if r["model"] == model_name and r["method"] == base]
+        dis = [r for r in everything if r["model"] == model_name and r["method"] == "lcp-di"]
+        if not bases or not dis:
             continue
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        method.after_step()
-        _sync(device)
-        if b >= warmup:
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-            iters.append(float(stats.get("iterations", 0)))
-    if not times:
-        return {"seconds_per_batch": None, "mean_iterations": None, "skipped": skipped}
-    # process CPU time is the robust number on a shared, oversubscribed CPU (wall time includes waiting)
-    return {"seconds_per_batch": statistics.median(times), "min_seconds": min(times),
-            "cpu_seconds_per_batch": statistics.median(cpu),
-            "mean_iterations": statistics.fmean(iters), "skipped": skipped, "batches": len(times)}
+        fastest = min(bases, key=lambda r: r["seconds_per_batch"])
+        out[model_name] = {"baseline": f"{fastest['impl']} {base}", "target": target,
+                           "baseline_ms": 1e3 * fastest["seconds_per_batch"]}
+        for r in dis:
+            ratio = r["seconds_per_batch"] / fastest["seconds_per_batch"]
+            out[model_name][f"lcp-di ({r['impl']}) / fastest {base}"] = ratio
+            if r["impl"] == "lcp_meta":
+                out[model_name]["ratio"], out[model_name]["met"] = ratio, ratio <= target
+    return out
 
 
-def write_markdown(meta, rows, ratios, path):
+def write_markdown(meta, rows, peer_rows, ratios, path):
     """The results table as markdown (also rebuilt from the JSON with ``--markdown-only``)."""
-    cpu = meta["device"].startswith("cpu")
-    load = meta.get("load_average")
     lines = ["# Supervised training speed (MNIST, batch 64)", "",
              f"- device: {meta['device_name']} (`{meta['device']}`)",
              f"- torch {meta['torch_version']}, python {meta['python_version']}",
              f"- date: {meta['date']}", f"- command: `{meta['command']}`",
              f"- median over {meta['timed_batches']} timed batches after {meta['warmup_batches']} warm-up batches; "
-             "one batch = backward (all dynamics) + clip + Adam step",
-             f"- load average at the end: {load:.1f} on {meta['cores']} cores (wall times include waiting for the "
-             "CPU; the process CPU time does not)" if load is not None else "- load average: n/a",
-             "", "| model | method | ms / batch (wall) | CPU ms / batch (process) | mean iterations | "
-             "authors, 2-core CPU (ms) |", "|---|---|---|---|---|---|"]
-    skipped = []
-    for r in rows:
-        spb = r["seconds_per_batch"]
-        if not spb:
-            skipped.append(f"{r['model']}/{r['method']}: {r.get('error', 'every batch diverged')}")
-            continue
-        a = r["authors_cpu_seconds"]
-        lines.append(f"| {r['model']} | {r['method']} | {1e3 * spb:.1f} | {1e3 * r['cpu_seconds_per_batch']:.1f} | "
-                     f"{r['mean_iterations']:.0f} | {f'{1e3 * a:.1f}' if a else '-'} |")
-    lines += [""] + [f"- not run: {s}" for s in skipped]
-    lines += ["", "Targets: LCP-DI within 5x of BP on ff, within 1.5x of RBP on rnn "
-              "(authors on a 2-core CPU: ff 185/3.5 = 53x, rnn 325/32 = 10x).", ""]
+             "one batch = backward (all dynamics) + clip + Adam step; every configuration trains its own model on the "
+             "same batches",
+             "- the machine was shared with other jobs: the configurations ran interleaved (one batch each in turn) "
+             "and the times are process CPU times" + (f"; load average at the end {meta['load_average']:.1f} on "
+                                                       f"{meta['cores']} cores" if meta.get("load_average") else ""),
+             "", "| model | method | implementation | ms / batch | wall ms / batch | mean iterations | "
+             "cosine with tight Euler update |", "|---|---|---|---|---|---|---|"]
+    for r in rows + peer_rows:
+        it = r.get("mean_iterations")
+        cos = r.get("update_cosine")
+        lines.append(f"| {r['model']} | {r['method']} | {r['impl']} | {1e3 * r['seconds_per_batch']:.1f} | "
+                     f"{1e3 * r['wall_seconds_per_batch']:.1f} | {'-' if it is None else f'{it:.0f}'} | "
+                     f"{'-' if cos is None else f'{cos:.7f}'} |" + (f" ({r['errors']} errors)" if r.get("errors") else ""))
+    lines += ["", "Ratios against the fastest baseline in the table (targets: ff <= 5x BP, rnn <= 1.5x RBP):", ""]
     for model_name, r in ratios.items():
-        key = next(k for k in r if k.startswith("lcp-di_over"))
-        lines.append(f"- {model_name}: {key.replace('_', ' ')} = {r[key]:.1f}x ({'CPU' if cpu else 'wall'} time; "
-                     f"target {r['target']}x: {'met' if r['met'] else 'not met'})")
-    path.write_text("\n".join(lines) + "\n")
+        parts = [f"{k} = {v:.2f}x" for k, v in r.items() if k.startswith("lcp-di")]
+        verdict = "met" if r.get("met") else "not met"
+        lines.append(f"- {model_name} (fastest: {r['baseline']}, {r['baseline_ms']:.1f} ms): {', '.join(parts)}; "
+                     f"target {r['target']}x: {verdict}")
+    path.write_text("\n".join(lines) + "\n" + meta.get("notes", ""))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batches", type=int, default=20, help="timed batches per method")
+    p.add_argument("--batches", type=int, default=20, help="timed batches per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     p.add_argument("--models", default="ff,rnn")
-    p.add_argument("--methods", default="all", help="comma list or 'all'")
+    p.add_argument("--methods", default="bp,rbp,lcp-di", help="comma list or 'all'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--peer", default=None, help="checkout of seijin-kobayashi/least-control to time beside ours")
+    p.add_argument("--no-cosine", action="store_true", help="skip the tight-Euler cosine of the LCP-DI updates")
     p.add_argument("--data-root", default=os.environ.get("LCP_META_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
@@ -129,7 +239,7 @@ def main(argv=None):
     if args.markdown_only:
         stem = Path(args.results) / f"supervised_{resolve_device(args.device).type}"
         saved = json.loads(stem.with_suffix(".json").read_text())
-        write_markdown(saved["meta"], saved["rows"], saved["ratios"], stem.with_suffix(".md"))
+        write_markdown(saved["meta"], saved["rows"], saved.get("peer_rows", []), saved["ratios"], stem.with_suffix(".md"))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,41 +247,50 @@ def main(argv=None):
     methods = list(METHOD_NAMES) if args.methods == "all" else args.methods.split(",")
     x, y = load_mnist(args.data_root, "train", device=device)
     loader = TensorBatches(x, y, 64, drop_last=True, seed=args.seed)
+    in_shape = tuple(x.shape[1:])
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
-    rows = []
+    runners, skipped = [], []
     for model_name in args.models.split(","):
         for method_name in methods:
             try:
-                r = bench_one(model_name, method_name, loader, device, args.warmup, args.batches, args.seed)
+                runners.append(Ours(model_name, method_name, in_shape, device, args.seed))
             except (ValueError, TypeError, NotImplementedError) as exc:  # a combination the registry rejects
-                r = {"seconds_per_batch": None, "error": str(exc)}
-            r.update(model=model_name, method=method_name, authors_cpu_seconds=AUTHORS_CPU.get((model_name, method_name)))
-            rows.append(r)
-            spb = r["seconds_per_batch"]
-            print(f"{model_name:4s} {method_name:10s} " + (f"{1e3 * spb:9.1f} ms/batch, "
-                  f"{1e3 * r['cpu_seconds_per_batch']:9.1f} CPU ms/batch, {r['mean_iterations']:.0f} it"
-                  if spb else f"n/a ({r.get('error', 'all batches diverged')})"), flush=True)
-    ratios = {}
-    for model_name, (base, target) in TARGETS.items():
-        # ratios from CPU time on the CPU (robust to other load), from wall time on a GPU
-        key = "cpu_seconds_per_batch" if device.type == "cpu" else "seconds_per_batch"
-        t = {r["method"]: r.get(key) for r in rows if r["model"] == model_name}
-        if t.get("lcp-di") and t.get(base):
-            ratios[model_name] = {"lcp-di_over_" + base: t["lcp-di"] / t[base], "target": target,
-                                  "met": t["lcp-di"] / t[base] <= target}
+                skipped.append(f"{model_name}/{method_name}: {exc}")
+            if args.peer and method_name in Peer.SETTINGS and model_name in ("ff", "rnn") and \
+                    not (method_name == "bp" and model_name == "rnn"):
+                runners.append(Peer(args.peer, model_name, method_name, in_shape, device, args.seed,
+                                    args.warmup + args.batches))
+    all_rows = run_interleaved(runners, loader, device, args.warmup, args.batches)
+    if not args.no_cosine:
+        xc, yc = next(iter(loader))
+        for r, row in zip(runners, all_rows):
+            if r.impl == "lcp_meta" and r.method_name in ("lcp-di", "lcp-di-kp"):
+                row["update_cosine"] = r.update_cosine(xc, yc)
+    rows = [r for r in all_rows if r["impl"] == "lcp_meta"]
+    peer_rows = [r for r in all_rows if r["impl"] != "lcp_meta"]
+    for r in all_rows:
+        it = r["mean_iterations"]
+        print(f"{r['model']:4s} {r['method']:10s} {r['impl']:9s} {1e3 * r['seconds_per_batch']:8.1f} ms/batch "
+              f"({'-' if it is None else f'{it:.0f}'} it)" +
+              (f" cos {r['update_cosine']:.7f}" if "update_cosine" in r else ""), flush=True)
+    ratios = ratios_of(rows, peer_rows)
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]) if argv is None else \
         "python benchmarks/bench_supervised.py " + " ".join(argv)
     meta = {"device": str(device), "device_name": dev_name, "torch_version": torch.__version__,
             "python_version": platform.python_version(), "batch_size": 64, "timed_batches": args.batches,
-            "warmup_batches": args.warmup, "command": command,
+            "warmup_batches": args.warmup, "command": command, "interleaved": True,
+            "peer": "seijin-kobayashi/least-control" if args.peer else None, "skipped": skipped,
             "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "cores": os.cpu_count(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"supervised_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2) + "\n")
-    write_markdown(meta, rows, ratios, stem.with_suffix(".md"))
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "peer_rows": peer_rows,
+                                                     "ratios": ratios}, indent=2) + "\n")
+    write_markdown(meta, rows, peer_rows, ratios, stem.with_suffix(".md"))
+    for model_name, r in ratios.items():
+        print(f"{model_name}: " + ", ".join(f"{k} = {v:.2f}x" for k, v in r.items() if k.startswith("lcp-di")))
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 

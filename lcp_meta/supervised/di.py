@@ -98,8 +98,10 @@ class DynamicInversion(Method):
                 prob.max_iter = self.max_iter // 2
             with torch.no_grad():
                 z, stats = CONTROL_SOLVERS[name](prob)
-                if fallback and not stats.converged and not stats.diverged:
-                    # plain iteration can chatter where the dynamics settle (e.g. ReLU nets): accelerate instead
+                if fallback and not stats.converged and not stats.diverged and stats.residual <= self.max_residual:
+                    # plain iteration can chatter near an equilibrium the dynamics settle to (e.g. ReLU nets):
+                    # accelerate instead.  (Far from settling, e.g. an rnn whose free dynamics oscillate, it
+                    # would not help: the result is reported as the simulation's would be.)
                     prob.max_iter = self.max_iter - stats.iterations
                     first, (z, stats) = stats, CONTROL_SOLVERS["warm-anderson"](prob)
                     stats.iterations += first.iterations
