@@ -59,11 +59,13 @@ class Ours:
 
     impl = "lcp_meta"
 
-    def __init__(self, model_name, method_name, in_shape, device, seed):
+    def __init__(self, model_name, method_name, in_shape, device, seed, **overrides):
         torch.manual_seed(seed)
         self.model_name, self.method_name = model_name, method_name
+        self.impl = "lcp_meta" + "".join(f" {k}={v}" for k, v in overrides.items())
         self.model = build_model(model_name, in_shape=in_shape, num_classes=10).to(device)
         hp = {k: v for k, v in default_hparams(model_name, method_name).items() if k not in TRAINER_KEYS}
+        hp.update(overrides)
         self.hp = hp
         self.method = make_method(method_name, self.model, **hp)
         self.clip = trainer_defaults("mnist", model_name, method_name)["grad_clip"]
@@ -230,6 +232,8 @@ def main(argv=None):
     p.add_argument("--methods", default="bp,rbp,lcp-di", help="comma list or 'all'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--peer", default=None, help="checkout of seijin-kobayashi/least-control to time beside ours")
+    p.add_argument("--also-tol", type=float, default=None,
+                   help="also time LCP-DI at this tolerance (reported in variant_rows, not in rows or ratios)")
     p.add_argument("--no-cosine", action="store_true", help="skip the tight-Euler cosine of the LCP-DI updates")
     p.add_argument("--data-root", default=os.environ.get("LCP_META_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--seed", type=int, default=0)
@@ -239,7 +243,8 @@ def main(argv=None):
     if args.markdown_only:
         stem = Path(args.results) / f"supervised_{resolve_device(args.device).type}"
         saved = json.loads(stem.with_suffix(".json").read_text())
-        write_markdown(saved["meta"], saved["rows"], saved.get("peer_rows", []), saved["ratios"], stem.with_suffix(".md"))
+        write_markdown(saved["meta"], saved["rows"], saved.get("peer_rows", []) + saved.get("variant_rows", []),
+                       saved["ratios"], stem.with_suffix(".md"))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,6 +262,8 @@ def main(argv=None):
                 runners.append(Ours(model_name, method_name, in_shape, device, args.seed))
             except (ValueError, TypeError, NotImplementedError) as exc:  # a combination the registry rejects
                 skipped.append(f"{model_name}/{method_name}: {exc}")
+            if method_name == "lcp-di" and args.also_tol:  # the same solver at the baseline's tolerance
+                runners.append(Ours(model_name, method_name, in_shape, device, args.seed, tol=args.also_tol))
             if args.peer and method_name in Peer.SETTINGS and model_name in ("ff", "rnn") and \
                     not (method_name == "bp" and model_name == "rnn"):
                 runners.append(Peer(args.peer, model_name, method_name, in_shape, device, args.seed,
@@ -265,10 +272,11 @@ def main(argv=None):
     if not args.no_cosine:
         xc, yc = next(iter(loader))
         for r, row in zip(runners, all_rows):
-            if r.impl == "lcp_meta" and r.method_name in ("lcp-di", "lcp-di-kp"):
+            if r.impl.startswith("lcp_meta") and r.method_name in ("lcp-di", "lcp-di-kp"):
                 row["update_cosine"] = r.update_cosine(xc, yc)
     rows = [r for r in all_rows if r["impl"] == "lcp_meta"]
-    peer_rows = [r for r in all_rows if r["impl"] != "lcp_meta"]
+    peer_rows = [r for r in all_rows if r["impl"] == "authors"]
+    variant_rows = [r for r in all_rows if r["impl"] not in ("lcp_meta", "authors")]
     for r in all_rows:
         it = r["mean_iterations"]
         print(f"{r['model']:4s} {r['method']:10s} {r['impl']:9s} {1e3 * r['seconds_per_batch']:8.1f} ms/batch "
@@ -287,8 +295,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"supervised_{device.type}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "peer_rows": peer_rows,
-                                                     "ratios": ratios}, indent=2) + "\n")
-    write_markdown(meta, rows, peer_rows, ratios, stem.with_suffix(".md"))
+                                                     "variant_rows": variant_rows, "ratios": ratios}, indent=2) + "\n")
+    write_markdown(meta, rows, peer_rows + variant_rows, ratios, stem.with_suffix(".md"))
     for model_name, r in ratios.items():
         print(f"{model_name}: " + ", ".join(f"{k} = {v:.2f}x" for k, v in r.items() if k.startswith("lcp-di")))
     print(f"wrote {stem}.json and {stem}.md")

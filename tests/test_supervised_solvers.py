@@ -107,6 +107,9 @@ def test_auto_falls_back_to_euler_without_an_equilibrium():
     with pytest.raises(ValueError, match="no equilibrium"):
         OutputControl(y, 3, DT, "ce", math.inf)
     assert resolve_control_solver("auto", model, "ce", math.inf) == "euler"
+    rnn, _, _ = tiny("rnn")
+    assert resolve_control_solver("auto", rnn, "ce", 10.0, 64) == "reduced"
+    assert resolve_control_solver("auto", rnn, "ce", 10.0, 4) == "warm-anderson"  # strong control
     stats = make_method("lcp-di", model, alpha=0.0, loss="ce", max_iter=50, max_residual=1e9).backward(x, y)
     assert stats["iterations"] == 50 and not stats["converged"]
 

@@ -82,14 +82,19 @@ def _unflat(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> State:
 
 def relative_change(z_new: Sequence[torch.Tensor], z_old: Sequence[torch.Tensor], eps: float = 1e-12) -> torch.Tensor:
     """Per-sample ``|z_new - z_old| / max(|z_new|, eps)`` over all components of the state."""
-    # per-component norms in the state's own dtype (each call of a step map pays for this: keep it to a
-    # few ops), combined in float64
-    num = den = 0
-    for a, b in zip(z_new, z_old):
-        num = num + torch.linalg.vector_norm((a - b).reshape(a.shape[0], -1), dim=1).double().square()
-        den = den + torch.linalg.vector_norm(a.reshape(a.shape[0], -1), dim=1).double().square()
-    # a state whose norm overflows its dtype has diverged: report NaN, not 0 (= finite / inf)
-    return torch.where(torch.isfinite(den), num.sqrt() / den.sqrt().clamp_min(eps), math.nan)
+    # norms accumulated in float64 (a float32 state's norm cannot overflow there), few ops per call
+    f64 = torch.float64
+    if len(z_new) == 1:  # the common case: one component, no squares to add up
+        a, b = z_new[0].reshape(z_new[0].shape[0], -1), z_old[0].reshape(z_old[0].shape[0], -1)
+        num, den = torch.linalg.vector_norm(a - b, dim=1, dtype=f64), torch.linalg.vector_norm(a, dim=1, dtype=f64)
+    else:
+        num = den = 0
+        for a, b in zip(z_new, z_old):
+            num = num + torch.linalg.vector_norm((a - b).reshape(a.shape[0], -1), dim=1, dtype=f64).square()
+            den = den + torch.linalg.vector_norm(a.reshape(a.shape[0], -1), dim=1, dtype=f64).square()
+        num, den = num.sqrt(), den.sqrt()
+    # a state whose norm overflows has diverged: report NaN, not 0 (= finite / inf)
+    return torch.where(torch.isfinite(den), num / den.clamp_min(eps), math.nan)
 
 
 SOLVERS: Dict[str, Callable] = {}
@@ -108,8 +113,8 @@ def register_solver(name: str):
 def _check(rel: torch.Tensor, z: State, tol: float) -> Tuple[bool, bool]:
     """(all converged, any non-finite). One host synchronisation.  A NaN/inf anywhere in a state makes its
     relative change NaN/inf, so the relative change alone tells both (the state ``z`` is not scanned)."""
-    flags = torch.stack([(rel < tol).all(), ~torch.isfinite(rel).all()]).cpu()
-    return bool(flags[0]), bool(flags[1])
+    worst = float(rel.max())  # max propagates NaN
+    return worst < tol, not math.isfinite(worst)
 
 
 @register_solver("euler")
@@ -128,11 +133,14 @@ def euler(step: StepFn, z0: State, tol: float, max_iter: int, min_iter: int = 1,
         z_new = step(z)
         if freeze_converged and it > 1:
             z_new = tuple(torch.where(done.view(-1, *([1] * (a.dim() - 1))), b, a) for a, b in zip(z_new, z))
-        rel = torch.where(done, rel, relative_change(z_new, z))
+            rel = torch.where(done, rel, relative_change(z_new, z))
+        else:
+            rel = relative_change(z_new, z)
         z = z_new
         stats.iterations = it
         if it >= min_iter and (it % check_every == 0 or it == max_iter):
-            done = done | (rel < tol)
+            if freeze_converged:
+                done = done | (rel < tol)
             conv, bad = _check(rel, z, tol)
             if trace:
                 stats.trace.append(float(rel.max()))

@@ -88,7 +88,7 @@ class DynamicInversion(Method):
         a name in :data:`~lcp_meta.core.control.CONTROL_SOLVERS` reaches the same fixed point with the
         problem's structure; 'auto' picks the fastest exact one for the model."""
         c = c.detach()
-        name = resolve_control_solver(self.solver, self.model, self.loss, self.beta)
+        name = resolve_control_solver(self.solver, self.model, self.loss, self.beta, c.shape[0])
         if name in CONTROL_SOLVERS:
             out = OutputControl(target, self.model.num_classes, c.dtype, self.loss, self.beta)
             prob = ControlProblem(self.model, c, out, self._fb(), self.tol, self.max_iter,
@@ -98,10 +98,9 @@ class DynamicInversion(Method):
                 prob.max_iter = self.max_iter // 2
             with torch.no_grad():
                 z, stats = CONTROL_SOLVERS[name](prob)
-                if fallback and not stats.converged and not stats.diverged and stats.residual <= self.max_residual:
-                    # plain iteration can chatter near an equilibrium the dynamics settle to (e.g. ReLU nets):
-                    # accelerate instead.  (Far from settling, e.g. an rnn whose free dynamics oscillate, it
-                    # would not help: the result is reported as the simulation's would be.)
+                if fallback and not stats.converged and not stats.diverged:
+                    # plain iteration can chatter where the Euler dynamics, damped by the integral controller,
+                    # settle (e.g. ReLU nets, strong output control): accelerate instead
                     prob.max_iter = self.max_iter - stats.iterations
                     first, (z, stats) = stats, CONTROL_SOLVERS["warm-anderson"](prob)
                     stats.iterations += first.iterations
