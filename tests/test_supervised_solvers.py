@@ -164,3 +164,18 @@ def test_non_finite_hyperparameters_are_refused(key, value):
     if key in ("tol", "max_residual"):
         with pytest.raises(ValueError, match=f"{key} must be a finite number"):
             make_method("rbp", model, **{key: value})
+
+
+def test_warm_start_that_does_not_settle_keeps_the_budget_and_a_valid_state():
+    """Chaotic free dynamics: the free phase uses the whole budget; the solve reports it (no None state)."""
+    torch.manual_seed(3)
+    model = build_model("rnn", in_shape=(4,), num_classes=3, hidden=6).to(DT)
+    with torch.no_grad():
+        model.W.weight.copy_(4.0 * torch.linalg.qr(torch.randn(6, 6, dtype=DT))[0])
+    x, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    with torch.no_grad():
+        c = model.encode(x)
+    method = make_method("lcp-di", model, solver="warm-anderson", max_iter=60, max_residual=1e9)
+    (v, yc, e, u), stats = method.controlled_equilibrium(c, y)
+    assert stats.iterations <= 60 and not stats.converged
+    assert all(torch.isfinite(t).all() for t in (v, yc, e, u))

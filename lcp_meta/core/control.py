@@ -168,8 +168,12 @@ def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw:
     else:  # the free dynamics themselves (Euler), so that an equilibrium they do not reach makes them diverge
         v0, s0 = m.free_equilibrium(c, solver="euler", tol=max(p.tol, warm_tol), max_iter=p.max_iter,
                                     check_every=p.check_every, freeze_converged=False)
-    if s0.diverged or not s0.converged:
-        return (v0, None, None, None), s0
+    if s0.diverged:  # (the caller raises on a diverged solve)
+        return (v0, v0, v0, v0), s0
+    budget = p.max_iter - s0.iterations  # max_iter bounds the whole solve, warm start included
+    if budget < 1:  # the free phase used it all without settling: report that state, control not yet started
+        y, u = out.solve(m.h(v0))
+        return (v0, y, torch.zeros_like(v0), u), s0
     if inner == "euler":
         inner_kw = {"freeze_converged": False, **inner_kw}  # samples may be coupled (batch norm): stop together
     if math.isinf(out.beta):  # exact control: u = onehot - h(v) needs h before the step
@@ -179,7 +183,7 @@ def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw:
             g, _, jg, jh = m.step_terms(c, v, e, u, fb)
             return g + e, jg + jh
 
-        (v, e), s1 = solve(step, (v0, torch.zeros_like(v0)), solver=inner, tol=p.tol, max_iter=p.max_iter,
+        (v, e), s1 = solve(step, (v0, torch.zeros_like(v0)), solver=inner, tol=p.tol, max_iter=budget,
                            check_every=p.check_every, **inner_kw)
         y, u = out.solve(m.h(v))
         return (v, y, e, u), _finish([s0, s1], s0.iterations + s1.iterations)
@@ -194,7 +198,7 @@ def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw:
         return g + e, jg + jh, out.newton_step(y, h, sm if ce else None)
 
     y0, _ = out.solve(m.h(v0))
-    (v, e, y), s1 = solve(step, (v0, torch.zeros_like(v0), y0), solver=inner, tol=p.tol, max_iter=p.max_iter,
+    (v, e, y), s1 = solve(step, (v0, torch.zeros_like(v0), y0), solver=inner, tol=p.tol, max_iter=budget,
                           check_every=p.check_every, **inner_kw)
     return (v, y, e, out.u_of(y)), _finish([s0, s1], s0.iterations + s1.iterations)
 
