@@ -117,7 +117,9 @@ def test_batches_convert_to_task_batches(loader, images):
 
 
 @pytest.mark.parametrize("method,kw", [
-    ("lcp", dict(lam=3.0, beta=1e-2, inner_lr=0.2, inner_steps=8)),  # a fixed number of joint steps
+    # a fixed number of joint steps: lcp-truncated (this BatchNorm net's inner problem does not settle, so
+    # lcp at its equilibrium raises); truncated runs are reported unconverged, with their residuals
+    ("lcp-truncated", dict(lam=3.0, beta=1e-2, inner_lr=0.2, inner_steps=8)),
     ("maml", dict(inner_lr=0.2, inner_steps=2)),
 ])
 def test_meta_module_equals_plain_module(loader, method, kw):
@@ -129,7 +131,8 @@ def test_meta_module_equals_plain_module(loader, method, kw):
     plain = _plain(meta)
     s1 = make_method(method, meta, F.cross_entropy, **kw).meta_backward(tb)
     s2 = make_method(method, plain, F.cross_entropy, **kw).meta_backward(tb)
-    assert s1.converged and s2.converged
+    assert (s1.converged and s2.converged) if method != "lcp-truncated" else (
+        s1.control_residual == pytest.approx(s2.control_residual, rel=1e-9) and not s1.converged)
     for a, b in zip(meta.parameters(), plain.parameters()):
         assert b.grad.abs().max() > 0
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
@@ -137,13 +140,13 @@ def test_meta_module_equals_plain_module(loader, method, kw):
 
 def test_meta_training_steps_from_a_torchmeta_loader(loader):
     net = _conv()
-    method = make_method("lcp", net, F.cross_entropy, lam=3.0, beta=1e-2, inner_lr=0.2, inner_steps=8)
+    method = make_method("lcp-truncated", net, F.cross_entropy, lam=3.0, beta=1e-2, inner_lr=0.2, inner_steps=8)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     start = [p.detach().clone() for p in net.parameters()]
     for step, batch in enumerate(loader):
         opt.zero_grad()
         stats = method.meta_backward(torchmeta_compat.task_batch(batch))
-        assert stats.converged and stats.meta_grad_norm > 0
+        assert stats.control_residual > 0 and not stats.converged and stats.meta_grad_norm > 0
         opt.step()
         if step == 1:
             break
