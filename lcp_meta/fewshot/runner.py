@@ -184,7 +184,13 @@ def default_method_factory(name: str, model: torch.nn.Module, loss_fn: Callable,
 
 
 # methods whose inner problem has the proximal term lam/2 |phi - omega|^2 (MAML, FOMAML, Reptile keep lam = 0)
-PROXIMAL_METHODS = ("lcp", "lcp-direct", "lcp-ebd", "imaml", "cml")
+PROXIMAL_METHODS = ("lcp", "lcp-direct", "lcp-ebd", "lcp-truncated", "imaml", "cml")
+# methods that run to their equilibrium (residual tolerance, automatic safe step): inner_lr / inner_steps are
+# the unrolled methods' budget; these get only a cap on the steps of each phase (--set NAME.inner_lr=... still
+# fixes a step).  iMAML starts from its published setting (lam = 2, 5 CG steps), not the shared lam.
+EQUILIBRIUM_METHODS = ("lcp", "lcp-direct", "lcp-ebd", "imaml", "cml")
+EQUILIBRIUM_CAP = 1000
+PUBLISHED = {"imaml": {"lam": 2.0, "cg_steps": 5}}
 
 
 def common_kwargs(name: str, cfg: FewShotConfig, factory: Callable) -> Dict[str, object]:
@@ -196,8 +202,11 @@ def common_kwargs(name: str, cfg: FewShotConfig, factory: Callable) -> Dict[str,
     accepted = method_kwargs(name)
     if name in PROXIMAL_METHODS:
         kwargs["lam"] = cfg.lam
+    if name in EQUILIBRIUM_METHODS:
+        kwargs = {"inner_steps": max(cfg.inner_steps, EQUILIBRIUM_CAP), "lam": cfg.lam}
     if "beta" in accepted:
         kwargs["beta"] = cfg.beta
+    kwargs.update(PUBLISHED.get(name, {}))
     return kwargs
 
 
