@@ -287,7 +287,8 @@ def _merge_meta_stats(infos: List[dict], template):
     for k in keys:
         v = _combine([(inf["count"], (inf["stats"] or {}).get(k)) for inf in infos], k)
         if v is not None:
-            setattr(stats, k, type(getattr(stats, k))(v))
+            default = getattr(stats, k)
+            setattr(stats, k, v if default is None else type(default)(v))
     extra_keys = []
     for inf in infos:
         for k in (inf["stats"] or {}).get("extra", {}):
@@ -343,11 +344,11 @@ class DistributedMeta(nn.Module):
                             f"got {type(method).__name__}")
         self.method = method
         inner = _inner_method(method)
-        if world_size() > 1 and getattr(inner, "tol", None) is not None and getattr(inner, "solver", "euler") != "euler":
+        if world_size() > 1 and getattr(inner, "tol", None) is not None and getattr(inner, "solver", None) == "anderson":
             warnings.warn(f"{getattr(inner, 'name', type(inner).__name__)}: solver {inner.solver!r} with tol "
                           f"stops when a whole slice has converged, so each task's result depends on its slice; "
-                          f"results match one process to about tol={inner.tol}, not exactly (use solver='euler' "
-                          f"or tol=None for exact equality)", RuntimeWarning, stacklevel=2)
+                          f"results match one process to about tol={inner.tol}, not exactly (use solver='euler', "
+                          f"'auto' or tol=None for exact equality)", RuntimeWarning, stacklevel=2)
         if broadcast:
             self.broadcast()
 
@@ -383,8 +384,10 @@ class DistributedMeta(nn.Module):
         try:
             if count > 0:
                 stats = self.method.meta_backward(_slice_tasks(tb, start, stop))
-                failed = not bool(getattr(stats, "converged", True))
-                residual = float(getattr(stats, "residual", float("nan")))
+                # nothing accumulated without an error: the method warned (on_divergence="warn") and skipped.
+                # (``converged=False`` alone is no failure: fixed-step runs report it and do accumulate.)
+                failed = all(p.grad is None for p in params)
+                residual = float(getattr(stats, "residual", float("nan")) or float("nan"))
         except DivergenceError as exc:
             failed, local_div, stats = True, str(exc), None
             residual = float(getattr(getattr(exc, "stats", None), "residual", float("nan")))

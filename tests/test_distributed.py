@@ -19,14 +19,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 META_BATCH, META_STEPS, SUP_BATCH, SUP_STEPS = 5, 3, 7, 3
-META_SETTINGS = {  # explicit inner settings: the result must not depend on library defaults
-    "lcp": dict(inner_lr=0.05, inner_steps=6, lam=1.0, beta=0.1, tol=None, solver="euler"),
-    "imaml": dict(inner_lr=0.05, inner_steps=6, lam=1.0, cg_steps=4, tol=None, solver="euler"),
-    "maml": dict(inner_lr=0.05, inner_steps=3, tol=None, solver="euler"),
+# key -> (method, activation of the learner, explicit settings): results must not depend on library defaults.
+# "lcp" is the default two-phase solver stopped on residuals (per-task steps from a per-task eigenvalue
+# estimate; a batch-wide quantity there would break the equality); "lcp-euler" the single-phase simulation
+# with its per-task stop; tanh learners and lam 10 so that tol is reached fast (ReLU kinks make the dynamics chatter)
+META_SETTINGS = {
+    "lcp": ("lcp", "tanh", dict(lam=10.0, beta=0.1, tol=1e-5, inner_steps=3000)),
+    "lcp-euler": ("lcp", "tanh", dict(lam=10.0, beta=0.1, tol=1e-5, solver="euler", inner_lr=0.05, inner_steps=3000)),
+    "lcp-truncated": ("lcp-truncated", "relu", dict(lam=1.0, beta=0.1, inner_lr=0.05, inner_steps=6)),
+    "imaml": ("imaml", "tanh", dict(lam=10.0, tol=1e-6, inner_steps=3000)),
+    "imaml-fixed": ("imaml", "relu", dict(lam=1.0, tol=None, inner_lr=0.05, inner_steps=6, cg_steps=4)),
+    "maml": ("maml", "relu", dict(inner_lr=0.05, inner_steps=3, tol=None)),
 }
-# LCP with the per-task Euler stop rule: each task freezes at its own tolerance, so still exact (a tanh
-# learner: with ReLU kinks the Euler dynamics chatter and never reach a small tolerance)
-META_SETTINGS["lcp-tol"] = dict(META_SETTINGS["lcp"], inner_lr=0.03, tol=1e-3, inner_steps=1000)
 
 
 # ------------------------------------------------------------------------------ shared experiment code
@@ -39,10 +43,10 @@ def _meta_method(key):
     from lcp_meta.fewshot.tasks import mse_loss
     from lcp_meta.meta import make_method
     from lcp_meta.models.fewshot import MetaMLP
+    name, act, kwargs = META_SETTINGS[key]
     torch.manual_seed(0)
-    act = "tanh" if key.endswith("-tol") else "relu"
     model = MetaMLP(in_features=1, hidden=(8, 8), out_features=1, activation=act).double()
-    return make_method(key.split("-")[0], model, mse_loss, **META_SETTINGS[key])
+    return make_method(name, model, mse_loss, **kwargs)
 
 
 def meta_run(key, wrap=lambda m: m):
@@ -58,7 +62,7 @@ def meta_run(key, wrap=lambda m: m):
 
 def _learner():
     from lcp_meta.adapters.l2l import LCPLearner
-    return LCPLearner(_meta_method("lcp"))
+    return LCPLearner(_meta_method("lcp-truncated"))  # the cheapest LCP: the loop runs one task at a time
 
 
 def l2l_run(wrap=None):
@@ -123,12 +127,12 @@ def _worker(out_dir: str) -> None:
         res = {"world_size": D.world_size()}
         for key in META_SETTINGS:
             res[key] = meta_run(key, D.DistributedMeta)
-        res["l2l-batch"] = meta_run("lcp", lambda m: D.DistributedMeta(LCPLearner(m)))
+        res["l2l-batch"] = meta_run("lcp-truncated", lambda m: D.DistributedMeta(LCPLearner(m)))
         res["l2l-loop"] = l2l_run(D.DistributedMeta)
         for name in SUP_SETTINGS:
             res["sup-" + name] = sup_run(name, D.DistributedSupervised)
         # a slice that diverges on rank 1 only (NaN in its last task): every rank skips the step together
-        dm = D.DistributedMeta(_meta_method("lcp"))
+        dm = D.DistributedMeta(_meta_method("lcp-truncated"))  # it reports NaN data at once
         tasks = [t.clone() for t in _meta_tasks(0)]
         tasks[1][-1] = float("nan")
         for p in dm.parameters():
@@ -249,7 +253,7 @@ def test_meta_two_ranks_equal_one_process(two_ranks, key):
 def test_learn2learn_adapter_two_ranks(two_ranks):
     """LCPLearner under DistributedMeta: its batched meta_backward, and a per-task clone/adapt loop over
     task_range with sum_grads, both equal one process."""
-    batch, loop = meta_run("lcp"), l2l_run()
+    batch, loop = meta_run("lcp-truncated"), l2l_run()
     for res in two_ranks:
         _assert_close(res["l2l-batch"], batch)
         _assert_close(res["l2l-loop"], loop)
@@ -289,7 +293,7 @@ class _NoStep:
 
 
 def _grad_once():
-    m = _meta_method("lcp")
+    m = _meta_method("lcp-truncated")
     m.meta_backward(_meta_tasks(0))
     return list(m.parameters())
 
