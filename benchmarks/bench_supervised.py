@@ -67,6 +67,7 @@ class Ours:
         hp = {k: v for k, v in default_hparams(model_name, method_name).items() if k not in TRAINER_KEYS}
         hp.update(overrides)
         self.hp = hp
+        self.initial = copy.deepcopy(self.model)  # for the update cosine at the initial parameters
         self.method = make_method(method_name, self.model, **hp)
         self.clip = trainer_defaults("mnist", model_name, method_name)["grad_clip"]
         self.params = list(self.method.parameters())
@@ -86,17 +87,19 @@ class Ours:
         self.method.after_step()
         return float(stats.get("iterations", 0))
 
-    def update_cosine(self, x, y):
-        """Cosine of the default solver's update with the tight float64 Euler update, at the current parameters."""
+    def update_cosine(self, x, y, model=None):
+        """Cosine of the default solver's update with the tight float64 Euler update, at the current parameters
+        (or those of ``model``); None where the Euler simulation itself does not settle."""
+        model = self.model if model is None else model
         def grads(method):
             method.backward(x.to(next(method.model.parameters()).dtype), y)
             return torch.cat([p.grad.reshape(-1).double() for p in method.parameters()])
         torch.manual_seed(1)
-        fast = grads(make_method(self.method_name, copy.deepcopy(self.model), **self.hp))
+        fast = grads(make_method(self.method_name, copy.deepcopy(model), **self.hp))
         tight = dict(self.hp, solver="euler", tol=1e-12, max_iter=50000, max_residual=1e-6)
         torch.manual_seed(1)
         try:
-            ref = grads(make_method(self.method_name, copy.deepcopy(self.model).double(), **tight))
+            ref = grads(make_method(self.method_name, copy.deepcopy(model).double(), **tight))
         except DivergenceError as exc:  # at these parameters the simulation itself does not settle
             print(f"{self.model_name}/{self.method_name}: no tight Euler reference: {exc}", flush=True)
             return None
@@ -207,13 +210,14 @@ def write_markdown(meta, rows, peer_rows, ratios, path):
              "and the times are process CPU times" + (f"; load average at the end {meta['load_average']:.1f} on "
                                                        f"{meta['cores']} cores" if meta.get("load_average") else ""),
              "", "| model | method | implementation | ms / batch | wall ms / batch | mean iterations | "
-             "cosine with tight Euler update |", "|---|---|---|---|---|---|---|"]
+             "cosine with tight Euler update (initial / final parameters) | batches that raised |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows + peer_rows:
         it = r.get("mean_iterations")
-        cos = r.get("update_cosine")
+        cos = " / ".join("-" if r.get(k) is None else f"{r[k]:.7f}" for k in ("update_cosine_init", "update_cosine"))
         lines.append(f"| {r['model']} | {r['method']} | {r['impl']} | {1e3 * r['seconds_per_batch']:.1f} | "
                      f"{1e3 * r['wall_seconds_per_batch']:.1f} | {'-' if it is None else f'{it:.0f}'} | "
-                     f"{'-' if cos is None else f'{cos:.7f}'} |" + (f" ({r['errors']} errors)" if r.get("errors") else ""))
+                     f"{cos if 'update_cosine' in r else '-'} | {r.get('errors', 0)} |")
     lines += ["", "Ratios against the fastest baseline in the table (targets: ff <= 5x BP, rnn <= 1.5x RBP):", ""]
     for model_name, r in ratios.items():
         parts = [f"{k} = {v:.2f}x" for k, v in r.items() if k.startswith("lcp-di")]
@@ -273,6 +277,7 @@ def main(argv=None):
         xc, yc = next(iter(loader))
         for r, row in zip(runners, all_rows):
             if r.impl.startswith("lcp_meta") and r.method_name in ("lcp-di", "lcp-di-kp"):
+                row["update_cosine_init"] = r.update_cosine(xc, yc, r.initial)
                 row["update_cosine"] = r.update_cosine(xc, yc)
     rows = [r for r in all_rows if r["impl"] == "lcp_meta"]
     peer_rows = [r for r in all_rows if r["impl"] == "authors"]
@@ -281,7 +286,7 @@ def main(argv=None):
         it = r["mean_iterations"]
         print(f"{r['model']:4s} {r['method']:10s} {r['impl']:9s} {1e3 * r['seconds_per_batch']:8.1f} ms/batch "
               f"({'-' if it is None else f'{it:.0f}'} it)" +
-              (f" cos {r['update_cosine']:.7f}" if "update_cosine" in r else ""), flush=True)
+              "".join(f" {k} {r[k]}" for k in ("update_cosine_init", "update_cosine") if k in r), flush=True)
     ratios = ratios_of(rows, peer_rows)
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]) if argv is None else \
         "python benchmarks/bench_supervised.py " + " ".join(argv)

@@ -179,3 +179,21 @@ def test_warm_start_that_does_not_settle_keeps_the_budget_and_a_valid_state():
     (v, yc, e, u), stats = method.controlled_equilibrium(c, y)
     assert stats.iterations <= 60 and not stats.converged
     assert all(torch.isfinite(t).all() for t in (v, yc, e, u))
+
+
+def test_auto_continues_a_non_settling_solve_as_one_full_budget_run():
+    """Oscillating dynamics (residual above max_residual after half the budget): 'auto' goes on with the plain
+    iteration from where it stopped, which is the same as one run with the whole budget."""
+    torch.manual_seed(3)
+    model = build_model("rnn", in_shape=(4,), num_classes=3, hidden=6).to(DT)
+    with torch.no_grad():
+        model.W.weight.copy_(4.0 * torch.linalg.qr(torch.randn(6, 6, dtype=DT))[0])  # chaotic
+    x, y = torch.randn(64, 4, dtype=DT), torch.randint(0, 3, (64,))
+    with torch.no_grad():
+        c = model.encode(x)
+    _, whole = make_method("lcp-di", model, solver="reduced", max_iter=200, max_residual=1e9).controlled_equilibrium(c, y)
+    assert whole.residual > 1e-2 and whole.iterations == 200
+    with pytest.raises(Exception) as info:
+        make_method("lcp-di", model, max_iter=200, max_residual=1e-2).controlled_equilibrium(c, y)
+    assert info.value.stats.iterations == 200
+    torch.testing.assert_close(info.value.stats.per_sample, whole.per_sample, rtol=0, atol=0)

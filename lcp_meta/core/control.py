@@ -100,6 +100,7 @@ class ControlProblem:
     sweep_inner: str = "anderson"  # the one 'sweep' runs on T (plain iteration need not contract under exact control)
     warm_tol: Optional[float] = None  # stop rule of a free phase before the joint solve (None: none)
     inner_kw: Optional[dict] = None  # options of the inner solver (e.g. Anderson's memory m)
+    start: Optional[tuple] = None  # (v, e, y) to continue from ('reduced' only; no free phase then)
 
 
 CONTROL_SOLVERS: Dict[str, Callable] = {}
@@ -163,7 +164,9 @@ def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw:
     Newton step towards the exact output solve per evaluation, and ``g``, ``h`` and both VJPs share one
     nonlinearity; the map is the joint dynamics at ``dt = 1`` with the output controller settled."""
     m, c, out, fb = p.model, p.c, p.out, p.fb
-    if warm_tol is None:  # start the joint solve from v = 0
+    if p.start is not None:  # continue an earlier solve (plain iteration is memoryless: nothing is lost)
+        v0, s0 = p.start[0], SolverStats(iterations=0, residual=0.0, converged=True)
+    elif warm_tol is None:  # start the joint solve from v = 0
         v0, s0 = m.init_state(c), SolverStats(iterations=0, residual=0.0, converged=True)
     else:  # the free dynamics themselves (Euler), so that an equilibrium they do not reach makes them diverge
         v0, s0 = m.free_equilibrium(c, solver="euler", tol=max(p.tol, warm_tol), max_iter=p.max_iter,
@@ -183,7 +186,8 @@ def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw:
             g, _, jg, jh = m.step_terms(c, v, e, u, fb)
             return g + e, jg + jh
 
-        (v, e), s1 = solve(step, (v0, torch.zeros_like(v0)), solver=inner, tol=p.tol, max_iter=budget,
+        e0 = torch.zeros_like(v0) if p.start is None else p.start[1]
+        (v, e), s1 = solve(step, (v0, e0), solver=inner, tol=p.tol, max_iter=budget,
                            check_every=p.check_every, **inner_kw)
         y, u = out.solve(m.h(v))
         return (v, y, e, u), _finish([s0, s1], s0.iterations + s1.iterations)
@@ -197,8 +201,8 @@ def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw:
         g, h, jg, jh = m.step_terms(c, v, e, u, fb)
         return g + e, jg + jh, out.newton_step(y, h, sm if ce else None)
 
-    y0, _ = out.solve(m.h(v0))
-    (v, e, y), s1 = solve(step, (v0, torch.zeros_like(v0), y0), solver=inner, tol=p.tol, max_iter=budget,
+    e0, y0 = (torch.zeros_like(v0), out.solve(m.h(v0))[0]) if p.start is None else p.start[1:]
+    (v, e, y), s1 = solve(step, (v0, e0, y0), solver=inner, tol=p.tol, max_iter=budget,
                           check_every=p.check_every, **inner_kw)
     return (v, y, e, out.u_of(y)), _finish([s0, s1], s0.iterations + s1.iterations)
 

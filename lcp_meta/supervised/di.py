@@ -99,12 +99,17 @@ class DynamicInversion(Method):
             with torch.no_grad():
                 z, stats = CONTROL_SOLVERS[name](prob)
                 if fallback and not stats.converged and not stats.diverged:
-                    # plain iteration can chatter where the Euler dynamics, damped by the integral controller,
-                    # settle (e.g. ReLU nets, strong output control): accelerate instead
                     prob.max_iter = self.max_iter - stats.iterations
-                    first, (z, stats) = stats, CONTROL_SOLVERS["warm-anderson"](prob)
+                    if stats.residual <= self.max_residual:
+                        # stalled close to an equilibrium the Euler dynamics (damped by the integral controller)
+                        # settle to, e.g. chattering ReLU nets: accelerate instead
+                        first, (z, stats) = stats, CONTROL_SOLVERS["warm-anderson"](prob)
+                        name = f"{name}, then warm-anderson"
+                    else:  # far from settling (dynamics that oscillate): go on as one run with the full budget
+                        v, y, e, _ = z
+                        prob.start = (v, e, y)
+                        first, (z, stats) = stats, CONTROL_SOLVERS[name](prob)
                     stats.iterations += first.iterations
-                    name = f"{name}, then warm-anderson"
             self._check(stats, f"controlled dynamics ({name})")
             return z, stats
         return self._simulate(c, target, name)
