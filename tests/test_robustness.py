@@ -53,6 +53,9 @@ class _FirstOrderStub(torch.nn.Module):
         return {"query_loss_after": float(loss)}
 
     def predict(self, tasks):
+        from lcp_meta.core.solvers import DivergenceError
+        if self.diverge:
+            raise DivergenceError("stub: inner adaptation turned NaN/inf")
         xq = tasks[2]
         return self.model(xq.flatten(0, 1)).view(*xq.shape[:2], -1)
 
@@ -196,6 +199,18 @@ def test_run_whose_meta_steps_all_diverge_fails_with_code_4(tmp_path, capsys):
     # a stated share: allowing every step to be skipped turns the failure off
     assert main(["fewshot", *TINY, "--meta-steps", "3", "--methods", "fomaml", "--out", str(tmp_path / "ok"),
                  "--set", "fomaml.inner_lr=1e8", "--max-skipped", "1"]) == 0
+
+
+def test_a_method_that_cannot_adapt_still_gets_its_row_and_plots(tmp_path):
+    """Test episodes score NaN and the fits plot leaves the method out, instead of a traceback after training."""
+    out = tmp_path / "plots"
+    argv = [a for a in TINY if a != "--no-plots"]
+    with pytest.warns(UserWarning):
+        rc = main(["fewshot", *argv, "--meta-steps", "2", "--methods", "fomaml,reptile", "--out", str(out),
+                   "--set", "fomaml.inner_lr=1e8", "--max-skipped", "1"])
+    assert rc == 0 and (out / "fits.png").is_file()
+    assert json.loads((out / "fomaml.json").read_text())["test_mean"] != json.loads(
+        (out / "fomaml.json").read_text())["test_mean"]  # NaN: every test batch diverged
 
 
 def test_results_table_always_has_the_skipped_column():

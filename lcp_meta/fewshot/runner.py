@@ -444,13 +444,17 @@ class _MethodRun:
 # ------------------------------------------------------------------------------------------------ the run
 def _sinusoid_fits(runs: Sequence[_MethodRun], source, count: int = 3) -> dict:
     sampled = source.fit_tasks()
+    count = min(count, int(sampled.tasks[0].shape[0]))  # fewer test tasks than curves asked for
     tasks = [t[:count] for t in sampled.tasks]
     grid = torch.linspace(*source.tasks.x_range, 200, device=source.device, dtype=source.dtype)
     x_grid = grid.view(1, -1, 1).expand(count, -1, -1).contiguous()
     fits = {"x": grid.cpu().tolist(), "tasks": []}
     preds = {}
     for run in runs:
-        preds[run.name] = _predict(run.method, (tasks[0], tasks[1], x_grid, torch.zeros_like(x_grid))).cpu()
+        try:
+            preds[run.name] = _predict(run.method, (tasks[0], tasks[1], x_grid, torch.zeros_like(x_grid))).cpu()
+        except DivergenceError as exc:  # a diverging method gets no curve in the plot; the run still finishes
+            warnings.warn(f"{run.name}: adaptation for the fits plot diverged ({exc})")
     for i in range(count):
         fits["tasks"].append({
             "amplitude": float(sampled.amplitude[i]), "phase": float(sampled.phase[i]),
