@@ -47,6 +47,7 @@ from lcp_meta.utils import resolve_device  # noqa: E402
 
 # targets: LCP-DI within 5x of the fastest BP on ff, within 1.5x of the fastest RBP on rnn
 TARGETS = {"ff": ("bp", 5.0), "rnn": ("rbp", 1.5)}
+FROZEN = False  # --frozen: no optimizer step, every batch's update is computed at the initial parameters
 
 
 def _sync(device):
@@ -83,8 +84,9 @@ class Ours:
             return float(exc.stats.iterations) if exc.stats is not None else float("nan")
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.opt.step()
-        self.method.after_step()
+        if not FROZEN:
+            self.opt.step()
+            self.method.after_step()
         return float(stats.get("iterations", 0))
 
     def update_cosine(self, x, y, model=None):
@@ -94,14 +96,14 @@ class Ours:
         def grads(method):
             method.backward(x.to(next(method.model.parameters()).dtype), y)
             return torch.cat([p.grad.reshape(-1).double() for p in method.parameters()])
-        torch.manual_seed(1)
-        fast = grads(make_method(self.method_name, copy.deepcopy(model), **self.hp))
         tight = dict(self.hp, solver="euler", tol=1e-12, max_iter=50000, max_residual=1e-6)
-        torch.manual_seed(1)
         try:
+            torch.manual_seed(1)
+            fast = grads(make_method(self.method_name, copy.deepcopy(model), **self.hp))
+            torch.manual_seed(1)
             ref = grads(make_method(self.method_name, copy.deepcopy(model).double(), **tight))
-        except DivergenceError as exc:  # at these parameters the simulation itself does not settle
-            print(f"{self.model_name}/{self.method_name}: no tight Euler reference: {exc}", flush=True)
+        except DivergenceError as exc:  # at these parameters the dynamics do not settle on this batch
+            print(f"{self.model_name}/{self.method_name}: no cosine: {exc}", flush=True)
             return None
         return float(fast @ ref / (fast.norm() * ref.norm()))
 
@@ -133,7 +135,8 @@ class Peer:
         self.trainer = fixpoint_trainer.get_fp_trainer(self.loss_fn, self.solver, args)
         self.aux = self.trainer.get_auxiliary_module(self.model, device)
         self.opt = torch.optim.Adam(list(self.model.parameters()) + list(self.aux.parameters()), 1e-3)
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, max(batches_total, 1), eta_min=1e-4)
+        # their schedule runs over 30 epochs of 937 batches: over a benchmark's few batches the lr stays at 1e-3
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, 30 * 937, eta_min=1e-4)
         self.errors = 0
 
     def step(self, x, y):
@@ -144,8 +147,9 @@ class Peer:
         if self.args.metagrad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.args.metagrad_clip)
             torch.nn.utils.clip_grad_norm_(self.aux.parameters(), max_norm=self.args.metagrad_clip)
-        self.opt.step()
-        self.sched.step()
+        if not FROZEN:
+            self.opt.step()
+            self.sched.step()
         return float(getattr(self.solver, "inner_loop_length", 0) - before)
 
 
@@ -204,17 +208,19 @@ def write_markdown(meta, rows, peer_rows, ratios, path):
              f"- torch {meta['torch_version']}, python {meta['python_version']}",
              f"- date: {meta['date']}", f"- command: `{meta['command']}`",
              f"- median over {meta['timed_batches']} timed batches after {meta['warmup_batches']} warm-up batches; "
-             "one batch = backward (all dynamics) + clip + Adam step; every configuration trains its own model on the "
-             "same batches",
+             + ("one batch = backward (all dynamics) + clip, **no optimizer step**: every update is computed at the "
+              "initial parameters (seed 0), on successive batches" if meta.get("frozen") else
+              "one batch = backward (all dynamics) + clip + Adam step (lr 1e-3); every configuration trains its own "
+              "model on the same batches"),
              "- the machine was shared with other jobs: the configurations ran interleaved (one batch each in turn) "
              "and the times are process CPU times" + (f"; load average at the end {meta['load_average']:.1f} on "
                                                        f"{meta['cores']} cores" if meta.get("load_average") else ""),
              "", "| model | method | implementation | ms / batch | wall ms / batch | mean iterations | "
-             "cosine with tight Euler update (initial / final parameters) | batches that raised |",
+             "1 - cosine with the tight Euler update (initial / final parameters) | batches that raised |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows + peer_rows:
         it = r.get("mean_iterations")
-        cos = " / ".join("-" if r.get(k) is None else f"{r[k]:.7f}" for k in ("update_cosine_init", "update_cosine"))
+        cos = " / ".join("-" if r.get(k) is None else f"{1 - r[k]:.1e}" for k in ("update_cosine_init", "update_cosine"))
         lines.append(f"| {r['model']} | {r['method']} | {r['impl']} | {1e3 * r['seconds_per_batch']:.1f} | "
                      f"{1e3 * r['wall_seconds_per_batch']:.1f} | {'-' if it is None else f'{it:.0f}'} | "
                      f"{cos if 'update_cosine' in r else '-'} | {r.get('errors', 0)} |")
@@ -238,6 +244,9 @@ def main(argv=None):
     p.add_argument("--peer", default=None, help="checkout of seijin-kobayashi/least-control to time beside ours")
     p.add_argument("--also-tol", type=float, default=None,
                    help="also time LCP-DI at this tolerance (reported in variant_rows, not in rows or ratios)")
+    p.add_argument("--frozen", action="store_true",
+                   help="skip the optimizer step: time the updates at the initial parameters (no training drift); "
+                        "writes supervised_<device>_frozen.*")
     p.add_argument("--no-cosine", action="store_true", help="skip the tight-Euler cosine of the LCP-DI updates")
     p.add_argument("--data-root", default=os.environ.get("LCP_META_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--seed", type=int, default=0)
@@ -245,11 +254,13 @@ def main(argv=None):
     p.add_argument("--markdown-only", action="store_true", help="rebuild the .md from the JSON of --device")
     args = p.parse_args(argv)
     if args.markdown_only:
-        stem = Path(args.results) / f"supervised_{resolve_device(args.device).type}"
+        stem = Path(args.results) / (f"supervised_{resolve_device(args.device).type}" + ("_frozen" if args.frozen else ""))
         saved = json.loads(stem.with_suffix(".json").read_text())
         write_markdown(saved["meta"], saved["rows"], saved.get("peer_rows", []) + saved.get("variant_rows", []),
                        saved["ratios"], stem.with_suffix(".md"))
         return 0
+    global FROZEN
+    FROZEN = args.frozen
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -292,13 +303,13 @@ def main(argv=None):
         "python benchmarks/bench_supervised.py " + " ".join(argv)
     meta = {"device": str(device), "device_name": dev_name, "torch_version": torch.__version__,
             "python_version": platform.python_version(), "batch_size": 64, "timed_batches": args.batches,
-            "warmup_batches": args.warmup, "command": command, "interleaved": True,
+            "warmup_batches": args.warmup, "command": command, "interleaved": True, "frozen": args.frozen,
             "peer": "seijin-kobayashi/least-control" if args.peer else None, "skipped": skipped,
             "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "cores": os.cpu_count(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"supervised_{device.type}"
+    stem = out / (f"supervised_{device.type}" + ("_frozen" if args.frozen else ""))
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "peer_rows": peer_rows,
                                                      "variant_rows": variant_rows, "ratios": ratios}, indent=2) + "\n")
     write_markdown(meta, rows, peer_rows + variant_rows, ratios, stem.with_suffix(".md"))
