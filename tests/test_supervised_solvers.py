@@ -5,6 +5,7 @@ tiny nets), for the layered (ff, conv-ff) and recurrent (rnn, conv-rnn) models, 
 Kolen-Pollack feedback weights, with leaky and with exact output control.
 """
 import math
+import re
 
 import pytest
 import torch
@@ -158,10 +159,9 @@ def test_bad_solver_names():
                                        ("max_residual", float("nan")), ("dt", float("nan")), ("k_p", "1")])
 def test_non_finite_hyperparameters_are_refused(key, value):
     model, _, _ = tiny("ff")
-    with pytest.raises(ValueError, match=f"{key} must be a finite number, got {value!r}".replace("(", r"\(")
-                       .replace(")", r"\)")):
+    with pytest.raises(ValueError, match=f"{key} must be a finite number( or inf)?, got {re.escape(repr(value))}$"):
         make_method("lcp-di", model, **{key: value})
-    if key in ("tol", "max_residual"):
+    if key in ("tol", "max_residual"):  # (and every method, through the base class)
         with pytest.raises(ValueError, match=f"{key} must be a finite number"):
             make_method("rbp", model, **{key: value})
 
@@ -197,3 +197,31 @@ def test_auto_continues_a_non_settling_solve_as_one_full_budget_run():
         make_method("lcp-di", model, max_iter=200, max_residual=1e-2).controlled_equilibrium(c, y)
     assert info.value.stats.iterations == 200
     torch.testing.assert_close(info.value.stats.per_sample, whole.per_sample, rtol=0, atol=0)
+
+
+def test_max_residual_inf_applies_the_update_from_the_reached_state():
+    """max_residual=inf (a faithful mode's setting): a solve that did not settle still writes its update."""
+    model, x, y = tiny("rnn")
+    method = make_method("lcp-di", model, solver="euler", max_iter=3, max_residual=float("inf"))
+    stats = method.backward(x, y)
+    assert not stats["converged"] and stats["iterations"] == 3
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in method.parameters())
+
+
+def test_batch_stop_rule_iterates_every_sample_together():
+    from lcp_meta.core.solvers import solve
+    model, x, y = tiny("rnn", seed=5)
+    with torch.no_grad():
+        c = model.encode(x)
+    method = make_method("lcp-di", model, solver="euler", stop_rule="batch", tol=1e-8, max_iter=5000)
+    (v, yc, e, u), stats = method.controlled_equilibrium(c, y)
+    # the same as the unfrozen Euler iteration run for exactly that many steps
+    z0 = (torch.zeros_like(c), torch.zeros_like(yc), torch.zeros_like(c), torch.zeros_like(yc))
+    (v2, y2, e2, _), _ = solve(method.controlled_step(c, y), z0, tol=1e-300, max_iter=stats.iterations,
+                               freeze_converged=False)
+    torch.testing.assert_close(v, v2, rtol=0, atol=0)
+    torch.testing.assert_close(e, e2, rtol=0, atol=0)
+    per_sample = make_method("lcp-di", model, solver="euler", tol=1e-8, max_iter=5000).controlled_equilibrium(c, y)
+    assert not torch.equal(per_sample[0][0], v)  # frozen samples stopped earlier
+    with pytest.raises(ValueError, match="stop_rule must be"):
+        make_method("lcp-di", model, stop_rule="sample")

@@ -27,27 +27,38 @@ from ..core.system import (LOSSES, EquilibriumModel, check_target, default_check
 __all__ = ["Method", "Backprop", "RecurrentBackprop", "check_finite"]
 
 
-def check_finite(method: str, key: str, value) -> None:
-    """A hyperparameter must be a finite real number: NaN slips through every ``<``/``>`` test."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{method}: {key} must be a finite number, got {value!r}")
+def check_finite(method: str, key: str, value, allow_inf: bool = False) -> None:
+    """A hyperparameter must be a finite real number (NaN slips through every ``<``/``>`` test);
+    ``allow_inf`` admits +inf where it means "no limit"."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        (math.isfinite(value) or (allow_inf and value == math.inf))
+    if not ok:
+        raise ValueError(f"{method}: {key} must be a finite number{' or inf' if allow_inf else ''}, got {value!r}")
 
 
 class Method:
     """Base class.  ``loss``: 'ce' (cross-entropy, the official choice) or 'mse'; ``solver``: 'euler' or
     'anderson'; ``tol``/``max_iter``: stop rule of the dynamics; ``check_every``: None picks 1 on the CPU,
-    10 on CUDA; ``max_residual``: a solve that ends above this relative change counts as diverged."""
+    10 on CUDA; ``max_residual``: a solve that ends above this relative change counts as diverged (``inf``:
+    only NaN/inf does, the update is applied from the state reached); ``stop_rule``: 'per-sample' (Euler freezes
+    each converged sample) or 'batch' (the whole batch iterates until its largest change is below ``tol``, as the
+    authors' solver does; needed where samples are coupled, e.g. by batch norm)."""
 
     name = "method"
 
     def __init__(self, model: EquilibriumModel, loss: str = "ce", solver: str = "euler", tol: float = 1e-6,
-                 max_iter: int = 800, check_every: Optional[int] = None, max_residual: float = 1e-2):
+                 max_iter: int = 800, check_every: Optional[int] = None, max_residual: float = 1e-2,
+                 stop_rule: str = "per-sample"):
         if not isinstance(model, EquilibriumModel):
             raise TypeError(f"{self.name} needs an EquilibriumModel (from build_model), got {type(model).__name__}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
-        for key, val in (("tol", tol), ("max_iter", max_iter), ("max_residual", max_residual)):
+        for key, val in (("tol", tol), ("max_iter", max_iter)):
             check_finite(self.name, key, val)
+        check_finite(self.name, "max_residual", max_residual, allow_inf=True)
+        if stop_rule not in ("per-sample", "batch"):
+            raise ValueError(f"{self.name}: stop_rule must be 'per-sample' or 'batch', got {stop_rule!r}")
+        self.stop_rule = stop_rule
         if tol <= 0 or int(max_iter) < 1 or max_residual <= 0:
             raise ValueError(f"expected tol > 0, max_iter >= 1, max_residual > 0; got {tol}, {max_iter}, {max_residual}")
         self.model, self.loss, self.solver = model, loss, solver
@@ -107,6 +118,8 @@ class Method:
         return x, check_target(y, x.shape[0], self.model.num_classes, x.device)
 
     def _solve(self, step, z0, what: str, solver: Optional[str] = None, **kw):
+        if (solver or self.solver) == "euler":
+            kw.setdefault("freeze_converged", self.stop_rule == "per-sample")
         z, stats = solve(step, z0, solver=solver or self.solver, tol=self.tol, max_iter=self.max_iter,
                          check_every=self.check_every or default_check_every(z0[0].device), name=what, **kw)
         self._check(stats, what)
