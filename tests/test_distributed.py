@@ -305,8 +305,8 @@ def test_disagreeing_ranks_get_one_clear_error(two_ranks):
 
 
 # ------------------------------------------------------------------------------------------ the CLI
-def _cli(out, nproc):
-    args = ["fewshot", "--task", "sinusoid", "--methods", "lcp", "--meta-steps", "20", "--meta-batch", "8",
+def _cli(out, nproc, method):
+    args = ["fewshot", "--task", "sinusoid", "--methods", method, "--meta-steps", "20", "--meta-batch", "8",
             "--test-episodes", "40", "--val-episodes", "8", "--no-plots", "--no-progress", "--device", "cpu",
             "--dtype", "float64", "--out", str(out)]
     if nproc == 1:
@@ -314,17 +314,18 @@ def _cli(out, nproc):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "lcp_meta", *args]
-    run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     table = (out / "results.md").read_text()
-    row = next(line for line in table.splitlines() if line.startswith("|") and "lcp" in line)
+    row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
     return row, json.loads((out / "config.json").read_text())
 
 
 @pytest.mark.slow
-def test_cli_torchrun_two_ranks_same_table(tmp_path):
-    row1, cfg1 = _cli(tmp_path / "one", 1)
-    row2, cfg2 = _cli(tmp_path / "two", 2)
+@pytest.mark.parametrize("method", ["lcp-truncated", "lcp"])  # lcp: the command of issue 11
+def test_cli_torchrun_two_ranks_same_table(tmp_path, method):
+    row1, cfg1 = _cli(tmp_path / "one", 1, method)
+    row2, cfg2 = _cli(tmp_path / "two", 2, method)
     metric = re.compile(r"\d+\.\d+(?:e[-+]\d+)?")
     assert cfg1["world_size"] == 1 and cfg2["world_size"] == 2
     # the test metric (first number of the row) as printed; the timing columns differ between runs
