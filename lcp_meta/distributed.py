@@ -279,7 +279,7 @@ def _combine(values: List[Tuple[int, object]], key: str):
     return sum(n * float(v) for n, v in vals) / total
 
 
-def _merge_meta_stats(infos: List[dict], template):
+def _merge_meta_stats(infos: List[dict]):
     """MetaStats over the global batch from each rank's (count, stats dict)."""
     from .meta.base import MetaStats
     keys = [f.name for f in MetaStats.__dataclass_fields__.values() if f.name != "extra"]
@@ -387,7 +387,8 @@ class DistributedMeta(nn.Module):
                 # nothing accumulated without an error: the method warned (on_divergence="warn") and skipped.
                 # (``converged=False`` alone is no failure: fixed-step runs report it and do accumulate.)
                 failed = all(p.grad is None for p in params)
-                residual = float(getattr(stats, "residual", float("nan")) or float("nan"))
+                r = getattr(stats, "residual", None)
+                residual = float("nan") if r is None else float(r)
         except DivergenceError as exc:
             failed, local_div, stats = True, str(exc), None
             residual = float(getattr(getattr(exc, "stats", None), "residual", float("nan")))
@@ -411,7 +412,7 @@ class DistributedMeta(nn.Module):
             msg = (f"meta-step skipped on every rank: rank(s) {', '.join(str(r) for r, _ in bad)} diverged "
                    f"(relative residual {res:.3e}); .grad was left untouched. "
                    + (bad[0][1]["divergence"] or "non-finite meta-gradient"))
-            merged = _merge_meta_stats(infos, stats)
+            merged = _merge_meta_stats(infos)
             merged.converged = False
             merged.residual = res
             if getattr(_inner_method(self.method), "on_divergence", "raise") == "warn":
@@ -428,7 +429,7 @@ class DistributedMeta(nn.Module):
                 add = mean[i:i + n].view_as(p).to(p.dtype)
                 p.grad = add.clone() if g is None else g + add
                 i += n
-        merged = _merge_meta_stats(infos, stats)
+        merged = _merge_meta_stats(infos)
         inner = _inner_method(self.method)
         model_ids = {id(p) for p in inner.model.parameters()} if hasattr(inner, "model") else None
         sq, i = 0.0, 0
