@@ -10,8 +10,8 @@
   ``g(c, v) = GN3(relu(v + GN2(c + conv2(GN1(relu(conv1(v)))))))`` with the encoder ``c = BN(conv(x))`` and
   the decoder ``h = fc(flatten(avgpool(BN(v))))``.  Here the *state* goes through the convolutions, as in
   the tutorial.  (The public LCP code calls the layer as ``f(encoding, state)`` with the arguments swapped,
-  so there the convolutions act on the input drive and the state only enters additively; we do not
-  reproduce that.)  Its state is post-normalisation, not a vector of pre-activations, so its VJPs are the
+  so there the convolutions act on the input drive and the state only enters additively; that model is
+  available as ``build_model("conv-rnn", variant="authors")``.)  Its state is post-normalisation, not a vector of pre-activations, so its VJPs are the
   generic autograd ones and LCP-LF / LCP-DI-KP are not defined for it (nor are they in the official code).
 
 Initialisation follows the official code: PyTorch's default ``nn.Linear``/``nn.Conv2d`` init, and
@@ -142,6 +142,9 @@ class LayeredEquilibrium(EquilibriumModel):
             parts.insert(0, sp[i] * self._transpose_map(i, parts[0], fb))
         return torch.cat(parts, 1)
 
+    def encoder_parameters(self):
+        return list(self.encoder.parameters())
+
     def feedback_pairs(self):
         pairs = {f"map{i}": (m.weight, isinstance(m, nn.Linear)) for i, m in enumerate(self.maps)}
         pairs["readout"] = (self.readout.weight, True)
@@ -196,12 +199,15 @@ class RecurrentEquilibrium(EquilibriumModel):
 
     accepts_flat = True
 
-    def __init__(self, in_shape, num_classes: int, hidden: int = 256, activation: str = "tanh"):
+    def __init__(self, in_shape, num_classes: int, hidden: int = 256, activation: str = "tanh",
+                 recurrent_bias: bool = False):
         super().__init__()
         self.in_shape, self.num_classes = tuple(in_shape), int(num_classes)
         self.activation = _check_act(activation)
         self.U = nn.Linear(math.prod(self.in_shape), hidden)  # its bias is b
-        self.W = nn.Linear(hidden, hidden, bias=False)
+        # the authors' recurrent layer has a bias of its own (functionally redundant with b, but it has its own
+        # init, its own Adam statistics and is decayed by KP with the implicit module): recurrent_bias=True
+        self.W = nn.Linear(hidden, hidden, bias=bool(recurrent_bias))
         self.readout = nn.Linear(hidden, num_classes)
         self.state_shape = (hidden,)
         self.depth = 0
@@ -221,10 +227,15 @@ class RecurrentEquilibrium(EquilibriumModel):
     def feedback_pairs(self):
         return {"W": (self.W.weight, True), "readout": (self.readout.weight, True)}
 
+    def encoder_parameters(self):
+        return list(self.U.parameters())
+
     def step_terms(self, c, v, e, u, fb=None):
         s = _act(v, self.activation)
         sp = _act_prime(v, s, self.activation)
         g = s @ self.W.weight.t() + c
+        if self.W.bias is not None:
+            g = g + self.W.bias
         h = self.readout(s)
         jg = None if e is None else sp * (e @ (self.W.weight if not fb else fb["W"].t()))
         jh = None if u is None else sp * (u @ (self.readout.weight if not fb else fb["readout"].t()))
@@ -247,11 +258,24 @@ def _batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update: bool) -> torch.Tens
 
 
 class ConvDEQ(EquilibriumModel):
-    """The tutorial's single-layer convolutional DEQ (state through the convolutions; see module doc)."""
+    """The single-layer convolutional DEQ.  ``variant``:
+
+    - ``"tutorial"`` (default): the tutorial's layer, the state goes through the convolutions,
+      ``g(c, v) = GN3(relu(v + GN2(c + conv2(GN1(relu(conv1(v)))))))``;
+    - ``"authors"``: the layer as the public LCP code calls it (input and state swapped), the convolutions act
+      on the input drive and the state enters only additively,
+      ``g(c, v) = GN3(relu(c + GN2(v + conv2(GN1(relu(conv1(c)))))))``.  Its published settings (alpha 1,
+      k_i 0.3, lr 0.05) were tuned for this model.
+    """
+
+    VARIANTS = ("tutorial", "authors")
 
     def __init__(self, in_shape, num_classes: int, channels: int = 48, inner: int = 64, groups: int = 8,
-                 kernel: int = 3, pool: int = 8):
+                 kernel: int = 3, pool: int = 8, variant: str = "tutorial"):
         super().__init__()
+        if variant not in self.VARIANTS:
+            raise ValueError(f"unknown conv-rnn variant {variant!r}; expected one of {self.VARIANTS}")
+        self.variant = variant
         self.in_shape, self.num_classes = tuple(in_shape), int(num_classes)
         if len(self.in_shape) != 3:
             raise ValueError(f"conv-rnn needs an image in_shape (C, H, W), got {self.in_shape}")
@@ -279,8 +303,14 @@ class ConvDEQ(EquilibriumModel):
         return self.enc_bn(self.enc_conv(x))
 
     def g(self, c, v):
+        if self.variant == "authors":  # their forward(z=encoding, x=state): the state only enters additively
+            y = self.norm1(torch.relu(self.conv1(c)))
+            return self.norm3(torch.relu(c + self.norm2(v + self.conv2(y))))
         y = self.norm1(torch.relu(self.conv1(v)))
         return self.norm3(torch.relu(v + self.norm2(c + self.conv2(y))))
+
+    def encoder_parameters(self):
+        return list(self.enc_conv.parameters()) + list(self.enc_bn.parameters())
 
     def h(self, v, update_stats=False):
         z = F.avg_pool2d(_batch_norm(self.dec_bn, v, update_stats), self.pool)
@@ -291,14 +321,16 @@ def build_model(name: str, in_shape: Tuple[int, ...] = (1, 28, 28), num_classes:
                 **overrides) -> EquilibriumModel:
     """Build one of :data:`MODEL_NAMES` with the spec's sizes, or smaller ones through ``overrides``.
 
-    ff: ``hidden=(256, 256)``, ``activation='tanh'``; rnn: ``hidden=256``, ``activation='tanh'``;
+    ff: ``hidden=(256, 256)``, ``activation='tanh'``; rnn: ``hidden=256``, ``activation='tanh'``,
+    ``recurrent_bias=False`` (True: the authors' second bias in the recurrent layer);
     conv-ff: ``channels=(96, 128, 256)``, ``fc=(2048, 2048)``, ``activation='relu'``;
-    conv-rnn: ``channels=48``, ``inner=64``, ``groups=8``, ``kernel=3``, ``pool=8``.
+    conv-rnn: ``channels=48``, ``inner=64``, ``groups=8``, ``kernel=3``, ``pool=8``, ``variant='tutorial'``
+    (``'authors'``: the public LCP code's layer, state only additive; see :class:`ConvDEQ`).
     ``in_shape`` is (C, H, W), e.g. (1, 28, 28) for MNIST or (3, 32, 32) for CIFAR-10.
     """
-    allowed = {"ff": {"hidden", "activation"}, "rnn": {"hidden", "activation"},
+    allowed = {"ff": {"hidden", "activation"}, "rnn": {"hidden", "activation", "recurrent_bias"},
                "conv-ff": {"channels", "fc", "activation"},
-               "conv-rnn": {"channels", "inner", "groups", "kernel", "pool"}}
+               "conv-rnn": {"channels", "inner", "groups", "kernel", "pool", "variant"}}
     if name not in allowed:
         raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
     unknown = set(overrides) - allowed[name]
@@ -321,7 +353,7 @@ def build_model(name: str, in_shape: Tuple[int, ...] = (1, 28, 28), num_classes:
         return model
     if name == "rnn":
         return RecurrentEquilibrium(in_shape, num_classes, int(overrides.get("hidden", 256)),
-                                    overrides.get("activation", "tanh"))
+                                    overrides.get("activation", "tanh"), overrides.get("recurrent_bias", False))
     if name == "conv-ff":
         if len(in_shape) != 3:
             raise ValueError(f"conv-ff needs an image in_shape (C, H, W), got {in_shape}")

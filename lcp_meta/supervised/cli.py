@@ -18,6 +18,7 @@ import argparse
 import sys
 from typing import Any, Dict, List, Optional
 
+from .config import INVENTED
 from .trainer import DATASETS, MODEL_NAMES, RunConfig, train
 from ..utils.errors import UserInputError
 from ..utils.options import parse_option_value
@@ -25,6 +26,7 @@ from ..utils.options import parse_option_value
 __all__ = ["add_parser", "run", "parse_assignments"]
 
 _METHODS_HELP = "bp, rbp, lcp-di, lcp-di-kp, lcp-lf, lcp-ebd"
+_INVENTED_HELP = ", ".join(f"{mo} {me}" for mo, me in INVENTED)
 
 
 def parse_assignments(items: Optional[List[str]], flag: str) -> Dict[str, Any]:
@@ -47,7 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASETS)} (default mnist)")
     p.add_argument("--model", default="ff", help=f"one of {', '.join(MODEL_NAMES)} (default ff)")
-    p.add_argument("--method", default="lcp-di", help=f"one of {_METHODS_HELP} (default lcp-di)")
+    p.add_argument("--method", default="lcp-di", help=f"one of {_METHODS_HELP} (default lcp-di). Combinations "
+                   f"the authors never ran have invented defaults: {_INVENTED_HELP}")
     p.add_argument("--epochs", type=int, help="training epochs (default: 30; conv-rnn 75)")
     p.add_argument("--batch-size", type=int, help="mini-batch size (default 64)")
     p.add_argument("--lr", type=float, help="initial learning rate (default: Adam 1e-3 on MNIST, SGD 0.1/0.05 on CIFAR)")
@@ -75,6 +78,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="override a method setting, e.g. --set alpha=0.1 (repeatable)")
     p.add_argument("--model-set", action="append", metavar="KEY=VALUE",
                    help="override a model setting, e.g. --model-set hidden=128 (repeatable)")
+    p.add_argument("--preset", choices=("default", "paper"), default="default",
+                   help="'paper': train as the authors' code does (updates applied from the state reached, with "
+                        "every batch's residual summarised per epoch; batch-wide stop rule; their rnn bias, EBD "
+                        "tolerances, KP decay, conv-rnn layer and evaluation); see docs/fidelity.md "
+                        "(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.set_defaults(func=run)
     return p
@@ -90,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         tol=args.tol, max_iter=args.max_iter, test_subset=args.test_subset,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
         method_kwargs=parse_assignments(args.method_set, "--set"),
-        model_kwargs=parse_assignments(args.model_set, "--model-set"))
+        model_kwargs=parse_assignments(args.model_set, "--model-set"), preset=args.preset)
     result = train(cfg, log=lambda line: print(line, flush=True))
     acc = result.get("final_test_accuracy")
     summary = f"test accuracy {100 * acc:.2f}%" if acc is not None else "no epoch trained"

@@ -134,14 +134,21 @@ class DynamicInversion(Method):
 class KolenPollack(DynamicInversion):
     """LCP-DI-KP: every transposed forward weight in ``J^T e`` is replaced by a learned feedback weight B
     (``B_D`` for the readout).  Kolen-Pollack: B's update is the transpose of its forward weight's update,
-    and both decay by ``kp_wd`` after each optimizer step, so B and W^T converge to each other.
+    and both decay by ``kp_wd`` after each optimizer step, so B and W^T converge to each other
+    (``kp_decay='before-batch'``: the authors' variant, every implicit-module, decoder and feedback parameter
+    decays before each batch's dynamics).
     Feedback weights start as the official code's: random, scaled to unit Frobenius norm (readout:
     ``N(0, 1/(n_out n_hidden))``)."""
 
     name = "lcp-di-kp"
 
-    def __init__(self, model, kp_wd: float = 1e-6, **kw):
+    KP_DECAY = ("after-step", "before-batch")
+
+    def __init__(self, model, kp_wd: float = 1e-6, kp_decay: str = "after-step", **kw):
         super().__init__(model, **kw)
+        if kp_decay not in self.KP_DECAY:
+            raise ValueError(f"kp_decay must be one of {self.KP_DECAY}, got {kp_decay!r}")
+        self.kp_decay = kp_decay
         pairs = model.feedback_pairs()
         if not pairs:
             raise ValueError(f"lcp-di-kp needs a model with closed-form feedback pathways (ff, rnn, conv-ff); "
@@ -171,11 +178,39 @@ class KolenPollack(DynamicInversion):
             grads[index[id(self.feedback.B[key])]] = gw.t() if is_linear else gw.clone()
         return grads
 
-    def after_step(self):
+    def decayed_parameters(self):
+        """What the decay shrinks: 'after-step' the forward weights with a feedback twin and the feedback weights;
+        'before-batch' (the authors') every parameter of the implicit module and the decoder (weights and
+        biases, everything but the encoder) and every feedback weight."""
+        if self.kp_decay == "after-step":
+            return [w for w, _ in self.pairs.values()] + list(self.feedback.B.values())
+        enc = {id(p) for p in self.model.encoder_parameters()}
+        return [p for p in self.model.parameters() if id(p) not in enc] + list(self.feedback.parameters())
+
+    def _decay(self):
         with torch.no_grad():
-            for key, (w, _) in self.pairs.items():
-                w.mul_(1 - self.kp_wd)
-                self.feedback.B[key].mul_(1 - self.kp_wd)
+            for p in self.decayed_parameters():
+                p.mul_(1 - self.kp_wd)
+
+    def backward(self, x, y):
+        if self.kp_decay != "before-batch" or not self.kp_wd:
+            return super().backward(x, y)
+        # the authors decay before the batch's dynamics, which then run with the decayed weights; a batch that
+        # fails restores them, so that a raised DivergenceError still leaves the parameters as they were
+        params = self.decayed_parameters()
+        saved = [p.detach().clone() for p in params]
+        self._decay()
+        try:
+            return super().backward(x, y)
+        except BaseException:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+            raise
+
+    def after_step(self):
+        if self.kp_decay == "after-step":
+            self._decay()
 
     def alignment_angles(self):
         """Angle (degrees) between each feedback weight and its forward weight's transpose."""

@@ -102,6 +102,9 @@ class RunConfig:
     resume/overwrite: continue the run in ``out`` / replace it (without either, a folder holding a run is refused).
     max_skipped: the share of batches that may be skipped (diverged) before the result is flagged
         ``too_many_skipped`` (exit code 4 on the command line).
+    preset: 'default' (the library's settings) or 'paper' (trained as the authors' code trains: updates from
+        the state reached, batch-wide stop rule, their rnn bias, EBD tolerances, KP decay, conv-rnn layer and
+        evaluation; see ``supervised/faithful.py``).  Every batch's final residual is summarised per epoch.
     """
 
     dataset: str = "mnist"
@@ -131,6 +134,7 @@ class RunConfig:
     progress: bool = True
     method_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
     model_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    preset: str = "default"
 
 
 def _method_api():
@@ -147,6 +151,8 @@ def resolve_hparams(cfg: RunConfig) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     published = dict(default_hparams(cfg.model, cfg.method))
     # the method registry knows the method settings; the trainer table is authoritative for the data set
     method_kwargs = {k: v for k, v in published.items() if k not in TRAINER_KEYS}
+    from .faithful import preset_overrides  # the preset goes between the published defaults and the user's own
+    method_kwargs.update(preset_overrides(cfg.dataset, cfg.model, cfg.method, cfg.preset)[0])
     for key in TRAINER_KEYS:
         if getattr(cfg, key, None) is not None:
             trainer[key] = getattr(cfg, key)
@@ -190,8 +196,11 @@ def _stats_dict(stats: Any) -> Dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000, solver: str = "euler",
-             tol: float = 1e-6, max_iter: int = 800) -> Dict[str, float]:
-    """Accuracy and mean cross-entropy of the free-equilibrium prediction, with the solver's statistics."""
+             tol: float = 1e-6, max_iter: int = 800, batch_stats: bool = False) -> Dict[str, float]:
+    """Accuracy and mean cross-entropy of the free-equilibrium prediction, with the solver's statistics.
+
+    ``batch_stats``: the authors' convention, no ``model.eval()``: batch norm normalises with each test batch's
+    own statistics (so ``batch_size`` matters); the running statistics are left as they were."""
     correct, loss, iters, conv, residual, n = 0, 0.0, 0.0, 0, 0.0, x.shape[0]
     chunks = 0
     if getattr(model, "layered", False):
@@ -199,7 +208,12 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000,
         # there and its least-squares system turns singular once the residuals are exactly zero
         solver = "euler"
     was_training = model.training
-    model.eval()  # normalisation layers use their running statistics at test time
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms] if batch_stats else []
+    if batch_stats:
+        model.train()
+    else:
+        model.eval()  # normalisation layers use their running statistics at test time
     for i in range(0, n, batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         logits, stats = model.predict(xb, solver=solver, tol=tol, max_iter=max_iter)
@@ -210,6 +224,9 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000,
         conv += int(bool(s.get("converged", True)))
         residual = max(residual, float(s.get("residual", 0.0)))
         chunks += 1
+    for m, buffers in zip(norms, saved):  # training-mode batch norm moved them: put them back
+        for k, b in buffers.items():
+            getattr(m, k).copy_(b)
     model.train(was_training)
     return {"accuracy": correct / n, "loss": loss / n, "mean_iterations": iters / max(chunks, 1),
             "converged_fraction": conv / max(chunks, 1), "max_residual": residual}
@@ -344,10 +361,13 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
                                 "training data (same --data-root and files on every rank)")
 
     _seed_everything(cfg.seed)
+    from .faithful import preset_overrides, residual_summary
+    _, preset_model_kwargs, preset_eval = preset_overrides(cfg.dataset, cfg.model, cfg.method, cfg.preset)
     if model is None:
         from ..models.supervised import build_model
         try:
-            model = build_model(cfg.model, in_shape=tuple(x_train.shape[1:]), num_classes=10, **cfg.model_kwargs)
+            model = build_model(cfg.model, in_shape=tuple(x_train.shape[1:]), num_classes=10,
+                                **{**preset_model_kwargs, **cfg.model_kwargs})
             model = model.to(device)
             method = _method_api()[2](cfg.method, model, **method_kwargs)
         except (ValueError, TypeError) as exc:
@@ -383,6 +403,8 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         "python_version": platform.python_version(), "command": " ".join(sys.argv),
         "date_started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "batches_per_epoch": per_epoch, "epochs": [], "skipped_batches": 0, "status": "running",
+        "preset": cfg.preset, "model_kwargs": {**preset_model_kwargs, **cfg.model_kwargs},
+        "eval_batch_stats": bool(preset_eval.get("batch_stats", False)),
         "world_size": distributed.world_size(),
     }
     epoch, start_batch, step = 0, 0, 0
@@ -415,7 +437,7 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     from tqdm.auto import tqdm
     while epoch < trainer_hp["epochs"]:
         acc = partial or {"n": 0, "loss": 0.0, "iterations": 0.0, "residual": 0.0, "converged": 0,
-                          "skipped": 0, "seconds": 0.0}
+                          "skipped": 0, "seconds": 0.0, "residuals": [], "settled": []}
         partial = {}
         t0 = time.perf_counter()
         bar = tqdm(total=per_epoch, initial=start_batch, disable=not cfg.progress, leave=False,
@@ -443,6 +465,9 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
                 acc["iterations"] += float(stats.get("iterations", 0))
                 acc["residual"] = max(acc["residual"], float(stats.get("residual", 0.0)))
                 acc["converged"] += int(bool(stats.get("converged", True)))
+                # every applied batch's final residual (an update from an unsettled state is counted, not hidden)
+                acc["residuals"].append(float(stats.get("residual", 0.0)))
+                acc["settled"].append(bool(stats.get("converged", True)))
                 bar.set_postfix(loss=f"{float(stats['loss']):.3f}", it=stats.get("iterations", "-"))
             else:
                 # the update is dropped: parameters and optimizer state stay as they were
@@ -459,19 +484,27 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         bar.close()
         train_seconds = acc["seconds"] + time.perf_counter() - t0
         t1 = time.perf_counter()
-        ev = evaluate(model, x_test, y_test, batch_size=cfg.eval_batch_size, solver=eval_solver,
-                      tol=eval_tol, max_iter=eval_iter)
+        ev = evaluate(model, x_test, y_test, batch_size=preset_eval.get("eval_batch_size", cfg.eval_batch_size),
+                      solver=eval_solver, tol=eval_tol, max_iter=eval_iter,
+                      batch_stats=preset_eval.get("batch_stats", False))
+        res_sum = residual_summary(acc.get("residuals", []), acc.get("settled", []), getattr(method, "tol", eval_tol))
         n = max(acc["n"], 1)
         record = {"epoch": epoch + 1, "train_loss": acc["loss"] / n, "test_accuracy": ev["accuracy"],
                   "test_loss": ev["loss"], "mean_iterations": acc["iterations"] / n,
                   "max_residual": acc["residual"], "converged_fraction": acc["converged"] / n,
                   "batches": acc["n"], "skipped_batches": acc["skipped"], "lr": scheduler.get_last_lr()[0],
                   "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t1,
-                  "eval_solver": {k: ev[k] for k in ("mean_iterations", "converged_fraction", "max_residual")}}
+                  "eval_solver": {k: ev[k] for k in ("mean_iterations", "converged_fraction", "max_residual")},
+                  "residuals": res_sum}
+        if cfg.preset != "default":  # the faithful runs keep every batch's residual
+            record["batch_residuals"] = list(acc.get("residuals", []))
         result["epochs"].append(record)
         log(f"epoch {epoch + 1}/{trainer_hp['epochs']}: train loss {record['train_loss']:.4f}, "
             f"test accuracy {100 * ev['accuracy']:.2f}%, mean iterations {record['mean_iterations']:.1f}, "
-            f"{train_seconds:.1f}s" + (f", {acc['skipped']} batches skipped" if acc["skipped"] else ""))
+            f"{train_seconds:.1f}s" + (f", {acc['skipped']} batches skipped" if acc["skipped"] else "")
+            + (f", {res_sum['above_tol']}/{res_sum['batches']} solves ended above tol {res_sum['tol']:.0e} "
+               f"(residual max {res_sum['max']:.2e}, median {res_sum['median']:.2e}; updates applied)"
+               if res_sum["above_tol"] else ""))
         epoch, start_batch = epoch + 1, 0
         save(epoch, 0, {})
         result["final_test_accuracy"] = ev["accuracy"]
