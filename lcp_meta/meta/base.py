@@ -231,7 +231,7 @@ class MetaMethod(nn.Module):
     equilibrium = True  # stops on a residual tolerance by default (False: unrolled, fixed length)
 
     def __init__(self, model: nn.Module, loss_fn: Callable = F.mse_loss, *, inner_lr: Optional[float] = None,
-                 inner_steps: int = 500, lam: float = 1.0, momentum: float = 0.0, tol=AUTO,
+                 inner_steps: int = 2000, lam: float = 1.0, momentum: float = 0.0, tol=AUTO,
                  learn_lam=False, vmap: bool = True, on_divergence: str = "raise", solver: str = "auto",
                  power_iters: int = 8):
         super().__init__()

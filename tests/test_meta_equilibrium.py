@@ -1,0 +1,151 @@
+"""LCP at its equilibrium by default: dense float64 references for the meta-gradient and the reported
+residuals, the CG guard, input checks and divergence advice (issues 7, 9.3, 10.1)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd.functional import hessian
+
+from lcp_meta.core.solvers import DivergenceError
+from lcp_meta.meta import IMAML, LCP, ContrastiveMeta, TaskBatch, make_method
+from lcp_meta.meta.reference import exact_hypergradient, flat_loss, flatten_params, inner_solution
+from lcp_meta.models.fewshot import MetaMLP
+
+DT = torch.float64
+
+
+def _problem(seed=0, T=2, n=8, hidden=(16, 16), amp=2.0):
+    torch.manual_seed(seed)
+    model = MetaMLP(1, hidden, 1, activation="tanh").double()
+    a = 0.5 + amp * torch.rand(T, 1, 1, dtype=DT)
+    ph = 3 * torch.rand(T, 1, 1, dtype=DT)
+    xs, xq = 6 * torch.rand(T, n, 1, dtype=DT) - 3, 6 * torch.rand(T, n, 1, dtype=DT) - 3
+    return model, TaskBatch(xs, a * torch.sin(xs + ph), xq, a * torch.sin(xq + ph))
+
+
+def _grad(model):
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def _cos(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def _tasks(tb):
+    return tb.x_support, tb.y_support, tb.x_query, tb.y_query
+
+
+@pytest.mark.parametrize("lam", [0.5, 2.0])
+def test_lcp_at_defaults_is_the_exact_hypergradient(lam):
+    """Nothing but lam set: the LCP meta-gradient, not a truncated controller (cosine 0.30 before)."""
+    model, tb = _problem()
+    ref = exact_hypergradient(model, F.mse_loss, *_tasks(tb), lam=lam)
+    stats = LCP(model, F.mse_loss, lam=lam).meta_backward(tb)
+    assert stats.converged and stats.control_residual < 1e-6 and stats.inner_residual < 1e-6
+    assert _cos(_grad(model), ref) >= 0.99  # beta = 1e-2: O(beta) from the beta -> 0 limit
+    # the truncated controller under its own name is reported as what it is
+    model.zero_grad()
+    trunc = make_method("lcp-truncated", model, F.mse_loss, lam=lam).meta_backward(tb)
+    assert not trunc.converged and trunc.control_residual > 1e-2
+
+
+def test_reported_residuals_are_those_of_the_returned_state():
+    """Recompute |(H + lam) u + grad l_out| / |grad l_out| and |f + beta u| / |f(omega)| with dense Hessians."""
+    model, tb = _problem(1, T=2)
+    lam, beta = 1.0, 0.05
+    lcp = LCP(model, F.mse_loss, lam=lam, beta=beta, tol=1e-3)  # loose: residuals well above round-off
+    stats = lcp.meta_backward(tb)
+    loss = flat_loss(model, F.mse_loss)
+    omega, _, _ = flatten_params(model)
+    names = [k for k, _ in model.named_parameters()]
+    ctrl, inner = [], []
+    for t in range(tb.num_tasks):
+        phi = torch.cat([lcp.last_state["phi"][k][t].reshape(-1) for k in names])
+        u = torch.cat([lcp.last_state["u"][k][t].reshape(-1) for k in names])
+        xs, ys, xq, yq = (v[t] for v in _tasks(tb))
+        H = hessian(lambda p: loss(p, xs, ys), phi)
+        p = phi.clone().requires_grad_(True)
+        g_in, = torch.autograd.grad(loss(p, xs, ys), p)
+        g_out, = torch.autograd.grad(loss(p, xq, yq), p)
+        o = omega.clone().requires_grad_(True)
+        g0, = torch.autograd.grad(loss(o, xs, ys), o)
+        ctrl.append(float((H @ u + lam * u + g_out).norm() / g_out.norm()))
+        inner.append(float((-g_in - lam * (phi - omega) + beta * u).norm() / g0.norm()))
+    assert stats.control_residual == pytest.approx(max(ctrl), rel=1e-6)
+    assert stats.inner_residual == pytest.approx(max(inner), rel=1e-6)
+    assert stats.residual == pytest.approx(max(max(ctrl), max(inner)), rel=1e-6) and stats.residual <= 1e-3
+    # and the gradient is -lam u, averaged over tasks
+    u_mean = torch.cat([lcp.last_state["u"][k].mean(0).reshape(-1) for k in names])
+    torch.testing.assert_close(_grad(model), -lam * u_mean, rtol=1e-12, atol=1e-14)
+
+
+def _largest_curvature(model, tb, lam):
+    loss = flat_loss(model, F.mse_loss)
+    omega, _, _ = flatten_params(model)
+    top = 0.0
+    for t in range(tb.num_tasks):
+        phi = inner_solution(loss, omega, lam, tb.x_support[t], tb.y_support[t])
+        H = hessian(lambda p: loss(p, tb.x_support[t], tb.y_support[t]), phi)
+        top = max(top, float(torch.linalg.eigvalsh(H)[-1]) + lam)
+    return top
+
+
+def test_no_nan_where_the_free_dynamics_is_stable():
+    """At a given inner_lr just inside the free dynamics' stability limit (inner_lr lam_max < 2, dense
+    Hessian at phi*) LCP converges to the exact hypergradient; just outside it raises, never NaN."""
+    model, tb = _problem(2)
+    lam = 1.0
+    top = _largest_curvature(model, tb, lam)
+    ref = exact_hypergradient(model, F.mse_loss, *_tasks(tb), lam=lam)
+    stats = LCP(model, F.mse_loss, lam=lam, inner_lr=1.8 / top, inner_steps=5000).meta_backward(tb)
+    assert stats.converged and _cos(_grad(model), ref) >= 0.99
+    model.zero_grad()
+    with pytest.raises(DivergenceError, match="inner_lr"):
+        LCP(model, F.mse_loss, lam=lam, inner_lr=2.2 / top, inner_steps=5000).meta_backward(tb)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_imaml_cg_guard_on_an_indefinite_system():
+    """A concave inner loss makes Hess l_in + lam indefinite: CG stops at p^T A p <= 0 and says so."""
+    model, tb = _problem(3)
+    concave = lambda pred, y: -F.mse_loss(pred, y)  # noqa: E731
+    m = IMAML(model, concave, lam=0.05, cg_steps=10, inner_lr=0.01, inner_steps=1, tol=None)
+    stats = m.meta_backward(tb)
+    assert stats.extra["cg_indefinite"] == tb.num_tasks and not stats.converged
+    assert math.isfinite(stats.control_residual) and torch.isfinite(_grad(model)).all()
+    # without the guard the first step would divide by a negative curvature: the guard is what fires
+    model.zero_grad()
+    fine = IMAML(model, F.mse_loss, lam=2.0, cg_steps=5).meta_backward(tb)
+    assert fine.extra["cg_indefinite"] == 0 and fine.control_residual < 1
+
+
+@pytest.mark.parametrize("make, value", [
+    (lambda m: LCP(m, F.mse_loss, beta=float("inf")), "beta must be a finite number > 0, got inf"),
+    (lambda m: LCP(m, F.mse_loss, beta=float("nan")), "beta must be a finite number > 0, got nan"),
+    (lambda m: LCP(m, F.mse_loss, lam=float("inf")), "lam must be a finite number > 0, got inf"),
+    (lambda m: LCP(m, F.mse_loss, inner_lr=float("nan")), "inner_lr must be a finite number > 0 or None"),
+    (lambda m: LCP(m, F.mse_loss, psi_lr=-1.0), "psi_lr must be a finite number > 0 or None, got -1.0"),
+    (lambda m: IMAML(m, F.mse_loss, lam=0.0), "lam must be a finite number > 0, got 0.0"),
+    (lambda m: ContrastiveMeta(m, F.mse_loss, beta=float("inf")), "beta must be a finite number > 0"),
+    (lambda m: LCP(m, F.mse_loss, tol=None), "lcp-truncated"),
+])
+def test_bad_settings_are_rejected(make, value):
+    model, _ = _problem()
+    with pytest.raises(ValueError, match=value.replace("(", r"\(")):
+        make(model)
+
+
+def test_divergence_advice_names_the_cause():
+    model, tb = _problem(4)
+    nan = lambda t: torch.full_like(t, float("nan"))  # noqa: E731
+    cases = [
+        (TaskBatch(tb.x_support, nan(tb.y_support), tb.x_query, tb.y_query), {}, r"y_support"),
+        (TaskBatch(tb.x_support, tb.y_support, tb.x_query, nan(tb.y_query)), {}, r"\(y_query contain"),
+        (tb, {"inner_lr": 10.0}, r"likely cause: inner_lr=10.0 is past the stability limit"),
+        (tb, {"inner_steps": 3}, r"raise inner_steps"),
+    ]
+    for batch, kw, pattern in cases:
+        with pytest.raises(DivergenceError, match=pattern):
+            LCP(model, F.mse_loss, lam=1.0, **kw).meta_backward(batch)
+    assert all(p.grad is None for p in model.parameters())
