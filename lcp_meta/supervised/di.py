@@ -37,6 +37,7 @@ class DynamicInversion(Method):
     'warm-anderson', or 'euler' / 'anderson' on the joint dynamics (``dt`` matters only for these)."""
 
     name = "lcp-di"
+    NEAR = 1e-2  # 'auto': a stalled reduced solve this close to settling is finished by warm-anderson
 
     def __init__(self, model, alpha: float = 0.1, k_i: float = 1.0, k_p: float = 0.0, dt: float = 1.0,
                  loss: str = "ce", solver: str = "auto", **kw):
@@ -100,7 +101,9 @@ class DynamicInversion(Method):
                 z, stats = CONTROL_SOLVERS[name](prob)
                 if fallback and not stats.converged and not stats.diverged:
                     prob.max_iter = self.max_iter - stats.iterations
-                    if stats.residual <= self.max_residual:
+                    # (a choice of solver, not of acceptance: a fixed threshold, so that max_residual=inf, which
+                    # only says "apply whatever state is reached", does not send far-off solves to Anderson)
+                    if stats.residual <= min(self.max_residual, self.NEAR):
                         # stalled close to an equilibrium the Euler dynamics (damped by the integral controller)
                         # settle to, e.g. chattering ReLU nets: accelerate instead
                         first, (z, stats) = stats, CONTROL_SOLVERS["warm-anderson"](prob)

@@ -466,9 +466,10 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
                 acc["residual"] = max(acc["residual"], float(stats.get("residual", 0.0)))
                 acc["converged"] += int(bool(stats.get("converged", True)))
                 # every applied batch's final residual (an update from an unsettled state is counted, not hidden)
-                acc["residuals"].append(float(stats.get("residual", 0.0)))
-                acc["settled"].append(bool(stats.get("converged", True)))
-                bar.set_postfix(loss=f"{float(stats['loss']):.3f}", it=stats.get("iterations", "-"))
+                acc.setdefault("residuals", []).append(float(stats.get("residual", 0.0)))
+                acc.setdefault("settled", []).append(bool(stats.get("converged", True)))
+                bar.set_postfix(loss=f"{float(stats['loss']):.3f}", it=stats.get("iterations", "-"),
+                                res=f"{acc['residuals'][-1]:.1e}")
             else:
                 # the update is dropped: parameters and optimizer state stay as they were
                 optimizer.zero_grad(set_to_none=True)
