@@ -283,3 +283,28 @@ def test_paper_preset_settings_and_default_unchanged():
     assert kw["tol"] == 1e-5  # the user's own settings still win
     with pytest.raises(Exception, match="preset"):
         preset_overrides("mnist", "ff", "bp", "authors")
+
+
+def test_auto_keeps_the_reduced_state_when_the_anderson_retry_ends_worse(monkeypatch):
+    """'auto' on a recurrent net: a reduced solve that stalls near settling is retried by warm-anderson; when
+    that retry ends farther from settling, the reduced state is the one used (with max_residual=inf the
+    update is applied from it, so it must be the better of the two)."""
+    import lcp_meta.core.control as control
+    from lcp_meta.core.solvers import SolverStats
+    model, x, y = tiny_rnn(seed=9)
+    with torch.no_grad():
+        c = model.encode(x)
+    kw = dict(tol=1e-14, max_iter=40, max_residual=math.inf, alpha=1.0)  # beta / batch small: auto picks reduced
+    reduced_only = make_method("lcp-di", model, solver="reduced", **dict(kw, max_iter=20))
+    (v_ref, _, e_ref, _), s_ref = reduced_only.controlled_equilibrium(c, y)
+    assert not s_ref.converged and s_ref.residual < 1e-2
+
+    def worse(p):
+        v = p.model.init_state(p.c)
+        return (v, v, v, v), SolverStats(iterations=p.max_iter, residual=0.5, converged=False)
+
+    monkeypatch.setitem(control.CONTROL_SOLVERS, "warm-anderson", worse)
+    (v, _, e, _), stats = make_method("lcp-di", model, solver="auto", **kw).controlled_equilibrium(c, y)
+    torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
+    torch.testing.assert_close(e, e_ref, rtol=0, atol=0)
+    assert stats.residual == s_ref.residual and stats.iterations == 40

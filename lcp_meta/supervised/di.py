@@ -17,6 +17,7 @@ and ``J_f^T e* + J_h^T u* = 0``: exactly the stationarity of
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -106,8 +107,16 @@ class DynamicInversion(Method):
                     if stats.residual <= min(self.max_residual, self.NEAR):
                         # stalled close to an equilibrium the Euler dynamics (damped by the integral controller)
                         # settle to, e.g. chattering ReLU nets: accelerate instead
-                        first, (z, stats) = stats, CONTROL_SOLVERS["warm-anderson"](prob)
+                        first, first_z = stats, z
+                        z, stats = CONTROL_SOLVERS["warm-anderson"](prob)
                         name = f"{name}, then warm-anderson"
+                        if not stats.converged and not stats.diverged and stats.residual > first.residual:
+                            # Anderson (restarted from the free equilibrium) ended farther from settling than the
+                            # reduced iteration had got: report and use the better state
+                            used = first.iterations + stats.iterations
+                            z, stats = first_z, dataclasses.replace(first, iterations=used)
+                            first = dataclasses.replace(first, iterations=0)
+                            name = "reduced, better than the warm-anderson retry"
                     else:  # far from settling (dynamics that oscillate): go on as one run with the full budget
                         v, y, e, _ = z
                         prob.start = (v, e, y)
