@@ -462,6 +462,10 @@ class MetaMethod(nn.Module):
         """
         tb = self._prepare(tasks)
         system, params = self._system()
+        with torch.no_grad():  # targets that would broadcast against the predictions: a clear error, not a wrong gradient
+            omega = tree_detach(params)
+            check_prediction_target(system.model_fn(omega, tb.x_support[0]), tb.y_support[0])
+            check_prediction_target(system.model_fn(omega, tb.x_query[0]), tb.y_query[0])
         grads, lam_grads, stats, sst = self._meta_gradient(system, params, tb)
         finite = tree_finite(grads) and (lam_grads is None or tree_finite(lam_grads))
         phase = getattr(sst, "phase", "inner")

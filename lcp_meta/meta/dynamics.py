@@ -89,6 +89,7 @@ def iterate(step: Callable, state: Tuple[torch.Tensor, ...], tol: Optional[float
     worst = res if res.dim() == 1 else res.amax(1)
     st = SolverStats(iterations=k, residual=float(worst.max()) if not diverged else float("nan"),
                      converged=bool(flags[0]) and not diverged, diverged=diverged, per_sample=worst.cpu())
+    st.stuck = bool(stuck.any()) if stuck is not None else False
     return state, st, res
 
 
@@ -118,7 +119,7 @@ def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: f
     State per task: (phi, vel, phi_prev, e_prev, a, m, scale) [, c: a constant control added to the force,
     E - <c, phi>].  ``adaptive``: the step a came from an
     eigenvalue estimate; the momentum is dropped when E rises or the velocity points uphill, the step is
-    halved when E rises with no momentum, and a non-finite point is undone (step / 4), so a curvature
+    multiplied by 0.7 whenever E rises, and a non-finite point is undone (step / 4), so a curvature
     larger than estimated cannot make the run diverge.
     Otherwise (a user's inner_lr, momentum m) it is the plain dynamics.  Residual:
     ``|grad E(phi)| / |grad E(phi_start)|`` (the force left, relative to the force at the start).
@@ -132,6 +133,8 @@ def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: f
         return e + beta * system.loss(phi, xq, yq) if nudged else e
 
     gv = grad_and_value(energy)
+    # a rise of E smaller than this (relative) is round-off, not an overshoot
+    rel = max(1e-12, 64 * torch.finfo(next(iter(omega.values())).dtype).eps)
 
     def one(phi, vel, phi_prev, e_prev, a, m, scale, xs, ys, xq, yq, c=None):
         g, e = gv(phi, xs, ys, xq, yq, c)
@@ -140,10 +143,11 @@ def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: f
         res = _ratio(gn, scale)
         if adaptive:
             bad = ~(torch.isfinite(e) & torch.isfinite(gn))
-            rise = e > e_prev + 1e-8 * e_prev.abs()  # beyond round-off: the step overshot
+            rise = e > e_prev + rel * e_prev.abs()  # beyond round-off: the step overshot
             uphill = _tdot(g, vel) > 0               # the momentum points uphill: restart it
-            still = _tnorm(vel) == 0
-            a_new = torch.where(bad, 0.25 * a, torch.where(rise & still, 0.5 * a, a))
+            # every rise also shortens the step a little: a curvature above the estimate (the Hessian grows
+            # along the path) cannot keep the run oscillating
+            a_new = torch.where(bad, 0.25 * a, torch.where(rise, 0.7 * a, a))
             m_new = momentum_for(a_new, mu)
             restart = bad | rise | uphill
             res = torch.where(bad, torch.full_like(res, float(1e30)), res)  # a rejected point is not a solution
