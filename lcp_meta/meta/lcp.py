@@ -222,7 +222,7 @@ class LCP(MetaMethod):
 
         z, st, res = iterate(step, state, tol, steps)
         trees = rebuild(z)
-        return trees[1], st, bool(trees[7].any())
+        return trees[1], st, st.stuck or bool(trees[7].any())
 
     def _di_rounds(self, system, omega, lam, tb, tol):
         """The default, in three steps that all keep the DI controller's equilibrium:
