@@ -22,18 +22,18 @@ def _valid_png(path: Path) -> bool:
 
 def test_sinusoid_run_folder(tmp_path, capsys):
     out = tmp_path / "sin"
-    rc = main(["fewshot", "--task", "sinusoid", "--shots", "5", "--methods", "lcp,maml", "--meta-steps", "3",
+    rc = main(["fewshot", "--task", "sinusoid", "--shots", "5", "--methods", "lcp-truncated,maml", "--meta-steps", "3",
                "--out", str(out), *TINY])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "| lcp |" in printed and "results.md" in printed
-    for name in ("config.json", "results.md", "results.json", "lcp.json", "maml.json", "lcp_curve.csv",
-                 "maml_curve.csv", "checkpoints/lcp.pt", "checkpoints/maml.pt"):
+    assert "| lcp-truncated |" in printed and "results.md" in printed
+    for name in ("config.json", "results.md", "results.json", "lcp-truncated.json", "maml.json", "lcp-truncated_curve.csv",
+                 "maml_curve.csv", "checkpoints/lcp-truncated.pt", "checkpoints/maml.pt"):
         assert (out / name).is_file(), name
     for name in ("curves.png", "test_metric.png", "cost.png", "fits.png"):
         assert _valid_png(out / name), name
     rows = report.parse_results_table((out / "results.md").read_text())
-    assert [r["method"] for r in rows] == ["lcp", "maml"]
+    assert [r["method"] for r in rows] == ["lcp-truncated", "maml"]
     for row in rows:
         res = json.loads((out / f"{row['method']}.json").read_text())
         assert res["metric"] == "mse" and res["test_episodes"] == 4 and res["meta_steps"] == 3
@@ -42,15 +42,15 @@ def test_sinusoid_run_folder(tmp_path, capsys):
         # the CPU proxy: autograd graph bytes at the meta-gradient, zero for LCP, positive for unrolled MAML
         mem = row["peak memory (MiB, CPU proxy: autograd graph)"]
         assert mem == pytest.approx(res["peak_memory_mib"], abs=0.06)
-        assert (res["peak_memory_mib"] == 0) == (row["method"] == "lcp")
+        assert (res["peak_memory_mib"] == 0) == (row["method"] == "lcp-truncated")
         curve = list(csv.DictReader(open(out / f"{row['method']}_curve.csv")))
         assert [int(c["step"]) for c in curve] == [1, 2, 3]
         assert all(float(c["query_loss"]) > 0 and float(c["time_s"]) > 0 for c in curve)
         assert curve[-1]["val_metric"] != ""
     config = json.loads((out / "config.json").read_text())
-    assert config["protocol"]["task"] == "sinusoid" and config["methods"] == ["lcp", "maml"]
+    assert config["protocol"]["task"] == "sinusoid" and config["methods"] == ["lcp-truncated", "maml"]
     # the method-specific settings: LCP gets lam and beta, MAML neither (lam = 0)
-    assert set(json.loads((out / "lcp.json").read_text())["method_kwargs"]) >= {"lam", "beta"}
+    assert set(json.loads((out / "lcp-truncated.json").read_text())["method_kwargs"]) >= {"lam", "beta"}
     assert "lam" not in json.loads((out / "maml.json").read_text())["method_kwargs"]
 
 
@@ -80,15 +80,15 @@ def _final_state(out: Path, name: str):
 
 
 def test_resume_reaches_the_uninterrupted_result(tmp_path):
-    args = ["fewshot", "--task", "sinusoid", "--shots", "4", "--methods", "lcp,maml", "--meta-steps", "6",
+    args = ["fewshot", "--task", "sinusoid", "--shots", "4", "--methods", "lcp-truncated,maml", "--meta-steps", "6",
             "--dtype", "float64", "--checkpoint-every", "2", "--no-plots", *TINY]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     # interrupted after 3 steps (exit code 3 says so), then resumed
     assert main([*args, "--out", str(tmp_path / "resumed"), "--stop-after", "3"]) == 3
-    assert _final_state(tmp_path / "resumed", "lcp")["step"] == 3
-    assert not (tmp_path / "resumed" / "lcp.json").exists()
+    assert _final_state(tmp_path / "resumed", "lcp-truncated")["step"] == 3
+    assert not (tmp_path / "resumed" / "lcp-truncated.json").exists()
     assert main([*args, "--out", str(tmp_path / "resumed"), "--resume"]) == 0
-    for name in ("lcp", "maml"):
+    for name in ("lcp-truncated", "maml"):
         a, b = _final_state(tmp_path / "straight", name), _final_state(tmp_path / "resumed", name)
         assert a["step"] == b["step"] == 6
         for p, q in zip(a["params"], b["params"]):
@@ -104,10 +104,10 @@ def test_resume_reaches_the_uninterrupted_result(tmp_path):
 
 
 def test_demo_command_runs(tmp_path, capsys):
-    rc = main(["demo", "--methods", "lcp", "--meta-steps", "2", "--out", str(tmp_path / "demo"), "--no-plots",
+    rc = main(["demo", "--methods", "lcp-truncated", "--meta-steps", "2", "--out", str(tmp_path / "demo"), "--no-plots",
                *TINY])
     assert rc == 0
-    assert "| lcp |" in capsys.readouterr().out
+    assert "| lcp-truncated |" in capsys.readouterr().out
     config = json.loads((tmp_path / "demo" / "config.json").read_text())
     assert config["task"] == "sinusoid" and config["meta_steps"] == 2
 
@@ -151,14 +151,14 @@ def test_reproduce_fewshot_quick(tmp_path):
         "reproduce_fewshot", Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_fewshot.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rc = module.main(["--quick", "--device", "cpu", "--data-root", str(SHARED), "--methods", "lcp,maml",
+    rc = module.main(["--quick", "--device", "cpu", "--data-root", str(SHARED), "--methods", "lcp-truncated,maml",
                       "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res"),
                       "--no-progress"])
     assert rc == 0
     saved = json.loads((tmp_path / "res" / "fewshot_cpu.json").read_text())
     assert set(saved["comparisons"]) == {"omniglot 5-way 1-shot", "omniglot 20-way 1-shot"}
     rows = saved["comparisons"]["omniglot 20-way 1-shot"]["rows"]
-    assert [r["method"] for r in rows] == ["lcp", "maml"]
+    assert [r["method"] for r in rows] == ["lcp-truncated", "maml"]
     assert all(r["one-shot runs accuracy (%) mean ± CI95"] is not None for r in rows)
     assert "Official one-shot runs" in (tmp_path / "res" / "fewshot_cpu.md").read_text()
 

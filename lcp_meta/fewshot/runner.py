@@ -38,7 +38,7 @@ from . import report
 from .tasks import SOURCES
 from ..utils.errors import CheckpointError, RunFolderError, UserInputError
 
-DEFAULT_METHODS = ("lcp", "imaml", "maml", "fomaml", "reptile", "cml")
+DEFAULT_METHODS = ("lcp-truncated", "imaml", "maml", "fomaml", "reptile", "cml")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # fields that define what is trained: a checkpoint written under other values cannot be resumed
 _TRAINING_FIELDS = ("task", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr", "lam", "beta",
@@ -185,10 +185,15 @@ def default_method_factory(name: str, model: torch.nn.Module, loss_fn: Callable,
 
 # methods whose inner problem has the proximal term lam/2 |phi - omega|^2 (MAML, FOMAML, Reptile keep lam = 0)
 PROXIMAL_METHODS = ("lcp", "lcp-direct", "lcp-ebd", "lcp-truncated", "imaml", "cml")
-# methods that run to their equilibrium (residual tolerance, automatic safe step): inner_lr / inner_steps are
-# the unrolled methods' budget; these get only a cap on the steps of each phase (--set NAME.inner_lr=... still
-# fixes a step).  iMAML starts from its published setting (lam = 2, 5 CG steps), not the shared lam.
-EQUILIBRIUM_METHODS = ("lcp", "lcp-direct", "lcp-ebd", "imaml", "cml")
+# ``lcp`` exists only at its controlled equilibrium: it runs to its residual tolerance (a cap on the steps of
+# each phase, automatic safe step; --set lcp.inner_lr=... still fixes a step) and a meta-step that does not get
+# there is skipped and counted.  The other methods that have a tolerance (lcp-direct, lcp-ebd, lcp-truncated,
+# iMAML, CML) get the shared fixed budget (inner_lr, inner_steps) with ``tol=None``: they are then reported as
+# unconverged with their final residuals, never as converged.  Why not everything at equilibrium: on the
+# sinusoid's ReLU learner the inner problem has kinks where the gradient never vanishes (plain gradient descent
+# stalls at a relative gradient norm of ~0.1 for thousands of steps), so no residual tolerance is ever met; see
+# docs/results.md.  iMAML starts from its published setting (lam = 2, 5 CG steps), not the shared lam.
+EQUILIBRIUM_METHODS = ("lcp",)
 EQUILIBRIUM_CAP = 1000
 PUBLISHED = {"imaml": {"lam": 2.0, "cg_steps": 5}}
 
@@ -204,6 +209,8 @@ def common_kwargs(name: str, cfg: FewShotConfig, factory: Callable) -> Dict[str,
         kwargs["lam"] = cfg.lam
     if name in EQUILIBRIUM_METHODS:
         kwargs = {"inner_steps": max(cfg.inner_steps, EQUILIBRIUM_CAP), "lam": cfg.lam}
+    elif "tol" in accepted:
+        kwargs["tol"] = None
     if "beta" in accepted:
         kwargs["beta"] = cfg.beta
     kwargs.update(PUBLISHED.get(name, {}))
