@@ -71,7 +71,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="exit with code 4 when more than this share of the trained batches was skipped because "
                         "the dynamics diverged (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N batches within an epoch")
-    p.add_argument("--solver", choices=("euler", "anderson"), help="fixed-point solver (default euler, as published)")
+    p.add_argument("--solver", choices=("auto", "euler", "anderson", "sweep", "reduced", "warm-anderson"),
+                   help="solver of the dynamics (default: the method's; LCP-DI: auto, the fastest exact solver; "
+                        "euler: the published simulation; sweep/reduced/warm-anderson: LCP-DI/DI-KP only)")
     p.add_argument("--tol", type=float, help="solver stop threshold on the relative change (default: the method's)")
     p.add_argument("--max-iter", type=int, help="solver iteration cap (default: the method's)")
     p.add_argument("--set", dest="method_set", action="append", metavar="KEY=VALUE",
