@@ -22,7 +22,7 @@ autograd pass over ``(g(c, v*) * e*).sum() + (h(v*) * u*).sum()`` (no graph over
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from ..data.omniglot import score_one_shot_runs
 from ..utils import atomic_save, atomic_write_text, load_checkpoint, resolve_device, rng_state, set_rng_state
 from . import report
 from .tasks import SOURCES
-from ..utils.errors import CheckpointError, RunFolderError, UserInputError
+from ..utils.errors import CheckpointError, RunFolderError, UserInputError, ensure_writable_folder
 
 DEFAULT_METHODS = ("lcp-truncated", "imaml", "maml", "fomaml", "reptile", "cml")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -253,14 +252,7 @@ def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool) -> Path:
         names = ", ".join(str(p.relative_to(out)) for p in held[:3]) + (", ..." if len(held) > 3 else "")
         raise RunFolderError(f"--out {out} already holds a run ({names}); pass --resume to continue it, "
                              f"--overwrite to replace it, or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test.{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise RunFolderError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") \
-            from None
+    ensure_writable_folder(out)
     if overwrite:
         for p in held:
             p.unlink(missing_ok=True)

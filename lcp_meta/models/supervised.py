@@ -20,7 +20,7 @@ Initialisation follows the official code: PyTorch's default ``nn.Linear``/``nn.C
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

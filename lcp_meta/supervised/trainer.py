@@ -22,7 +22,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -37,7 +36,7 @@ import torch
 from .. import distributed
 from ..core import DivergenceError
 from ..utils import atomic_save, atomic_write_text, load_checkpoint, resolve_device, rng_state, set_rng_state
-from ..utils.errors import CheckpointError, RunFolderError, UserInputError
+from ..utils.errors import CheckpointError, RunFolderError, UserInputError, ensure_writable_folder
 
 __all__ = ["DATASETS", "MODEL_NAMES", "TRAINER_KEYS", "RunConfig", "trainer_defaults", "resolve_hparams",
            "load_dataset", "evaluate", "train", "SkippedBatchWarning"]
@@ -339,14 +338,8 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
                              ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items())))
     elif cfg.resume:
         log(f"no checkpoint in {out}; starting a new run there")
-    try:  # before any data is read or any batch trained: an unwritable folder is found now, not after an epoch
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test.{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise RunFolderError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") \
-            from None
+    # before any data is read or any batch trained: an unwritable folder is found now, not after an epoch
+    ensure_writable_folder(out)
     if cfg.overwrite:
         for p in held:
             p.unlink(missing_ok=True)
