@@ -64,6 +64,12 @@ def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun announced it (0 in a plain run); valid after the group has been left, for
+    the command line's closing lines."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main() -> bool:
     """Only rank 0 writes results, plots and checkpoints (always True in a plain run)."""
     return rank() == 0

@@ -7,6 +7,7 @@ import sys
 from typing import Dict, Optional
 
 from .runner import DEFAULT_METHODS, FewShotConfig, run_fewshot
+from .. import distributed
 from ..utils.errors import UserInputError
 from ..utils.options import parse_option_value
 
@@ -145,18 +146,20 @@ def config_from_args(args: argparse.Namespace, defaults: Optional[Dict[str, obje
 
 
 def _print_summary(summary: Dict[str, object]) -> int:
+    # under torchrun every rank returns the same code, and rank 0 alone prints (it alone wrote the files)
+    say = print if distributed.launched_rank() == 0 else (lambda *a, **k: None)
     if summary.get("table"):
-        print(summary["table"])
+        say(summary["table"])
     if summary.get("plots"):
-        print("plots: " + ", ".join(summary["plots"]))
-    print(f"results: {summary['out']}/results.md (per-method JSON/CSV beside it)")
+        say("plots: " + ", ".join(summary["plots"]))
+    say(f"results: {summary['out']}/results.md (per-method JSON/CSV beside it)")
     code = 0
     if summary.get("message"):
-        print(summary["message"], file=sys.stderr)
+        say(summary["message"], file=sys.stderr)
         code = 3
     if summary.get("too_many_skipped"):
         # a method that mostly skipped its updates did not train: its row shows the untrained model
-        print(summary["skipped_message"], file=sys.stderr)
+        say(summary["skipped_message"], file=sys.stderr)
         code = 4
     return code
 

@@ -18,6 +18,7 @@ import argparse
 import sys
 from typing import Any, Dict, List, Optional
 
+from .. import distributed
 from .config import INVENTED
 from .trainer import DATASETS, MODEL_NAMES, RunConfig, train
 from ..utils.errors import UserInputError
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     acc = result.get("final_test_accuracy")
     summary = f"test accuracy {100 * acc:.2f}%" if acc is not None else "no epoch trained"
     skipped = result["skipped_batches"]
-    print(f"done: {summary}; {skipped} batch(es) skipped; results in {result['run_dir']}", flush=True)
+    if distributed.launched_rank() == 0:  # under torchrun rank 0 alone reports (it alone wrote the files)
+        print(f"done: {summary}; {skipped} batch(es) skipped; results in {result['run_dir']}", flush=True)
     if result.get("too_many_skipped"):
         # most updates were dropped: the accuracy above is that of a barely trained network
         print(f"error: {skipped} of {result['batches_seen']} batches were skipped (more than the allowed share "
