@@ -107,3 +107,35 @@ def test_diverging_steps_are_skipped_and_leave_parameters_intact(tmp_path):
             assert ckpt["divergences"][0]["residual"] == 3e5 and "3.0e+05" in ckpt["divergences"][0]["message"]
         else:
             assert "non-finite" in ckpt["divergences"][0]["message"]
+
+
+def test_final_residuals_reach_the_json_and_the_table(tmp_path):
+    """The residuals a method reports at its last meta-step are what the JSON and results.md show."""
+    from lcp_meta.fewshot import report
+    from lcp_meta.fewshot.runner import common_kwargs, default_method_factory
+    last = {}
+
+    def factory(name, model, loss_fn, **kw):
+        # a custom factory receives lam and beta for every method: keep what this one takes, as the runner does
+        method = default_method_factory(name, model, loss_fn, **common_kwargs(name, cfg, default_method_factory))
+        inner = method.meta_backward
+
+        def recording(tasks):
+            last[name] = inner(tasks).as_dict()
+            return last[name]
+        method.meta_backward = recording
+        return method
+
+    cfg = _cfg(tmp_path, methods=("lcp-truncated", "maml"), log_every=1)
+    run_fewshot(cfg, method_factory=factory)
+    out = tmp_path / "run"
+    res = json.loads((out / "lcp-truncated.json").read_text())
+    final = res["final_residuals"]
+    assert final["step"] == cfg.meta_steps and final["converged"] is False  # a fixed budget is never "converged"
+    for key in ("inner_residual", "control_residual"):
+        assert isinstance(final[key], float) and final[key] > 0 and final[key] == last["lcp-truncated"][key]
+    rows = {r["method"]: r for r in report.parse_results_table((out / "results.md").read_text())}
+    cell = rows["lcp-truncated"]["final residual (inner / control)"]
+    assert cell == f"{final['inner_residual']:.1e} / {final['control_residual']:.1e} (unconverged)"
+    maml = json.loads((out / "maml.json").read_text())["final_residuals"]
+    assert rows["maml"]["final residual (inner / control)"] == report.format_residuals({"final_residuals": maml})

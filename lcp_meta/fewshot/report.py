@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from ..utils.errors import UserInputError
 
 CURVE_FIELDS = ("step", "query_loss", "query_metric", "val_metric", "val_ci95", "time_s", "sec_per_step",
-                "peak_memory_mib")
+                "peak_memory_mib", "inner_residual", "control_residual", "converged")
 
 _METRIC_LABEL = {"accuracy": "test accuracy (%)", "mse": "test MSE"}
 
@@ -38,12 +38,28 @@ def format_skipped(result: Mapping) -> str:
     return f"{skipped}/{steps}" if steps is not None else str(skipped)
 
 
+def final_residuals(curve: Sequence[Mapping]) -> Dict[str, object]:
+    """The residuals of the last logged meta-step (``None`` where the method has none, e.g. MAML)."""
+    last = curve[-1] if curve else {}
+    return {k: last.get(k) for k in ("step", "inner_residual", "control_residual", "converged")}
+
+
+def format_residuals(result: Mapping) -> str:
+    """``inner / control`` residual of the last logged meta-step, ``(unconverged)`` for a fixed-budget run."""
+    f = result.get("final_residuals") or {}
+    cells = [("-" if f.get(k) is None else f"{f[k]:.1e}") for k in ("inner_residual", "control_residual")]
+    if cells == ["-", "-"]:
+        return "-"
+    return " / ".join(cells) + ("" if f.get("converged") else " (unconverged)")
+
+
 def results_table(results: Sequence[Mapping], memory_kind: str) -> str:
     """The markdown table: one row per method, ``method | metric mean ± CI95 | sec/meta-step | peak memory |
-    skipped meta-steps``.
+    skipped meta-steps | final residual (inner / control)``.
 
-    The last column counts the meta-steps whose update was dropped because the method diverged (a method that
-    skipped many shows a barely trained model).  An extra column holds the accuracy on the 20 official one-shot
+    ``skipped meta-steps`` counts the meta-steps whose update was dropped because the method diverged (a method
+    that skipped many shows a barely trained model); the residual column shows where the last logged meta-step
+    stopped (see :func:`format_residuals`).  An extra column holds the accuracy on the 20 official one-shot
     runs when it was measured.
     """
     if not results:
@@ -51,13 +67,13 @@ def results_table(results: Sequence[Mapping], memory_kind: str) -> str:
     metric = results[0]["metric"]
     runs = any(r.get("one_shot_runs") for r in results)
     head = ["method", f"{_METRIC_LABEL[metric]} mean ± CI95", "sec/meta-step", f"peak memory (MiB, {memory_kind})",
-            "skipped meta-steps"]
+            "skipped meta-steps", "final residual (inner / control)"]
     if runs:
         head.append("one-shot runs accuracy (%) mean ± CI95")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in results:
         row = [r["method"], format_metric(metric, r["test_mean"], r["test_ci95"]), f"{r['sec_per_step']:.4g}",
-               _fmt_memory(r.get("peak_memory_mib")), format_skipped(r)]
+               _fmt_memory(r.get("peak_memory_mib")), format_skipped(r), format_residuals(r)]
         if runs:
             o = r.get("one_shot_runs")
             row.append(format_metric("accuracy", o["mean"], o["ci95"]) if o else "n/a")

@@ -417,7 +417,10 @@ class _MethodRun:
             if logging and stats is not None:
                 row = {"step": self.step, "query_loss": stats.get("query_loss_after"),
                        "time_s": sum(self.step_times), "sec_per_step": dt, "peak_memory_mib": self.peak_mib,
-                       "val_metric": None, "val_ci95": None}
+                       "val_metric": None, "val_ci95": None,
+                       # where the method stopped: an equilibrium result is only as good as its residuals
+                       "inner_residual": stats.get("inner_residual"), "control_residual": stats.get("control_residual"),
+                       "converged": stats.get("converged")}
                 row["query_metric"] = float(_evaluate(self.method, [batch], self.source.score, f"{self.name} step",
                                                       False).mean())
                 if self.step % val_every == 0 or self.step == cfg.meta_steps:
@@ -518,7 +521,8 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
                   "test_episodes": int(values.numel()), "sec_per_step": run.sec_per_step(),
                   "peak_memory_mib": run.peak_mib, "memory_kind": memory_kind(device),
                   "meta_steps": run.step, "skipped_meta_steps": len(run.divergences),
-                  "method_kwargs": _jsonable(run.kwargs), "divergences": run.divergences, "curve": run.curve}
+                  "method_kwargs": _jsonable(run.kwargs), "divergences": run.divergences, "curve": run.curve,
+                  "final_residuals": report.final_residuals(run.curve)}
         if one_shot:
             scores = score_one_shot_runs(
                 _predict(run.method, source.one_shot_batch(one_shot)).argmax(-1).cpu(), one_shot)
