@@ -214,6 +214,24 @@ def flat_state(trees: Sequence) -> Tuple[Tuple[torch.Tensor, ...], Callable]:
 
 
 # ------------------------------------------------------------------ control at a fixed inner state
+def cg_step(A: Callable[[Tree], Tree], x: Tree, r: Tree, p: Tree, rs: torch.Tensor, active: torch.Tensor):
+    """One conjugate-gradient step on ``A x = b`` (residual ``r = b - A x``, search direction ``p``,
+    ``rs = r . r``), taken only where ``active``.  An active task whose curvature ``p^T A p`` is not positive
+    (an indefinite system, or NaN) is flagged ``bad`` and does not move.  Returns
+    ``(x, r, p, rs, bad, moved)``; shared by LCP's control (:func:`cg_map`) and iMAML's CG."""
+    Ap = A(p)
+    pAp = _tdot(p, Ap)
+    bad = active & ~(pAp > 0)
+    go = active & ~bad
+    alpha = torch.where(go, rs / torch.where(go, pAp, torch.ones_like(pAp)), 0 * rs)
+    x = {k: x[k] + alpha * p[k] for k in x}
+    r = {k: r[k] - alpha * Ap[k] for k in r}
+    rs_new = _tdot(r, r)
+    ratio = torch.where(go, rs_new / torch.where(go, rs, torch.ones_like(rs)), 0 * rs)
+    p = {k: torch.where(go, r[k] + ratio * p[k], p[k]) for k in p}
+    return x, r, p, torch.where(go, rs_new, rs), bad, go
+
+
 def cg_map(system, lam: Tree) -> Callable:
     """Per-task step of the control dynamics ``du/dt = -(Hess l_in(phi) + lam) u - grad l_out(phi)`` at a
     fixed (solved) inner state phi, integrated by heavy-ball steps whose step and momentum come from an
@@ -228,18 +246,12 @@ def cg_map(system, lam: Tree) -> Callable:
 
     def one(phi, u, r, p, rs, gnorm, active, indefinite, xs, ys):
         res = torch.where(gnorm > 0, rs.sqrt() / torch.where(gnorm > 0, gnorm, torch.ones_like(gnorm)), 0 * rs)
-        _, hp = grad_and_hvp(system.loss, phi, p, xs, ys)
-        Ap = {k: hp[k] + lam[k] * p[k] for k in p}
-        pAp = _tdot(p, Ap)
-        bad = active & ~(pAp > 0) & (rs > 0)
-        go = active & (pAp > 0) & (rs > 0)
-        alpha = torch.where(go, rs / torch.where(go, pAp, torch.ones_like(pAp)), 0 * rs)
-        u = {k: u[k] + alpha * p[k] for k in u}
-        r = {k: r[k] - alpha * Ap[k] for k in r}
-        rs_new = _tdot(r, r)
-        ratio = torch.where(go, rs_new / torch.where(go, rs, torch.ones_like(rs)), 0 * rs)
-        p = {k: torch.where(go, r[k] + ratio * p[k], p[k]) for k in p}
-        rs = torch.where(go, rs_new, rs)
+
+        def A(v):
+            _, hv = grad_and_hvp(system.loss, phi, v, xs, ys)
+            return {k: hv[k] + lam[k] * v[k] for k in v}
+
+        u, r, p, rs, bad, go = cg_step(A, u, r, p, rs, active & (rs > 0))
         # a flagged task reports an infinite-free but unmet residual; it will not move again
         indefinite = indefinite | bad
         return (phi, u, r, p, rs, gnorm, go, indefinite), res, indefinite

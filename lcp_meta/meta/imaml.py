@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .base import MetaMethod, MetaStats, check_positive
+from .dynamics import cg_step
 from .functional import grad_and_hvp
 
 __all__ = ["IMAML"]
@@ -53,9 +54,6 @@ class IMAML(MetaMethod):
         when its residual meets cg_tol or its curvature p^T A p is not positive (indefinite system)."""
         damping, steps, cg_tol = self.damping, self.cg_steps, self.cg_tol
 
-        def dot(a, b):
-            return sum((a[k] * b[k]).sum() for k in a)
-
         def cg(phi, b, xs, ys):
             def A(v):
                 _, hv = grad_and_hvp(system.loss, phi, v, xs, ys)
@@ -63,25 +61,15 @@ class IMAML(MetaMethod):
 
             y = {k: torch.zeros_like(v) for k, v in b.items()}
             r, p = dict(b), dict(b)
-            rs = dot(r, r)
+            rs = sum((v * v).sum() for v in r.values())
             bnorm = rs.sqrt()
             active = bnorm > 0
             indefinite = torch.zeros_like(active)
             for _ in range(steps):
                 if cg_tol is not None:
                     active = active & (rs.sqrt() > cg_tol * bnorm)
-                Ap = A(p)
-                pAp = dot(p, Ap)
-                bad = active & ~(pAp > 0)  # includes NaN
+                y, r, p, rs, bad, active = cg_step(A, y, r, p, rs, active)
                 indefinite = indefinite | bad
-                active = active & ~bad
-                alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)), 0.0 * rs)
-                y = {k: y[k] + alpha * p[k] for k in y}
-                r = {k: r[k] - alpha * Ap[k] for k in r}
-                rs_new = dot(r, r)
-                ratio = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)), 0.0 * rs)
-                p = {k: torch.where(active, r[k] + ratio * p[k], p[k]) for k in p}
-                rs = torch.where(active, rs_new, rs)
             return y, rs.sqrt() / bnorm.clamp_min(torch.finfo(bnorm.dtype).tiny), indefinite
 
         return system.tmap(cg, (0, 0, 0, 0))
