@@ -33,22 +33,49 @@ from ..core.solvers import DivergenceError
 from ..data.episodes import mean_ci95
 from ..data.omniglot import score_one_shot_runs
 from ..utils import atomic_save, atomic_write_text, load_checkpoint, resolve_device, rng_state, set_rng_state
-from . import report
-from .tasks import SOURCES
+from ..utils.cliargs import option
 from ..utils.errors import CheckpointError, RunFolderError, UserInputError, ensure_writable_folder
+from ..utils.options import parse_option_value
+from . import report
+from .defaults import DEFAULT_METHODS, EQUILIBRIUM_CAP, EQUILIBRIUM_METHODS, method_defaults, task_defaults
+from .tasks import SOURCES
 
-DEFAULT_METHODS = ("lcp-truncated", "imaml", "maml", "fomaml", "reptile", "cml")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # fields that define what is trained: a checkpoint written under other values cannot be resumed
 _TRAINING_FIELDS = ("task", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr", "lam", "beta",
                     "outer_lr", "seed", "split_seed", "val_fraction", "test_fraction", "dtype", "hidden",
-                    "method_options")
+                    "activation", "method_options")
+_TASK = "task"  # flags of `lcp-meta fewshot` that `lcp-meta demo` does not have (its task is fixed)
+
+
+def _methods(text: str) -> Tuple[str, ...]:
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not names:
+        raise UserInputError(f"--methods {text!r}: expected a comma-separated list such as lcp,imaml,maml")
+    return names
+
+
+def _parse_set(items) -> Dict[str, Dict[str, object]]:
+    """``["maml.inner_steps=1", "lcp.beta=0.01"]`` -> ``{"maml": {"inner_steps": 1}, "lcp": {"beta": 0.01}}``.
+
+    Values are read strictly (``lcp_meta.utils.options``): ``nan``, ``inf`` or ``1e999`` are refused, not passed on
+    as a string or an infinite setting; the config then checks each known option as it checks the flags."""
+    out: Dict[str, Dict[str, object]] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        method, dot, option_name = key.strip().partition(".")
+        if not sep or not dot or not method or not option_name.isidentifier():
+            raise UserInputError(f"--set {item!r}: expected METHOD.OPTION=VALUE, e.g. maml.inner_steps=1")
+        out.setdefault(method, {})[option_name] = parse_option_value(raw, f"--set {key.strip()}")
+    return out
 
 
 @dataclass
 class FewShotConfig:
-    """Everything a comparison run needs (the CLI flags map one to one onto these fields).
+    """Everything a comparison run needs; the flags of ``lcp-meta fewshot`` are generated from these fields.
 
+    A field left at ``None`` takes the task's default (``lcp_meta.fewshot.defaults.TASKS``) when the config is
+    validated (:meth:`validate` returns the completed copy).
     lam: proximal strength of the inner problem ``l_in(phi) + lam/2 |phi - omega|^2`` (LCP, iMAML, CML).
     beta: control strength of LCP / nudging strength of CML (the meta-gradient is reported divided by beta).
     inner_lr, inner_steps: step size and number of steps of the inner dynamics (every method).
@@ -60,44 +87,63 @@ class FewShotConfig:
         as failed (``summary["too_many_skipped"]``, exit code 4 on the command line).
     """
 
-    task: str = "sinusoid"
-    methods: Tuple[str, ...] = DEFAULT_METHODS
-    ways: int = 5
-    shots: int = 10
-    queries: Optional[int] = None
-    meta_steps: int = 500
-    meta_batch: int = 25
-    inner_steps: int = 10
-    inner_lr: float = 0.01
-    lam: float = 1.0
-    beta: float = 0.1
-    outer_lr: float = 1e-3
-    test_episodes: int = 600
-    val_episodes: int = 100
-    val_every: int = 0
-    log_every: int = 0
-    seed: int = 0
-    split_seed: int = 0
+    task: str = option("sinusoid", "sinusoid | omniglot", group=_TASK)
+    methods: Tuple[str, ...] = option(DEFAULT_METHODS, "comma-separated methods (default: "
+                                      + ",".join(DEFAULT_METHODS) + ")", convert=_methods, show_default=False)
+    ways: Optional[int] = option(None, "N classes per episode (omniglot)", group=_TASK)
+    shots: Optional[int] = option(None, "K support examples per class (sinusoid: points per task)", group=_TASK)
+    queries: Optional[int] = option(None, "query examples per class (sinusoid: points per task)", group=_TASK)
+    meta_steps: Optional[int] = option(None, "meta-training steps per method")
+    meta_batch: Optional[int] = option(None, "tasks per meta-step")
+    inner_steps: Optional[int] = option(None, "steps of the inner dynamics")
+    inner_lr: Optional[float] = option(None, "step size of the inner dynamics")
+    lam: Optional[float] = option(None, "proximal strength lam of the inner problem (LCP, iMAML, CML)")
+    beta: Optional[float] = option(None, "control strength beta (LCP) / nudging strength (CML)")
+    outer_lr: Optional[float] = option(None, "Adam learning rate of the meta-parameters")
+    test_episodes: Optional[int] = option(None, "fixed test episodes/tasks (mean and 95% CI)")
+    val_episodes: Optional[int] = option(None, "fixed validation episodes/tasks")
+    val_every: int = option(0, "validate every N meta-steps (0: 10 times)")
+    log_every: int = option(0, "log the curve every N meta-steps (0: 100 points)")
+    seed: int = option(0, "seed of the task stream and initialisation")
+    split_seed: int = option(0, "seed of the Omniglot character split", group=_TASK)
     val_fraction: float = 0.15
     test_fraction: float = 0.25
-    hidden: Optional[int] = None
-    device: str = "auto"
-    dtype: str = "float32"
-    data_root: Optional[str] = None
-    cache_dir: Optional[str] = None
-    out: str = "runs/fewshot"
-    resume: bool = False
-    overwrite: bool = False
-    max_skipped: float = 0.1
-    checkpoint_every: int = 100
-    stop_after: Optional[int] = None
-    progress: bool = True
-    plots: bool = True
-    method_options: Dict[str, Dict[str, object]] = field(default_factory=dict)
+    hidden: Optional[int] = option(None, "hidden width (MLP units / conv-4 channels)")
+    activation: Optional[str] = option(None, "nonlinearity of the sinusoid MLP (relu, tanh, ...)", group=_TASK)
+    device: str = option("auto", "auto | cpu | cuda")
+    dtype: str = option("float32", "", choices=tuple(_DTYPES), show_default=False)
+    data_root: Optional[str] = option(None, "folder holding omniglot/ (default: $LCP_META_DATA)", group=_TASK)
+    cache_dir: Optional[str] = option(None, "where decoded images are cached (default: $LCP_META_CACHE or "
+                                            "~/.cache/lcp_meta)", group=_TASK)
+    out: Optional[str] = option(None, "run folder (default: runs/TASK)", show_default=False)
+    resume: bool = option(False, "continue each method from its checkpoint in --out")
+    overwrite: bool = option(False, "replace the run already in --out (its results, checkpoints and plots are "
+                                    "deleted first)")
+    max_skipped: float = option(0.1, "exit with code 4 when a method skipped more than this share of its "
+                                     "meta-steps because they diverged", metavar="SHARE")
+    checkpoint_every: int = option(100, "checkpoint every N meta-steps (0: at the end)")
+    stop_after: Optional[int] = option(None, "stop each method after N meta-steps in this invocation (continue "
+                                             "later with --resume)")
+    progress: bool = option(True, "no progress bars")
+    plots: bool = option(True, "write tables and JSON/CSV only (no PNG plots)")
+    method_options: Dict[str, Dict[str, object]] = option(
+        help="per-method option, repeatable (e.g. --set maml.inner_steps=1 --set lcp.beta=0.01)",
+        default_factory=dict, flag="--set", action="append", metavar="METHOD.OPTION=VALUE", convert=_parse_set)
+
+    def resolved(self) -> "FewShotConfig":
+        """A copy with every ``None`` that the task has a default for filled in (``defaults.TASKS``)."""
+        fill = {k: v for k, v in task_defaults(self.task).items() if getattr(self, k, None) is None}
+        if self.out is None:
+            fill["out"] = f"runs/{self.task}"
+        return dataclasses.replace(self, **fill)
 
     def validate(self) -> "FewShotConfig":
+        """Check every setting (one-line errors naming the bad value); returns the completed copy."""
         if self.task not in SOURCES:
             raise UserInputError(f"unknown task {self.task!r}; expected one of {', '.join(SOURCES)}")
+        return self.resolved()._check()
+
+    def _check(self) -> "FewShotConfig":
         if not self.methods:
             raise UserInputError("no methods given; expected a comma-separated list such as lcp,imaml,maml")
         if len(set(self.methods)) != len(self.methods):
@@ -114,6 +160,10 @@ class FewShotConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise UserInputError(f"{name} must be a non-negative integer (0: default), got {value!r}")
+        from ..models.fewshot import _ACTIVATIONS
+        if self.activation not in _ACTIVATIONS:
+            raise UserInputError(f"unknown activation {self.activation!r}; expected one of "
+                                 f"{', '.join(sorted(_ACTIVATIONS))}")
         if self.task == "omniglot" and self.ways < 2:
             raise UserInputError(f"ways must be at least 2 (with one class every answer is right), got {self.ways}")
         for name in ("inner_lr", "lam", "beta", "outer_lr"):
@@ -182,29 +232,34 @@ def default_method_factory(name: str, model: torch.nn.Module, loss_fn: Callable,
     return make_method(name, model, loss_fn, **kwargs)
 
 
-# methods whose inner problem has the proximal term lam/2 |phi - omega|^2 (MAML, FOMAML, Reptile keep lam = 0)
-PROXIMAL_METHODS = ("lcp", "lcp-direct", "lcp-ebd", "lcp-truncated", "imaml", "cml")
-# ``lcp`` exists only at its controlled equilibrium: it runs to its residual tolerance (a cap on the steps of
-# each phase, automatic safe step; --set lcp.inner_lr=... still fixes a step) and a meta-step that does not get
-# there is skipped and counted.  The other methods that have a tolerance (lcp-direct, lcp-ebd, lcp-truncated,
-# iMAML, CML) get the shared fixed budget (inner_lr, inner_steps) with ``tol=None``: they are then reported as
-# unconverged with their final residuals, never as converged.  Why not everything at equilibrium: on the
-# sinusoid's ReLU learner the inner problem has kinks where the gradient never vanishes (plain gradient descent
-# stalls at a relative gradient norm of ~0.1 for thousands of steps), so no residual tolerance is ever met; see
-# docs/results.md.  iMAML starts from its published setting (lam = 2, 5 CG steps), not the shared lam.
-EQUILIBRIUM_METHODS = ("lcp",)
-EQUILIBRIUM_CAP = 1000
-PUBLISHED = {"imaml": {"lam": 2.0, "cg_steps": 5}}
+def takes_shared_lam(name: str) -> bool:
+    """Whether the method's inner problem has the proximal term lam/2 |phi - omega|^2 (LCP, iMAML, CML), so that it
+    gets the shared ``lam``; MAML, FOMAML and Reptile keep their lam = 0.  Asked of the method registry."""
+    from .. import meta
+    ask = getattr(meta, "is_proximal", None)
+    if ask is not None:
+        return bool(ask(name))
+    cls = meta._REGISTRY[name][0]  # until the registry answers itself: the class says it (notes_C.md)
+    return bool(getattr(cls, "proximal", not issubclass(cls, meta.MAML)))
 
 
 def common_kwargs(name: str, cfg: FewShotConfig, factory: Callable) -> Dict[str, object]:
-    """The shared budget (inner_lr, inner_steps) plus lam and beta where the method has them."""
+    """The keyword arguments a method gets before its ``--set`` options: the shared budget (inner_lr,
+    inner_steps), lam and beta where the method has them, then its own defaults (``defaults.METHODS``).
+
+    ``lcp`` exists only at its controlled equilibrium (``defaults.EQUILIBRIUM_METHODS``): it runs to its residual
+    tolerance (at most ``EQUILIBRIUM_CAP`` steps per phase, automatic safe step; --set lcp.inner_lr=... still fixes
+    a step) and a meta-step that does not get there is skipped and counted.  The other methods that have a
+    tolerance get the shared fixed budget with ``tol=None``: they are then reported as unconverged with their
+    final residuals, never as converged.  Why not everything at equilibrium: on the sinusoid's ReLU learner the
+    inner problem has kinks where the gradient never vanishes, so no residual tolerance is ever met; see
+    docs/results.md."""
+    cfg = cfg.resolved()
     kwargs: Dict[str, object] = dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps)
     if factory is not default_method_factory:
         return {**kwargs, "lam": cfg.lam, "beta": cfg.beta}
-    from ..meta import method_kwargs
-    accepted = method_kwargs(name)
-    if name in PROXIMAL_METHODS:
+    accepted = method_kwargs_of(name)
+    if takes_shared_lam(name):
         kwargs["lam"] = cfg.lam
     if name in EQUILIBRIUM_METHODS:
         kwargs = {"inner_steps": max(cfg.inner_steps, EQUILIBRIUM_CAP), "lam": cfg.lam}
@@ -212,7 +267,7 @@ def common_kwargs(name: str, cfg: FewShotConfig, factory: Callable) -> Dict[str,
         kwargs["tol"] = None
     if "beta" in accepted:
         kwargs["beta"] = cfg.beta
-    kwargs.update(PUBLISHED.get(name, {}))
+    kwargs.update(method_defaults(cfg.task, name))
     return kwargs
 
 
@@ -445,9 +500,8 @@ class _MethodRun:
 
 # ------------------------------------------------------------------------------------------------ the run
 def _sinusoid_fits(runs: Sequence[_MethodRun], source, count: int = 3) -> dict:
-    sampled = source.fit_tasks()
-    count = min(count, int(sampled.tasks[0].shape[0]))  # fewer test tasks than curves asked for
-    tasks = [t[:count] for t in sampled.tasks]
+    sampled = source.fit_tasks(count)
+    tasks, count = sampled.tasks, int(sampled.tasks[0].shape[0])
     grid = torch.linspace(*source.tasks.x_range, 200, device=source.device, dtype=source.dtype)
     x_grid = grid.view(1, -1, 1).expand(count, -1, -1).contiguous()
     fits = {"x": grid.cpu().tolist(), "tasks": []}
@@ -470,7 +524,7 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
 
     ``method_factory(name, model, loss_fn, **kwargs)`` builds a method (default: ``lcp_meta.meta.make_method``).
     """
-    cfg.validate()
+    cfg = cfg.validate()
     factory = method_factory or default_method_factory
     if method_factory is None:
         known = method_names()
@@ -488,17 +542,7 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
     dtype = _DTYPES[cfg.dtype]
     out = distributed.on_main(lambda: prepare_run_folder(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite),
                               Path(cfg.out))
-    queries = cfg.queries
-    if cfg.task == "sinusoid":
-        source = SOURCES["sinusoid"](cfg.shots, queries, cfg.meta_batch, cfg.seed, cfg.val_episodes,
-                                     cfg.test_episodes, device, dtype, hidden=40 if cfg.hidden is None else cfg.hidden)
-    else:
-        source = SOURCES["omniglot"](cfg.ways, cfg.shots, queries or 5, cfg.meta_batch, cfg.seed,
-                                     cfg.val_episodes, cfg.test_episodes, device, dtype,
-                                     hidden=64 if cfg.hidden is None else cfg.hidden,
-                                     data_root=cfg.data_root, split_seed=cfg.split_seed,
-                                     val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                                     cache_dir=cfg.cache_dir, progress=cfg.progress)
+    source = SOURCES[cfg.task].from_config(cfg, device, dtype)
     config_record = {**{k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()},
                      "resolved_device": str(device),
                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

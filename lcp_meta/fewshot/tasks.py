@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from ..data.episodes import EpisodeSampler
-from ..data.sinusoid import SinusoidTasks, TaskTensors
+from ..data.sinusoid import SinusoidBatch, SinusoidTasks, TaskTensors
 
 TRAIN, VAL, TEST = 0, 1, 2
+# how the protocol names the learner's nonlinearity (kept as it always read for ReLU)
+_ACTIVATION_NAMES = {"relu": "ReLU", "tanh": "tanh", "softplus": "softplus", "gelu": "GELU"}
 
 
 def derive_seed(seed: int, stream: int, step: int = 0) -> int:
@@ -40,24 +42,32 @@ def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class SinusoidSource:
-    """K-shot sinusoid regression with the MLP of the few-shot models (1 -> hidden -> hidden -> 1, ReLU)."""
+    """K-shot sinusoid regression with the MLP of the few-shot models (1 -> hidden -> hidden -> 1)."""
 
     metric = "mse"
     loss_fn = staticmethod(mse_loss)
 
     def __init__(self, shots: int, queries: Optional[int], meta_batch: int, seed: int, val_tasks: int,
-                 test_tasks: int, device: torch.device, dtype: torch.dtype, hidden: int = 40):
+                 test_tasks: int, device: torch.device, dtype: torch.dtype, hidden: int = 40,
+                 activation: str = "relu"):
         self.tasks = SinusoidTasks(shots=shots, queries=queries)
         self.meta_batch, self.seed, self.device, self.dtype, self.hidden = meta_batch, seed, device, dtype, hidden
+        self.activation = activation
         self.val_tasks, self.test_tasks = val_tasks, test_tasks
         self.protocol: Dict[str, object] = {
             "task": "sinusoid", "amplitude": list(self.tasks.amplitude), "phase": list(self.tasks.phase),
             "x_range": list(self.tasks.x_range), "shots": self.tasks.shots, "queries": self.tasks.queries,
-            "model": f"MLP 1-{hidden}-{hidden}-1 ReLU", "loss": "mse"}
+            "model": f"MLP 1-{hidden}-{hidden}-1 {_ACTIVATION_NAMES.get(activation, activation)}", "loss": "mse"}
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device, dtype: torch.dtype) -> "SinusoidSource":
+        """The source a validated ``FewShotConfig`` describes."""
+        return cls(cfg.shots, cfg.queries, cfg.meta_batch, cfg.seed, cfg.val_episodes, cfg.test_episodes, device,
+                   dtype, hidden=cfg.hidden, activation=cfg.activation)
 
     def build_model(self) -> torch.nn.Module:
         from ..models.fewshot import MetaMLP
-        return MetaMLP(in_features=1, hidden=(self.hidden, self.hidden), out_features=1)
+        return MetaMLP(in_features=1, hidden=(self.hidden, self.hidden), out_features=1, activation=self.activation)
 
     def _sample(self, n: int, seed: int):
         return self.tasks.sample(n, seed=seed, device=self.device, dtype=self.dtype)
@@ -84,7 +94,10 @@ class SinusoidSource:
 
     def fit_tasks(self, count: int = 3):
         """The first ``count`` test tasks with their true amplitude and phase (for the plot of adapted fits)."""
-        return self._sample(self.test_tasks, derive_seed(self.seed, TEST))
+        sampled = self._sample(self.test_tasks, derive_seed(self.seed, TEST))
+        count = min(count, self.test_tasks)  # fewer test tasks than curves asked for
+        return SinusoidBatch(TaskTensors(*(t[:count] for t in sampled.tasks)), sampled.amplitude[:count],
+                             sampled.phase[:count])
 
 
 class OmniglotSource:
@@ -112,6 +125,14 @@ class OmniglotSource:
         self.protocol = {"task": "omniglot", "ways": ways, "shots": shots, "queries_per_class": queries,
                          "model": f"conv-4 ({hidden} channels, BatchNorm without running statistics)",
                          "loss": "cross-entropy", **splits.protocol}
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device, dtype: torch.dtype) -> "OmniglotSource":
+        """The source a validated ``FewShotConfig`` describes."""
+        return cls(cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch, cfg.seed, cfg.val_episodes, cfg.test_episodes,
+                   device, dtype, hidden=cfg.hidden, data_root=cfg.data_root, split_seed=cfg.split_seed,
+                   val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, cache_dir=cfg.cache_dir,
+                   progress=cfg.progress)
 
     def build_model(self) -> torch.nn.Module:
         from ..models.fewshot import Conv4
