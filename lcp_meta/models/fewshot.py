@@ -53,12 +53,14 @@ class Conv4(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+# smooth activations (tanh, sigmoid, gelu, softplus) give the inner problem a smooth stationary point, which the
+# equilibrium methods (lcp, iMAML with a tolerance) need; ReLU's kinks stall gradient descent short of one
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "softplus": nn.Softplus}
 
 
 class MetaMLP(nn.Module):
     """A fully connected net ``in_features -> hidden... -> out_features`` (default 1-40-40-1 ReLU, the
-    sinusoid-regression learner of MAML)."""
+    sinusoid-regression learner of MAML; ``activation`` one of relu, tanh, sigmoid, gelu, softplus)."""
 
     def __init__(self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1,
                  activation: str = "relu"):
