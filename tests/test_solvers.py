@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lcp_meta.core.solvers import SOLVERS, DivergenceError, relative_change, solve
+from lcp_meta.core.solvers import SOLVERS, DivergenceError, SolverStats, check_divergence, relative_change, solve
 
 
 def _affine_problem(batch=3, dim=8, scale=0.2, seed=0):
@@ -106,3 +106,54 @@ def test_anderson_survives_exactly_zero_residuals():
     z, stats = solve(step, (torch.zeros(2, 2, dtype=torch.float64),), solver="anderson", tol=1e-12, max_iter=50)
     assert stats.converged and not stats.diverged
     torch.testing.assert_close(z[0], 2 * b)
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_fixed_steps_mode_runs_exactly_max_iter_steps(solver):
+    # a contraction that reaches its fixed point to round-off long before 40 steps: a tol would stop it early;
+    # tol=None must run every step, say so, and never call the result converged
+    step, z0, x_star = _affine_problem(scale=0.05)
+    calls = []
+    counted = lambda z: (calls.append(1), step(z))[1]  # noqa: E731
+    z, stats = solve(counted, z0, solver=solver, tol=None, max_iter=40)
+    assert len(calls) == 40 and stats.iterations == 40
+    assert stats.fixed and not stats.converged and not stats.diverged
+    torch.testing.assert_close(z[0], x_star, rtol=1e-12, atol=1e-12)
+    if solver == "euler":  # plain iteration: exactly the hand-run iterate, bit for bit
+        ref = z0
+        for _ in range(40):
+            ref = step(ref)
+        assert torch.equal(z[0], ref[0]) and torch.equal(z[1], ref[1])
+    _, stopped = solve(step, z0, solver=solver, tol=1e-10, max_iter=40)
+    assert stopped.converged and not stopped.fixed and stopped.iterations < 40
+
+
+def test_fixed_steps_mode_still_reports_divergence():
+    step = lambda z: (2.0 * z[0] + 1.0,)
+    _, stats = solve(step, (torch.ones(1, 3),), tol=None, max_iter=2000)
+    assert stats.fixed and stats.diverged and stats.iterations == 2000
+    with pytest.raises(DivergenceError, match="turned NaN/inf after 2000 iterations"):
+        solve(step, (torch.ones(1, 3),), tol=None, max_iter=2000, raise_on_fail=True)
+    # a fixed run that stays finite is accepted by raise_on_fail: it was asked for no tolerance
+    solve(lambda z: (-z[0],), (torch.ones(1, 2),), tol=None, max_iter=7, raise_on_fail=True)
+
+
+def test_divergence_policy_decides_and_words_every_refusal():
+    ok = SolverStats(iterations=12, residual=3e-7, converged=True)
+    far = SolverStats(iterations=800, residual=0.5, converged=False)
+    nan = SolverStats(iterations=5, residual=math.nan, converged=False)
+    assert check_divergence("x", ok, max_residual=1e-2, require_converged=True)
+    assert check_divergence("x", far, max_residual=1.0)  # unsettled but below the accepted residual
+    assert check_divergence("x", far, max_residual=math.inf)  # inf: only NaN/inf is refused
+    with pytest.raises(DivergenceError, match=r"^m: x did not settle after 800 iterations \(relative residual "
+                                              r"5.000e-01, max_residual 1.0e-02\); .grad and parameters") as err:
+        check_divergence("x", far, who="m", max_residual=1e-2)
+    assert err.value.stats is far
+    with pytest.raises(DivergenceError, match=r"x did not converge after 800 iterations .*tol 1.0e-06"):
+        check_divergence("x", far, tol=1e-6, require_converged=True)
+    with pytest.raises(DivergenceError, match="x turned NaN/inf after 5 iterations"):
+        check_divergence("x", nan, max_residual=math.inf)
+    with pytest.raises(DivergenceError, match=r"^the update turned NaN/inf; Q untouched\. lower lr$"):
+        check_divergence("the update", finite=False, left="Q untouched", advice="lower lr")
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        assert not check_divergence("x", far, tol=1e-6, require_converged=True, on_fail="warn")

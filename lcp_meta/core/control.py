@@ -135,7 +135,7 @@ def _finish(stats_list, iterations) -> SolverStats:
     """Merge the statistics of a strategy's phases (iterations add up, the last phase decides the rest)."""
     last = stats_list[-1]
     return SolverStats(iterations=iterations, residual=last.residual, converged=last.converged,
-                       diverged=any(s.diverged for s in stats_list), per_sample=last.per_sample, trace=last.trace)
+                       diverged=any(s.diverged for s in stats_list), per_sample=last.per_sample)
 
 
 @register_control_solver("sweep")

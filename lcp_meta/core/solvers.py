@@ -8,11 +8,16 @@ points for the supervised networks, tasks for meta-learning); the stop rule is a
 Solvers are looked up by name in :data:`SOLVERS` (as in torchdeq) and return their statistics in a
 :class:`SolverStats` instead of printing them.  They run under ``torch.no_grad()``: no autograd graph
 is kept across iterations, so memory does not grow with the number of iterations.
+
+Two things every caller shares live here, once: the stop rule (:class:`StopRule`; ``tol=None`` is a real
+fixed-steps mode) and the divergence policy (:func:`check_divergence`), which decides whether a solve is
+accepted and words the one-line error when it is not.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -23,6 +28,8 @@ StepFn = Callable[[State], State]
 __all__ = [
     "SolverStats",
     "DivergenceError",
+    "StopRule",
+    "check_divergence",
     "SOLVERS",
     "register_solver",
     "solve",
@@ -39,7 +46,8 @@ class SolverStats:
     converged:  every sample reached ``residual < tol`` before ``max_iter``.
     diverged:   the state became NaN/inf (the solve stopped there).
     per_sample: final relative change of each sample (a CPU tensor).
-    trace:      the maximum relative change after each checked iteration (for convergence plots).
+    fixed:      a fixed-steps run (``tol=None``): exactly ``max_iter`` steps, never "converged", since
+                nothing says its end is an equilibrium.
     """
 
     iterations: int
@@ -47,7 +55,7 @@ class SolverStats:
     converged: bool
     diverged: bool = False
     per_sample: Optional[torch.Tensor] = None
-    trace: list = field(default_factory=list)
+    fixed: bool = False
 
     def as_dict(self) -> dict:
         return {
@@ -101,7 +109,9 @@ SOLVERS: Dict[str, Callable] = {}
 
 
 def register_solver(name: str):
-    """Decorator adding a solver ``fn(step, z0, tol, max_iter, min_iter, check_every, **kw)`` to the registry."""
+    """Decorator adding a solver ``fn(step, z0, stop: StopRule, **kw) -> (z, SolverStats)`` to the registry;
+    it calls ``stop(iteration, per-sample relative change, stats)`` after each iteration and ends when it
+    returns True."""
 
     def deco(fn):
         SOLVERS[name] = fn
@@ -110,16 +120,85 @@ def register_solver(name: str):
     return deco
 
 
-def _check(rel: torch.Tensor, z: State, tol: float) -> Tuple[bool, bool]:
-    """(all converged, any non-finite). One host synchronisation.  A NaN/inf anywhere in a state makes its
-    relative change NaN/inf, so the relative change alone tells both (the state ``z`` is not scanned)."""
-    worst = float(rel.max())  # max propagates NaN
-    return worst < tol, not math.isfinite(worst)
+class StopRule:
+    """The stop rule of every solver, consulted after each iteration ``it`` with the per-sample relative
+    change ``rel``: look every ``check_every`` iterations (each look synchronises a GPU) once ``min_iter``
+    are done, and at ``max_iter``; stop when a sample is NaN/inf (diverged) or every sample is below ``tol``
+    (converged).  ``tol=None`` is the fixed-steps mode: exactly ``max_iter`` iterations, looked at only at the
+    end, where the run can only be found diverged, never converged."""
+
+    def __init__(self, tol: Optional[float], max_iter: int, min_iter: int = 1, check_every: int = 1):
+        self.tol, self.max_iter, self.min_iter, self.check_every = tol, max_iter, min_iter, check_every
+
+    def new_stats(self) -> SolverStats:
+        return SolverStats(iterations=0, residual=math.inf, converged=False, fixed=self.tol is None)
+
+    def due(self, it: int) -> bool:
+        if self.tol is None:
+            return it == self.max_iter
+        return it >= self.min_iter and (it % self.check_every == 0 or it == self.max_iter)
+
+    def done(self, rel: torch.Tensor) -> torch.Tensor:
+        """Per sample: below ``tol`` (all False in the fixed-steps mode)."""
+        return rel < self.tol if self.tol is not None else torch.zeros_like(rel, dtype=torch.bool)
+
+    def __call__(self, it: int, rel: torch.Tensor, stats: SolverStats) -> bool:
+        """Record ``it`` in ``stats``; True when the solve stops here (``stats`` then says why).  A NaN/inf
+        anywhere in a state makes its relative change NaN/inf, so ``rel`` alone tells both outcomes."""
+        stats.iterations = it
+        if not self.due(it):
+            return False
+        worst = float(rel.max())  # one host synchronisation; max propagates NaN
+        if not math.isfinite(worst):
+            stats.diverged = True
+            return True
+        if self.tol is not None and worst < self.tol:
+            stats.converged = True
+            return True
+        return False
+
+
+LEFT = ".grad and parameters were left untouched"
+
+
+def check_divergence(what: str, stats: Optional[SolverStats] = None, *, who: str = "", tol: Optional[float] = None,
+                     max_residual: Optional[float] = None, require_converged: bool = False, finite: bool = True,
+                     left: str = LEFT, advice: str = "", on_fail: str = "raise", stacklevel: int = 2) -> bool:
+    """The divergence policy of lcp_meta, used by every caller that accepts or refuses a solve or an update.
+
+    A result is refused when the dynamics turned NaN/inf (``stats.diverged`` or a non-finite residual), when
+    the update computed from them is not finite (``finite=False``), when the final relative residual exceeds
+    ``max_residual`` ("did not settle"), or, with ``require_converged``, when the solve missed ``tol``.  A
+    refusal raises :class:`DivergenceError` (``on_fail="raise"``) or warns (``"warn"``) with one line naming
+    the residual and what was left untouched (``stacklevel`` as for the caller's own ``warnings.warn``);
+    returns True when the result is accepted.  Callers refuse
+    before they write anything, so a refused batch never changes ``.grad`` or the parameters."""
+    res = math.nan if stats is None else stats.residual
+    if stats is not None and (stats.diverged or not math.isfinite(res)):
+        state = "turned NaN/inf"
+    elif not finite:
+        state = "turned NaN/inf"
+    elif stats is not None and max_residual is not None and res > max_residual:
+        state = "did not settle"
+    elif stats is not None and require_converged and not stats.converged:
+        state = "did not converge"
+    else:
+        return True
+    msg = f"{who}: " if who else ""
+    msg += f"{what} {state}"
+    if stats is not None:
+        bound = (f", max_residual {max_residual:.1e}" if max_residual is not None
+                 else f", tol {tol:.1e}" if tol is not None else "")
+        msg += f" after {stats.iterations} iterations (relative residual {res:.3e}{bound})"
+    msg += f"; {left}" + (f". {advice}" if advice else "")
+    if on_fail == "warn":
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel + 1)
+        return False
+    raise DivergenceError(msg, stats)
 
 
 @register_solver("euler")
-def euler(step: StepFn, z0: State, tol: float, max_iter: int, min_iter: int = 1, check_every: int = 1,
-          freeze_converged: bool = True, trace: bool = False) -> Tuple[State, SolverStats]:
+def euler(step: StepFn, z0: State, stop: StopRule, freeze_converged: bool = True) -> Tuple[State, SolverStats]:
     """Plain iteration of the step map (forward Euler on the dynamics).
 
     With ``freeze_converged`` a sample whose relative change fell below ``tol`` keeps its state while
@@ -128,8 +207,8 @@ def euler(step: StepFn, z0: State, tol: float, max_iter: int, min_iter: int = 1,
     z = tuple(z0)
     done = torch.zeros(z[0].shape[0], dtype=torch.bool, device=z[0].device)
     rel = torch.full((z[0].shape[0],), math.inf, dtype=torch.float64, device=z[0].device)
-    stats = SolverStats(iterations=0, residual=math.inf, converged=False)
-    for it in range(1, max_iter + 1):
+    stats = stop.new_stats()
+    for it in range(1, stop.max_iter + 1):
         z_new = step(z)
         if freeze_converged and it > 1:
             z_new = tuple(torch.where(done.view(-1, *([1] * (a.dim() - 1))), b, a) for a, b in zip(z_new, z))
@@ -137,27 +216,18 @@ def euler(step: StepFn, z0: State, tol: float, max_iter: int, min_iter: int = 1,
         else:
             rel = relative_change(z_new, z)
         z = z_new
-        stats.iterations = it
-        if it >= min_iter and (it % check_every == 0 or it == max_iter):
-            if freeze_converged:
-                done = done | (rel < tol)
-            conv, bad = _check(rel, z, tol)
-            if trace:
-                stats.trace.append(float(rel.max()))
-            if bad:
-                stats.diverged = True
-                break
-            if conv:
-                stats.converged = True
-                break
+        if freeze_converged and stop.due(it):
+            done = done | stop.done(rel)
+        if stop(it, rel, stats):
+            break
     stats.per_sample = rel.detach().cpu()
     stats.residual = float(stats.per_sample.max()) if stats.per_sample.numel() else 0.0
     return z, stats
 
 
 @register_solver("anderson")
-def anderson(step: StepFn, z0: State, tol: float, max_iter: int, min_iter: int = 1, check_every: int = 1,
-             m: int = 5, beta: float = 1.0, reg: float = 1e-10, trace: bool = False) -> Tuple[State, SolverStats]:
+def anderson(step: StepFn, z0: State, stop: StopRule, m: int = 5, beta: float = 1.0,
+             reg: float = 1e-10) -> Tuple[State, SolverStats]:
     """Anderson acceleration (type II) of the step map, per sample.
 
     Keeps the last ``m`` step-map outputs g_k = step(x_k) and residuals r_k = g_k - x_k, and takes the
@@ -177,7 +247,7 @@ def anderson(step: StepFn, z0: State, tol: float, max_iter: int, min_iter: int =
     rhs = torch.zeros(B, m + 1, 1, dtype=dt, device=dev)
     rhs[:, 0] = 1
     eye = torch.eye(m, dtype=dt, device=dev)
-    stats = SolverStats(iterations=0, residual=math.inf, converged=False)
+    stats = stop.new_stats()
     rel = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
     gx = _flat(step(_unflat(x, like)))
     G[:, 0], R[:, 0] = gx, gx - x
@@ -185,7 +255,7 @@ def anderson(step: StepFn, z0: State, tol: float, max_iter: int, min_iter: int =
         X[:, 0] = x
     x = gx
     stats.iterations = 1
-    for k in range(1, max_iter):
+    for k in range(1, stop.max_iter):
         gx = _flat(step(_unflat(x, like)))
         n, j = min(k + 1, m), k % m
         G[:, j] = gx
@@ -210,24 +280,16 @@ def anderson(step: StepFn, z0: State, tol: float, max_iter: int, min_iter: int =
         rel = (torch.linalg.vector_norm(R[:, j], dim=1).double()
                / torch.linalg.vector_norm(gx, dim=1).double().clamp_min(1e-12))
         x = x_new
-        stats.iterations = k + 1
-        if k + 1 >= min_iter and ((k + 1) % check_every == 0 or k + 1 == max_iter):
-            conv, bad = _check(rel, (x,), tol)
-            if trace:
-                stats.trace.append(float(rel.max()))
-            if bad:
-                stats.diverged = True
-                break
-            if conv:
-                stats.converged = True
+        if stop(k + 1, rel, stats):
+            if stats.converged:
                 x = gx  # return an evaluated point of the step map
-                break
+            break
     stats.per_sample = rel.detach().cpu()
     stats.residual = float(stats.per_sample.max())
     return _unflat(x, like), stats
 
 
-def solve(step: StepFn, z0: Sequence[torch.Tensor], *, solver: str = "euler", tol: float = 1e-6,
+def solve(step: StepFn, z0: Sequence[torch.Tensor], *, solver: str = "euler", tol: Optional[float] = 1e-6,
           max_iter: int = 800, min_iter: int = 1, check_every: int = 1, raise_on_fail: bool = False,
           name: str = "dynamics", **kwargs) -> Tuple[State, SolverStats]:
     """Run ``step`` from ``z0`` to a fixed point with the named solver, without building a graph.
@@ -236,12 +298,13 @@ def solve(step: StepFn, z0: Sequence[torch.Tensor], *, solver: str = "euler", to
         step: the step map; takes and returns a tuple of tensors with a shared leading sample dim.
         z0: the initial state.
         solver: a key of :data:`SOLVERS` (``"euler"`` or ``"anderson"``).
-        tol: per-sample relative-change threshold of the stop rule.
+        tol: per-sample relative-change threshold of the stop rule; ``None``: exactly ``max_iter`` steps
+            (a fixed-steps run, reported with ``fixed=True`` and ``converged=False``).
         max_iter: iteration cap.
         min_iter: iterations to run before the stop rule is consulted.
         check_every: consult the stop rule every this many iterations (each check synchronises a GPU).
-        raise_on_fail: raise :class:`DivergenceError` when the solve diverges (NaN/inf) or does not
-            converge, instead of only flagging it in the returned statistics.
+        raise_on_fail: apply :func:`check_divergence`: raise :class:`DivergenceError` when the solve diverges
+            (NaN/inf) or (with a ``tol``) does not converge, instead of only flagging it in the statistics.
     Returns:
         ``(z_star, stats)``.
     """
@@ -249,14 +312,10 @@ def solve(step: StepFn, z0: Sequence[torch.Tensor], *, solver: str = "euler", to
         raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
     if not isinstance(z0, (tuple, list)) or not z0 or not all(isinstance(t, torch.Tensor) for t in z0):
         raise TypeError("z0 must be a non-empty tuple of tensors sharing a leading sample dimension")
-    if max_iter < 1 or tol <= 0:
-        raise ValueError(f"expected max_iter >= 1 and tol > 0, got max_iter={max_iter}, tol={tol}")
+    if max_iter < 1 or (tol is not None and not tol > 0):
+        raise ValueError(f"expected max_iter >= 1 and tol > 0 (or None), got max_iter={max_iter}, tol={tol}")
     with torch.no_grad():
-        z, stats = SOLVERS[solver](step, tuple(z0), tol=tol, max_iter=max_iter, min_iter=min_iter,
-                                   check_every=check_every, **kwargs)
-    if raise_on_fail and (stats.diverged or not stats.converged):
-        what = "turned NaN/inf" if stats.diverged else "did not converge"
-        raise DivergenceError(
-            f"{name} {what} after {stats.iterations} iterations (relative residual {stats.residual:.3e}, "
-            f"tol {tol:.1e}); parameters were left untouched", stats)
+        z, stats = SOLVERS[solver](step, tuple(z0), StopRule(tol, max_iter, min_iter, check_every), **kwargs)
+    if raise_on_fail:
+        check_divergence(name, stats, tol=tol, require_converged=tol is not None, left="parameters were left untouched")
     return z, stats

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .solvers import SOLVERS, DivergenceError, SolverStats, solve
+from .solvers import SOLVERS, SolverStats, check_divergence, solve
 
 __all__ = ["EquilibriumModel", "LOSSES", "output_loss", "output_loss_grad", "loss_grad_fn", "check_target",
            "local_update", "write_grads", "default_check_every"]
@@ -256,8 +256,6 @@ def write_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], w
     """Store ``grads`` into ``.grad`` (overwriting), but only if every one is finite: a NaN/inf update
     raises :class:`DivergenceError` and leaves every ``.grad`` as it was."""
     bad = [i for i, gr in enumerate(grads) if not bool(torch.isfinite(gr).all())]
-    if bad:
-        raise DivergenceError(f"the {what} is not finite in {len(bad)} of {len(grads)} parameter tensors; "
-                              f".grad and parameters were left untouched")
+    check_divergence(f"the {what} ({len(bad)} of {len(grads)} parameter tensors)", finite=not bad)
     for p, gr in zip(params, grads):
         p.grad = gr.detach().to(p.dtype).clone()

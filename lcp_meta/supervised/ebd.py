@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..core.solvers import DivergenceError, SolverStats
+from ..core.solvers import SolverStats, check_divergence
 from ..core.system import output_loss, output_loss_grad
 from .methods import Method
 
@@ -89,10 +89,7 @@ class EnergyBased(Method):
                 break
         stats.residual = rel
         stats.converged = not stats.diverged
-        if stats.diverged:
-            raise DivergenceError(f"{self.name}: energy minimisation turned NaN/inf after {stats.iterations} "
-                                  f"Adam steps (relative change {rel:.3e}); .grad and parameters were left "
-                                  f"untouched", stats)
+        check_divergence("energy minimisation (Adam on the states)", stats, who=self.name)
         g, h, _, _ = self.model.step_terms(c, v, None, None)
         return (v, y, v - g, y - h), stats
 

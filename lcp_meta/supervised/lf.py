@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ..core.solvers import DivergenceError
+from ..core.solvers import check_divergence
 from ..core.system import local_update, loss_grad_fn, output_loss_grad, write_grads
 from .methods import Method
 
@@ -127,9 +127,9 @@ class LinearFeedback(Method):
         params = self.parameters()
         grads = local_update(self.model, c, v, e_hidden, u, params)
         new_q = self.noisy_phase(c, target, v, yc, u_i, u) if self.learn_Q else None
-        if new_q is not None and not bool(torch.isfinite(new_q).all()):
-            raise DivergenceError(f"{self.name}: the noisy phase that learns Q turned NaN/inf; .grad, "
-                                  f"parameters and Q were left untouched", stats)
+        if new_q is not None:
+            check_divergence("the noisy phase that learns Q", who=self.name, finite=bool(torch.isfinite(new_q).all()),
+                             left=".grad, parameters and Q were left untouched")
         write_grads(params, grads, f"{self.name} update")
         if new_q is not None:
             self.Q.copy_(new_q)

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..core.solvers import DivergenceError, SolverStats, solve
+from ..core.solvers import DivergenceError, SolverStats, check_divergence, solve
 from ..core.system import (LOSSES, EquilibriumModel, check_target, default_check_every, local_update,
                            output_loss, output_loss_grad, write_grads)
 
@@ -126,12 +126,7 @@ class Method:
         return z, stats
 
     def _check(self, stats: SolverStats, what: str) -> None:
-        if stats.diverged or not math.isfinite(stats.residual) or stats.residual > self.max_residual:
-            state = "turned NaN/inf" if stats.diverged or not math.isfinite(stats.residual) else "did not settle"
-            raise DivergenceError(
-                f"{self.name}: {what} {state} after {stats.iterations} iterations (relative residual "
-                f"{stats.residual:.3e}, max_residual {self.max_residual:.1e}); .grad and parameters were left "
-                f"untouched", stats)
+        check_divergence(what, stats, who=self.name, max_residual=self.max_residual)
 
     def _model_params(self) -> List[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
