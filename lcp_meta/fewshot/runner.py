@@ -21,7 +21,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -32,9 +32,9 @@ from .. import distributed
 from ..core.solvers import DivergenceError
 from ..data.episodes import mean_ci95
 from ..data.omniglot import score_one_shot_runs
-from ..utils import atomic_save, atomic_write_text, load_checkpoint, resolve_device, rng_state, set_rng_state
+from ..utils import atomic_write_text, harness, resolve_device
 from ..utils.cliargs import option
-from ..utils.errors import CheckpointError, RunFolderError, UserInputError, ensure_writable_folder
+from ..utils.errors import UserInputError
 from ..utils.options import parse_option_value
 from . import report
 from .defaults import DEFAULT_METHODS, EQUILIBRIUM_CAP, EQUILIBRIUM_METHODS, method_defaults, task_defaults
@@ -170,14 +170,12 @@ class FewShotConfig:
             _check_option(name, getattr(self, name), name)
         if not (isinstance(self.max_skipped, (int, float)) and 0 <= self.max_skipped <= 1):
             raise UserInputError(f"max_skipped must be a share between 0 and 1, got {self.max_skipped!r}")
-        if self.resume and self.overwrite:
-            raise UserInputError("--resume and --overwrite exclude each other: continue the run in --out, or "
-                                 "replace it")
+        harness.check_resume_flags(self.resume, self.overwrite)
         if self.dtype not in _DTYPES:
             raise UserInputError(f"unknown dtype {self.dtype!r}; expected float32 or float64")
         for method, options in self.method_options.items():
-            for option, value in options.items():
-                _check_option(option, value, f"--set {method}.{option}")
+            for name, value in options.items():
+                _check_option(name, value, f"--set {method}.{name}")
         unknown = set(self.method_options) - set(self.methods)
         if unknown:
             raise UserInputError(f"options given for methods not in the run: {', '.join(sorted(unknown))} "
@@ -295,23 +293,9 @@ def run_files(out: Path) -> list:
 
 
 def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool) -> Path:
-    """Check that ``out`` can take this run, before anything is written (a refused run changes no file).
-
-    A folder holding another run is refused unless ``resume`` (continue it) or ``overwrite`` (delete that run's
-    files first); a path that is a file, or a folder that cannot be written, is refused with what to do.
-    """
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"--out {out} is an existing file, not a folder; choose another --out")
-    held = run_files(out)
-    if held and not (resume or overwrite):
-        names = ", ".join(str(p.relative_to(out)) for p in held[:3]) + (", ..." if len(held) > 3 else "")
-        raise RunFolderError(f"--out {out} already holds a run ({names}); pass --resume to continue it, "
-                             f"--overwrite to replace it, or choose another --out")
-    ensure_writable_folder(out)
-    if overwrite:
-        for p in held:
-            p.unlink(missing_ok=True)
-    return out
+    """Check that ``out`` can take this run, before anything is written (``utils.harness.prepare_run_folder``
+    with the files of a comparison run: ``overwrite`` deletes those and nothing else)."""
+    return harness.prepare_run_folder(out, run_files(out), resume=resume, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -376,36 +360,27 @@ class _MethodRun:
         self.ckpt_path = out / "checkpoints" / f"{name}.pt"
 
     # ---- checkpoints
+    _STATE = ("method", "config", "step", "params", "model_state", "optimizer", "curve", "step_times", "peak_mib",
+              "divergences")
+
     def save(self) -> None:
-        if not distributed.is_main():  # rank 0 alone writes; every rank holds the same parameters
-            return
-        atomic_save({
+        harness.save_checkpoint({
             "method": self.name, "config": self.cfg.training_dict(), "step": self.step,
             "params": [p.detach().cpu() for p in self.params], "model_state": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(), "rng": rng_state(), "curve": self.curve,
-            "step_times": self.step_times, "peak_mib": self.peak_mib, "divergences": self.divergences,
-        }, self.ckpt_path)
+            "optimizer": self.opt.state_dict(), "curve": self.curve, "step_times": self.step_times,
+            "peak_mib": self.peak_mib, "divergences": self.divergences}, self.ckpt_path)
 
     def restore(self) -> bool:
         if not self.ckpt_path.is_file():
             return False
-        ckpt = load_checkpoint(self.ckpt_path)
-        missing = sorted({"method", "config", "step", "params", "model_state", "optimizer", "rng", "curve",
-                          "step_times", "peak_mib", "divergences"} - set(ckpt if isinstance(ckpt, dict) else ()))
-        if missing:
-            raise CheckpointError(f"{self.ckpt_path} is not a checkpoint of lcp-meta fewshot (missing "
-                                  f"{', '.join(missing)}); delete it or choose another --out")
-        if ckpt.get("method") != self.name or ckpt.get("config") != self.cfg.training_dict():
-            diff = {k: (ckpt.get("config", {}).get(k), v) for k, v in self.cfg.training_dict().items()
-                    if ckpt.get("config", {}).get(k) != v}
-            raise UserInputError(f"cannot resume {self.name} from {self.ckpt_path}: it was written with different "
-                             f"settings (checkpoint value, requested value): {diff}")
+        ckpt = harness.load_run_checkpoint(
+            self.ckpt_path, self._STATE, "lcp-meta fewshot", settings={"method": self.name, **self.cfg.training_dict()},
+            stored_settings=lambda ck: {"method": ck["method"], **ck["config"]})
         self.model.load_state_dict(ckpt["model_state"])
         with torch.no_grad():
             for p, saved in zip(self.params, ckpt["params"]):
                 p.copy_(saved.to(p.device))
         self.opt.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
         self.step, self.curve, self.step_times = ckpt["step"], ckpt["curve"], ckpt["step_times"]
         self.peak_mib, self.divergences = ckpt["peak_mib"], ckpt["divergences"]
         return True
@@ -543,13 +518,11 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
     out = distributed.on_main(lambda: prepare_run_folder(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite),
                               Path(cfg.out))
     source = SOURCES[cfg.task].from_config(cfg, device, dtype)
+    where = harness.provenance(device)
     config_record = {**{k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()},
-                     "resolved_device": str(device),
-                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "torch": torch.__version__, "protocol": source.protocol, "world_size": distributed.world_size()}
+                     "resolved_device": where.pop("device"), **where, "protocol": source.protocol}
     distributed.check_agreement({"protocol": source.protocol}, "data protocol (same data on every rank)")
-    if distributed.is_main():
-        atomic_write_text(json.dumps(config_record, indent=2), out / "config.json")
+    harness.write_json(config_record, out / "config.json")
 
     runs, results, unfinished = [], [], []
     one_shot = source.one_shot_runs() if hasattr(source, "one_shot_runs") else None
@@ -573,8 +546,8 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
             m, c = mean_ci95(scores)
             result["one_shot_runs"] = {"mean": m, "ci95": c, "per_run": dict(zip([r.name for r in one_shot],
                                                                                  scores))}
+        harness.write_json(result, out / f"{name}.json")
         if distributed.is_main():
-            atomic_write_text(json.dumps(result, indent=2), out / f"{name}.json")
             report.write_curve_csv(run.curve, out / f"{name}_curve.csv")
         runs.append(run)
         results.append(result)
@@ -611,5 +584,5 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
         if cfg.task == "sinusoid":
             plots.append(report.plot_sinusoid_fits(_sinusoid_fits(runs, source), out / "fits.png"))
         summary["plots"] = [str(p) for p in plots]
-    atomic_write_text(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2), out / "results.json")
+    harness.write_json({k: v for k, v in summary.items() if k != "table"}, out / "results.json")
     return summary
