@@ -539,7 +539,10 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
                   "peak_memory_mib": run.peak_mib, "memory_kind": memory_kind(device),
                   "meta_steps": run.step, "skipped_meta_steps": len(run.divergences),
                   "method_kwargs": _jsonable(run.kwargs), "divergences": run.divergences, "curve": run.curve,
-                  "final_residuals": report.final_residuals(run.curve)}
+                  "final_residuals": report.final_residuals(run.curve),
+                  # per test episode, in episode order (the same episodes for every method of this seed): what
+                  # the paired tests over seeds and episodes need (fewshot.stats)
+                  "test_values": [float(v) for v in values]}
         if one_shot:
             scores = score_one_shot_runs(
                 _predict(run.method, source.one_shot_batch(one_shot)).argmax(-1).cpu(), one_shot)
