@@ -3,12 +3,10 @@
 The learning rule itself lives in a *method* (``lcp_meta.supervised.make_method``): ``method.backward(x, y)``
 fills ``.grad`` of ``method.parameters()`` (BP, RBP, or an LCP controller's local update) and raises
 :class:`~lcp_meta.core.DivergenceError` when its dynamics diverge, leaving the gradients alone.  This module
-only turns those gradients into optimizer steps, the way the official experiments do (section 3 of the spec):
-
-- MNIST (ff, rnn): Adam, lr 1e-3 annealed by a per-batch cosine to 1e-4, batch 64, 30 epochs, gradient
-  clipping at norm 10 for the rnn.
-- CIFAR-10 conv-ff: SGD (no momentum) 0.1 -> 0.01, weight decay 1e-3, 30 epochs.
-- CIFAR-10 conv-rnn: SGD 0.05 (RBP 0.03) -> a tenth of it, clip 10, 75 epochs.
+only turns those gradients into optimizer steps, the way the official experiments do (section 3 of the spec;
+the published settings are in ``supervised/config.py``): Adam or SGD, a per-batch cosine schedule, optional
+gradient clipping of the model's and the feedback parameters separately.  The run folder (refusal of another
+run, checkpoints, provenance, JSON) is ``utils.harness``.
 
 Prediction (test accuracy) always uses the free equilibrium (``model.predict``).
 
@@ -19,12 +17,8 @@ checkpoint ends with exactly the parameters of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import math
-import platform
 import random
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,55 +29,20 @@ import torch
 
 from .. import distributed
 from ..core import DivergenceError
-from ..utils import atomic_save, atomic_write_text, load_checkpoint, resolve_device, rng_state, set_rng_state
-from ..utils.errors import CheckpointError, RunFolderError, UserInputError, ensure_writable_folder
+from ..utils import harness, resolve_device, set_rng_state
+from ..utils.errors import UserInputError
+from .config import DATASETS, MODEL_NAMES, TRAINER_KEYS, _check_choice, trainer_defaults
 
 __all__ = ["DATASETS", "MODEL_NAMES", "TRAINER_KEYS", "RunConfig", "trainer_defaults", "resolve_hparams",
            "load_dataset", "evaluate", "train", "SkippedBatchWarning"]
 
-DATASETS = ("mnist", "cifar10")
-MODEL_NAMES = ("ff", "rnn", "conv-ff", "conv-rnn")
-# keys of a hyper-parameter dict that configure the optimizer loop rather than the method
-TRAINER_KEYS = ("optimizer", "lr", "lr_final", "grad_clip", "epochs", "batch_size", "weight_decay", "momentum")
 CHECKPOINT_NAME, RESULT_NAME = "checkpoint.pt", "result.json"
+# what a resume needs from a checkpoint (the harness adds the RNG states)
+_STATE = ("model", "method", "optimizer", "scheduler", "epoch", "batch", "step", "history", "skipped", "config")
 
 
 class SkippedBatchWarning(RuntimeWarning):
     """A training batch was skipped because the method's dynamics diverged or produced NaN."""
-
-
-# Section 3 of the spec (the official commands): trainer settings keyed by (dataset, model); method
-# specific deviations in _TRAINER_METHOD_OVERRIDES.  lr_final is the end of the per-batch cosine schedule
-# (the official code anneals to a tenth of the initial rate).
-_MNIST = dict(optimizer="adam", lr=1e-3, lr_final=1e-4, grad_clip=None, epochs=30, batch_size=64,
-              weight_decay=0.0, momentum=0.0)
-_TRAINER_TABLE: Dict[Tuple[str, str], Dict[str, Any]] = {
-    ("mnist", "ff"): dict(_MNIST),
-    ("mnist", "rnn"): dict(_MNIST, grad_clip=10.0),
-    ("cifar10", "conv-ff"): dict(optimizer="sgd", lr=0.1, lr_final=0.01, grad_clip=None, epochs=30, batch_size=64,
-                                 weight_decay=1e-3, momentum=0.0),
-    ("cifar10", "conv-rnn"): dict(optimizer="sgd", lr=0.05, lr_final=0.005, grad_clip=10.0, epochs=75, batch_size=64,
-                                  weight_decay=0.0, momentum=0.0),
-}
-_TRAINER_METHOD_OVERRIDES = {("cifar10", "conv-rnn", "rbp"): dict(lr=0.03, lr_final=0.003)}
-
-
-def trainer_defaults(dataset: str, model: str, method: str) -> Dict[str, Any]:
-    """The published optimizer settings for ``(dataset, model, method)`` (combinations the paper did not
-    run, e.g. ``ff`` on CIFAR-10, take the settings of that model's usual data set)."""
-    _check_choice("dataset", dataset, DATASETS)
-    _check_choice("model", model, MODEL_NAMES)
-    key = (dataset, model)
-    if key not in _TRAINER_TABLE:
-        key = ("mnist", model) if model in ("ff", "rnn") else ("cifar10", model)
-    out = dict(_TRAINER_TABLE[key])
-    out.update(_TRAINER_METHOD_OVERRIDES.get((dataset, model, method), {}))
-    return out
-
-
-def _check_choice(what: str, value: str, choices) -> None:
-    if value not in choices:
-        raise UserInputError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
 
 
 @dataclasses.dataclass
@@ -252,18 +211,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _write_json(obj: Dict[str, Any], path: Path) -> None:
-    if not distributed.is_main():  # rank 0 alone writes results
-        return
-    atomic_write_text(json.dumps(obj, indent=2, default=str) + "\n", path)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def _comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The part of a config that must match for a resumed run to be the same run."""
     ignore = {"device", "data_root", "out", "resume", "progress", "eval_batch_size", "checkpoint_every", "overwrite",
@@ -311,38 +258,21 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
             raise UserInputError(f"{key} must be a finite number, got {value!r}")
     if not 0 <= cfg.max_skipped <= 1:
         raise UserInputError(f"max_skipped must be a share between 0 and 1, got {cfg.max_skipped!r}")
-    if cfg.resume and cfg.overwrite:
-        raise UserInputError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
     out = Path(cfg.out or f"runs/{cfg.dataset}_{cfg.model}_{cfg.method}_seed{cfg.seed}")
     ckpt_path = out / CHECKPOINT_NAME
+    harness.check_resume_flags(cfg.resume, cfg.overwrite)
+    if out.exists() and not out.is_dir():  # before reading a checkpoint there
+        harness.prepare_run_folder(out, [], resume=cfg.resume, overwrite=cfg.overwrite)
     checkpoint = None
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"--out {out} is an existing file, not a folder; choose another --out")
-    held = [p for p in (ckpt_path, out / RESULT_NAME) if p.is_file()]
-    if held and not (cfg.resume or cfg.overwrite):
-        raise RunFolderError(f"{out} already holds a run ({', '.join(p.name for p in held)}); pass --resume to "
-                             f"continue it, --overwrite to replace it, or choose another --out")
-    if ckpt_path.exists() and cfg.resume:
-        # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest beside the parameters
-        checkpoint = load_checkpoint(ckpt_path, map_location="cpu")
-        missing = sorted({"model", "method", "optimizer", "scheduler", "rng", "epoch", "batch", "step", "history",
-                          "skipped", "config"} - set(checkpoint if isinstance(checkpoint, dict) else ()))
-        if missing or not isinstance(checkpoint["config"], dict):
-            raise CheckpointError(f"{ckpt_path} is not a checkpoint of lcp-meta supervised (missing "
-                                  f"{', '.join(missing) or 'config'}); delete it or choose another --out")
-        stored = _comparable(checkpoint["config"])
-        now = _comparable(dataclasses.asdict(cfg))
-        diff = {k: (stored.get(k), now.get(k)) for k in set(stored) | set(now) if stored.get(k) != now.get(k)}
-        if diff:
-            raise UserInputError("cannot resume: settings differ from the checkpointed run: " +
-                             ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items())))
+    if ckpt_path.is_file() and cfg.resume:
+        # the RNG states go back once the model is built (building it draws from them)
+        checkpoint = harness.load_run_checkpoint(
+            ckpt_path, _STATE, "lcp-meta supervised", settings=_comparable(dataclasses.asdict(cfg)),
+            stored_settings=lambda ck: _comparable(ck["config"]), restore_rng=False)
     elif cfg.resume:
         log(f"no checkpoint in {out}; starting a new run there")
-    # before any data is read or any batch trained: an unwritable folder is found now, not after an epoch
-    ensure_writable_folder(out)
-    if cfg.overwrite:
-        for p in held:
-            p.unlink(missing_ok=True)
+    # before any data is read or any batch trained
+    harness.prepare_run_folder(out, [ckpt_path, out / RESULT_NAME], resume=cfg.resume, overwrite=cfg.overwrite)
 
     # data first: a missing data set is reported before any model is built
     if data is None:
@@ -390,15 +320,14 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     eval_tol = float(method_kwargs.get("tol", 1e-6) if cfg.tol is None else cfg.tol)
     eval_iter = int(method_kwargs.get("max_iter", 800) if cfg.max_iter is None else cfg.max_iter)
 
+    where = harness.provenance(device)
+    where["date_started"] = where.pop("date")
     result: Dict[str, Any] = {
         "config": dataclasses.asdict(cfg), "run_dir": str(out), "trainer": trainer_hp, "method_kwargs": method_kwargs,
-        "device": str(device), "device_name": _device_name(device), "torch_version": torch.__version__,
-        "python_version": platform.python_version(), "command": " ".join(sys.argv),
-        "date_started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **where,
         "batches_per_epoch": per_epoch, "epochs": [], "skipped_batches": 0, "status": "running",
         "preset": cfg.preset, "model_kwargs": {**preset_model_kwargs, **cfg.model_kwargs},
         "eval_batch_stats": bool(preset_eval.get("batch_stats", False)),
-        "world_size": distributed.world_size(),
     }
     epoch, start_batch, step = 0, 0, 0
     partial: Dict[str, Any] = {}
@@ -418,14 +347,11 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
                                 "must read the same checkpoint: put --out on a shared file system)")
 
     def save(ep: int, batch: int, part: Dict[str, Any]) -> None:
-        if not distributed.is_main():  # rank 0 alone writes; every rank holds the same parameters
-            return
-        atomic_save({"model": model.state_dict(), "method": method.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": rng_state(), "epoch": ep, "batch": batch, "step": step,
-                     "history": result["epochs"], "skipped": result["skipped_batches"],
-                     "partial": part, "config": dataclasses.asdict(cfg),
-                     "date_started": result["date_started"]}, ckpt_path)
+        harness.save_checkpoint({"model": model.state_dict(), "method": method.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "epoch": ep, "batch": batch, "step": step, "history": result["epochs"],
+                                 "skipped": result["skipped_batches"], "partial": part,
+                                 "config": dataclasses.asdict(cfg), "date_started": result["date_started"]}, ckpt_path)
 
     from tqdm.auto import tqdm
     while epoch < trainer_hp["epochs"]:
@@ -503,13 +429,13 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         save(epoch, 0, {})
         result["final_test_accuracy"] = ev["accuracy"]
         if epoch < trainer_hp["epochs"]:
-            _write_json(result, out / RESULT_NAME)
+            harness.write_json(result, out / RESULT_NAME)
     result["status"] = "finished"
     seen = sum(r["batches"] + r["skipped_batches"] for r in result["epochs"])
     result["batches_seen"] = seen
     result["too_many_skipped"] = result["skipped_batches"] > cfg.max_skipped * seen
-    result["date_finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result["date_finished"] = harness.utc_now()
     if result["epochs"]:
         result["final_test_accuracy"] = result["epochs"][-1]["test_accuracy"]
-    _write_json(result, out / RESULT_NAME)
+    harness.write_json(result, out / RESULT_NAME)
     return result
