@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .controllers import Terms
 from .solvers import SOLVERS, SolverStats, check_divergence, solve
 
-__all__ = ["EquilibriumModel", "LOSSES", "output_loss", "output_loss_grad", "loss_grad_fn", "check_target",
+__all__ = ["EquilibriumModel", "NetworkSystem", "LOSSES", "output_loss", "output_loss_grad", "loss_grad_fn", "check_target",
            "local_update", "write_grads", "default_check_every"]
 
 LOSSES = ("ce", "mse")
@@ -234,6 +235,27 @@ class EquilibriumModel(nn.Module):
             v, stats = self.free_equilibrium(c, solver=solver, tol=tol, max_iter=max_iter,
                                              check_every=check_every, **solver_kw)
             return self.h(v), stats
+
+
+# ----------------------------------------------------------------------------------------- the system
+class NetworkSystem:
+    """One batch of a network as a system of the controllers (:mod:`lcp_meta.core.controllers`): state ``v``,
+    free force ``f = g(c, v) - v``, output map ``h``; ``fb`` replaces the transposed forward weights in the
+    VJPs (Kolen-Pollack; None: the true transposes)."""
+
+    kind = "network"
+
+    def __init__(self, model: EquilibriumModel, c: torch.Tensor, fb: Optional[Dict[str, torch.Tensor]] = None):
+        self.model, self.c, self.fb = model, c, fb
+
+    def terms(self, v: torch.Tensor, e: Optional[torch.Tensor] = None, u: Optional[torch.Tensor] = None) -> Terms:
+        """``(f, h, J_f^T e, J_h^T u)`` at ``v`` in one pass (closed-form models share the nonlinearity)."""
+        g, h, jg, jh = self.model.step_terms(self.c, v, e, u, self.fb)
+        return Terms(g - v, h, None if jg is None else jg - e, jh)
+
+    def vjps(self, v: torch.Tensor, e: torch.Tensor, u: torch.Tensor) -> Terms:
+        """Only ``J_f^T e`` and ``J_h^T u`` (``f``, ``h`` left None: the caller has them)."""
+        return Terms(None, None, self.model.g_vjp(self.c, v, e, self.fb) - e, self.model.h_vjp(v, u, self.fb))
 
 
 # ------------------------------------------------------------------------------------------ the update

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ..core.control import CONTROL_SOLVERS, ControlProblem, OutputControl, resolve_control_solver
+from ..core.controllers import DI, OutputController
 from ..core.solvers import SOLVERS
-from ..core.system import default_check_every, local_update, loss_grad_fn, output_loss_grad
+from ..core.system import NetworkSystem, default_check_every, local_update, loss_grad_fn, output_loss_grad
 from .methods import Method, check_finite
 
 __all__ = ["DynamicInversion", "KolenPollack"]
@@ -38,6 +39,7 @@ class DynamicInversion(Method):
     'warm-anderson', or 'euler' / 'anderson' on the joint dynamics (``dt`` matters only for these)."""
 
     name = "lcp-di"
+    controller = "di"  # the registered controller whose field the joint dynamics integrate
     NEAR = 1e-2  # 'auto': a stalled reduced solve this close to settling is finished by warm-anderson
 
     def __init__(self, model, alpha: float = 0.1, k_i: float = 1.0, k_p: float = 0.0, dt: float = 1.0,
@@ -51,6 +53,7 @@ class DynamicInversion(Method):
         if k_i == 0 and k_p == 0:
             raise ValueError("k_i and k_p are both 0: the output controller would exert no control")
         self.alpha, self.k_i, self.k_p, self.dt = float(alpha), float(k_i), float(k_p), float(dt)
+        self.output = OutputController(k_i, k_p, alpha)
         self.control_options = {}  # ControlProblem fields (inner, warm_tol, inner_kw) for the structured solvers
         known = set(SOLVERS) | set(CONTROL_SOLVERS) | {"auto"}
         if solver not in known:
@@ -62,24 +65,25 @@ class DynamicInversion(Method):
     @property
     def beta(self) -> float:
         """Control strength of the equilibrium reached: ``u* = -beta grad l(y*)``."""
-        return math.inf if self.alpha == 0 else self.k_i / self.alpha + self.k_p
+        return self.output.beta
 
     def _fb(self):
         """Replacements for transposed forward weights in the VJPs (None: the true transposes)."""
         return None
 
     def controlled_step(self, c, target):
-        m, fb, dt = self.model, self._fb(), self.dt
-        k_i, k_p, alpha = self.k_i, self.k_p, self.alpha
-        grad_l = loss_grad_fn(target, m.num_classes, c.dtype, self.loss)
+        """One Euler step of the joint dynamics: the DI field on the network system, the output units, and the
+        output controller (see the module docstring)."""
+        system, dt, out = NetworkSystem(self.model, c, self._fb()), self.dt, self.output
+        grad_l = loss_grad_fn(target, self.model.num_classes, c.dtype, self.loss)
 
         def step(z):
             v, y, e, u_i = z
             gl = grad_l(y)
-            u = k_i * u_i - k_p * gl if k_p else k_i * u_i
-            g, h, jg, jh = m.step_terms(c, v, e, u, fb)
-            return (v + dt * (g - v + e), y + dt * (h - y + u), e + dt * (jg - e + jh),
-                    u_i + dt * (-gl - alpha * u_i))
+            u = out.u(u_i, gl)
+            t = system.terms(v, e, u)
+            dv, de = DI.field(t, e)
+            return v + dt * dv, y + dt * (t.h - y + u), e + dt * de, out.integrate(u_i, gl, dt)
 
         return step
 
@@ -135,8 +139,7 @@ class DynamicInversion(Method):
                                             (v0, y0, torch.zeros_like(v0), torch.zeros_like(y0)),
                                             "controlled dynamics", solver=solver)
         with torch.no_grad():
-            gl = output_loss_grad(y, target, self.loss)
-            u = self.k_i * u_i - self.k_p * gl
+            u = self.output.u(u_i, output_loss_grad(y, target, self.loss))
         return (v, y, e, u), stats
 
     def backward(self, x, y):
@@ -153,6 +156,7 @@ class KolenPollack(DynamicInversion):
     ``N(0, 1/(n_out n_hidden))``)."""
 
     name = "lcp-di-kp"
+    controller = "kp"
 
     KP_DECAY = ("after-step", "before-batch")
 

@@ -15,8 +15,11 @@ from typing import Optional
 
 import torch
 
+from ..core.controllers import EBD
+from ..core.integrators import adam, apply
 from ..core.solvers import SolverStats, check_divergence
-from ..core.system import output_loss, output_loss_grad
+from ..core.system import NetworkSystem, output_loss, output_loss_grad
+from ..core.tree import tree_map, tree_norm
 from .methods import Method
 
 __all__ = ["EnergyBased"]
@@ -28,6 +31,7 @@ class EnergyBased(Method):
     of the states (None runs every step, as the official code does)."""
 
     name = "lcp-ebd"
+    controller = "ebd"
 
     def __init__(self, model, alpha: float = 0.1, ebd_lr: float = 0.01, ebd_steps: int = 800,
                  ebd_init: str = "zeros", betas=(0.9, 0.999), stop_tol: Optional[float] = None, loss: str = "ce",
@@ -45,11 +49,11 @@ class EnergyBased(Method):
         return 1.0 / self.alpha
 
     def energy_grad(self, c, target, v, y):
-        """``(dE/dv, dE/dy, e, u)`` at ``(v, y)``."""
-        g, h, _, _ = self.model.step_terms(c, v, None, None)
-        e, u = v - g, y - h
-        jg, jh = self.model.g_vjp(c, v, e), self.model.h_vjp(v, u)
-        return e - jg - jh, u + self.beta * output_loss_grad(y, target, self.loss), e, u
+        """``(dE/dv, dE/dy, e, u)`` at ``(v, y)``, with ``e = -f = v - g`` and ``u = y - h``."""
+        system = NetworkSystem(self.model, c)
+        t = system.terms(v)
+        e, u = -t.f, y - t.h
+        return EBD.state_grad(system.vjps(v, e, u)), u + self.beta * output_loss_grad(y, target, self.loss), e, u
 
     def energy(self, c, target, v, y) -> torch.Tensor:
         return (0.5 * (v - self.model.g(c, v)).pow(2).sum() + 0.5 * (y - self.model.h(v)).pow(2).sum()
@@ -64,22 +68,15 @@ class EnergyBased(Method):
         else:
             v = self.model.init_state(c)
         y = self.model.h(v) if self.init == "free" else torch.zeros_like(self.model.h(v))
-        b1, b2 = self.betas
-        m = [torch.zeros_like(v), torch.zeros_like(y)]
-        s = [torch.zeros_like(v), torch.zeros_like(y)]
+        opt = adam(self.lr, *self.betas)  # torch.optim.Adam's arithmetic, on the states
+        state = opt.init((v, y))
         stats = SolverStats(iterations=0, residual=math.inf, converged=False)
         rel = math.inf
         for t in range(1, self.steps + 1):
             gv, gy, _, _ = self.energy_grad(c, target, v, y)
-            new = []
-            for i, (x, gr) in enumerate(((v, gv), (y, gy))):  # Adam, as torch.optim.Adam does it
-                m[i].mul_(b1).add_(gr, alpha=1 - b1)
-                s[i].mul_(b2).addcmul_(gr, gr, value=1 - b2)
-                denom = (s[i] / (1 - b2 ** t)).sqrt_().add_(1e-8)
-                new.append(x - self.lr / (1 - b1 ** t) * m[i] / denom)
-            num = sum((a - b).pow(2).sum() for a, b in zip(new, (v, y)))
-            den = sum(a.pow(2).sum() for a in new)
-            rel = float(num.sqrt() / den.sqrt().clamp_min(1e-12))
+            delta, state = opt.update((-gv, -gy), state)  # the force is -dE
+            new = apply((v, y), delta)
+            rel = float(tree_norm(tree_map(torch.sub, new, (v, y))) / tree_norm(new).clamp_min(1e-12))
             v, y = new
             stats.iterations = t
             if not math.isfinite(rel):

@@ -26,8 +26,9 @@ from typing import Optional
 
 import torch
 
+from ..core.controllers import LF, OutputController
 from ..core.solvers import check_divergence
-from ..core.system import local_update, loss_grad_fn, output_loss_grad, write_grads
+from ..core.system import NetworkSystem, local_update, loss_grad_fn, output_loss_grad, write_grads
 from .methods import Method
 
 __all__ = ["LinearFeedback"]
@@ -37,6 +38,7 @@ class LinearFeedback(Method):
     """LCP-LF with the spec's settings ``sigma=0.01``, ``wd_Q=0.01``, ``tau_Q=1e5``, ``timescale=5``."""
 
     name = "lcp-lf"
+    controller = "lf"
 
     def __init__(self, model, alpha: float = 0.1, k_i: float = 1.0, k_p: float = 0.0, dt: float = 1.0,
                  sigma: float = 0.01, wd_Q: float = 0.01, tau_Q: float = 1e5, timescale: float = 5.0,
@@ -53,6 +55,7 @@ class LinearFeedback(Method):
         if min(sigma, tau_Q, timescale, tau_eps) <= 0 or wd_Q < 0 or alpha < 0 or not 0 < dt <= 1:
             raise ValueError("expected sigma, tau_Q, timescale, tau_eps > 0, wd_Q >= 0, alpha >= 0, 0 < dt <= 1")
         self.alpha, self.k_i, self.k_p, self.dt = float(alpha), float(k_i), float(k_p), float(dt)
+        self.output = OutputController(k_i, k_p, alpha)
         self.sigma, self.wd_Q, self.tau_Q, self.timescale, self.tau_eps = sigma, wd_Q, tau_Q, timescale, tau_eps
         self.noise_steps = int(noise_steps if noise_steps is not None else self.max_iter)
         self.learn_Q = learn_Q
@@ -67,52 +70,51 @@ class LinearFeedback(Method):
 
     @property
     def beta(self) -> float:
-        return math.inf if self.alpha == 0 else self.k_i / self.alpha + self.k_p
-
-    def _u(self, u_i, gl):
-        return self.k_i * u_i - self.k_p * gl
+        return self.output.beta
 
     def controlled_equilibrium(self, c, target):
-        m, dt, Q = self.model, self.dt, self.Q
+        m, dt, Q, out = self.model, self.dt, self.Q, self.output
         c = c.detach()
+        system = NetworkSystem(m, c)
         grad_l = loss_grad_fn(target, m.num_classes, c.dtype, self.loss)
 
         def step(z):
             v, y, u_i = z
             gl = grad_l(y)
-            u = self._u(u_i, gl)
-            g, h, _, _ = m.step_terms(c, v, None, None)
-            return v + dt * (g - v + u @ Q.t()), y + dt * (h - y + u), u_i + dt * (-gl - self.alpha * u_i)
+            u = out.u(u_i, gl)
+            t = system.terms(v)
+            return v + dt * (t.f + LF.feedback(u, Q)), y + dt * (t.h - y + u), out.integrate(u_i, gl, dt)
 
         v0 = m.init_state(c)
         with torch.no_grad():
             y0 = torch.zeros_like(m.h(v0))
         (v, y, u_i), stats = self._solve(step, (v0, y0, torch.zeros_like(y0)), "controlled dynamics")
         with torch.no_grad():
-            u = self._u(u_i, output_loss_grad(y, target, self.loss))
+            u = out.u(u_i, output_loss_grad(y, target, self.loss))
         return (v, y, u_i, u), stats
 
     @torch.no_grad()
     def noisy_phase(self, c, target, v, y, u_i, u_ref, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Run the noisy phase from a controlled equilibrium; return the proposed new Q (not assigned)."""
-        m, Q, dt, tf = self.model, self.Q, self.dt, self.timescale
+        Q, dt, tf, out = self.Q, self.dt, self.timescale, self.output
         dts = dt / tf ** 2
         c = c.detach()
-        grad_l = loss_grad_fn(target, m.num_classes, c.dtype, self.loss)
+        system = NetworkSystem(self.model, c)
+        grad_l = loss_grad_fn(target, self.model.num_classes, c.dtype, self.loss)
         randn = lambda t: torch.randn(t.shape, dtype=t.dtype, device=t.device, generator=generator)
         eps = randn(v)
         acc = torch.zeros_like(Q)
         for _ in range(self.noise_steps):
             gl = grad_l(y)
-            u = self._u(u_i, gl)
-            v_fb = u @ Q.t() + self.sigma * eps
+            u = out.u(u_i, gl)
+            v_fb = LF.feedback(u, Q) + self.sigma * eps
             # accumulate -(1/sigma^2) v_fb (u - u*)^T, summed over the batch here, averaged below
             acc -= v_fb.t() @ (u - u_ref) / self.sigma ** 2
-            g, h, _, _ = m.step_terms(c, v, None, None)
+            t = system.terms(v)
             eps = eps + tf / self.tau_eps * (-dts * eps + math.sqrt(dts) * randn(eps))
-            v = v + tf ** 2 * dts * (g - v + v_fb)
-            y = y + dts * (h - y + u)
-            u_i = u_i + dts * (-gl - self.alpha * u_i)
+            v = v + tf ** 2 * dts * (t.f + v_fb)
+            y = y + dts * (t.h - y + u)
+            u_i = out.integrate(u_i, gl, dts)
         acc /= v.shape[0]
         return Q + dt / self.tau_Q * (acc - self.wd_Q * Q)
 
@@ -122,7 +124,7 @@ class LinearFeedback(Method):
             c = self.model.encode(x)
         (v, yc, u_i, u), stats = self.controlled_equilibrium(c, target)
         with torch.no_grad():
-            e = u @ self.Q.t()
+            e = LF.feedback(u, self.Q)
             e_hidden = e * self.model.act_derivative(v)  # the official code's modulated hidden error
         params = self.parameters()
         grads = local_update(self.model, c, v, e_hidden, u, params)
