@@ -14,13 +14,12 @@ import importlib
 import sys
 from typing import List, Optional
 
-from .utils import DataNotFoundError, UserInputError
+from .utils import UserInputError
 
-# Only the library's own user-input errors become one-line messages: a ValueError or TypeError raised anywhere
-# else is a bug and keeps its traceback.  Exit codes: 0 done, 2 bad input (nothing written or changed),
-# 3 stopped by --stop-after (continue with --resume), 4 too many meta-steps/batches skipped (diverged),
-# 130 interrupted.
-USER_ERRORS = (UserInputError, DataNotFoundError)
+# Only the library's own user-input errors (UserInputError and its subclasses: data format, checkpoint, run
+# folder, missing data) become one-line messages: a ValueError or TypeError raised anywhere else is a bug and
+# keeps its traceback.  Exit codes: 0 done, 2 bad input (nothing written or changed), 3 stopped by --stop-after
+# (continue with --resume), 4 too many meta-steps/batches skipped (diverged), 130 interrupted.
 EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_TOO_MANY_SKIPPED = 2, 3, 4
 
 # (module, description) of each sub-command family
@@ -52,10 +51,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run again with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:  # bad input: one clear line, no traceback, exit code 2
+    except UserInputError as exc:  # bad input: one clear line, no traceback
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"lcp-meta {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return int(result or 0)
 
 

@@ -353,15 +353,20 @@ def test_truncated_checkpoint_is_a_one_line_error(tmp_path, capsys):
     one_error_line(capsys, f"cannot read checkpoint {ck}", "delete it")
 
 
-def test_a_real_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    """Only the library's user-input errors become one-line messages; a ValueError from a bug propagates."""
+@pytest.mark.parametrize("error", [ValueError, TypeError])
+def test_a_real_bug_keeps_its_traceback(tmp_path, monkeypatch, error):
+    """Only the library's user-input errors become one-line messages; a ValueError or TypeError from a bug
+    propagates (also from a --set run, where the runner turns only the method's refusal of the options into a
+    user error)."""
     from lcp_meta.fewshot import runner
 
     def broken(self, batch):
-        raise ValueError("a bug, not bad input")
+        raise error("a bug, not bad input")
     monkeypatch.setattr(runner._MethodRun, "meta_step", broken)
-    with pytest.raises(ValueError, match="a bug"):
+    with pytest.raises(error, match="a bug"):
         fewshot(tmp_path / "x", "--methods", "fomaml")
+    with pytest.raises(error, match="a bug"):
+        fewshot(tmp_path / "y", "--methods", "fomaml", "--set", "fomaml.inner_lr=0.5")
 
 
 # --------------------------------------------------------------------- 6: settings accepted silently

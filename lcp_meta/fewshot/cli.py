@@ -9,6 +9,7 @@ from typing import Dict, Optional
 from . import defaults
 from .runner import FewShotConfig, run_fewshot
 from .. import distributed
+from ..cli import EXIT_STOPPED, EXIT_TOO_MANY_SKIPPED
 from ..utils.cliargs import add_arguments, config_kwargs
 from ..utils.errors import UserInputError
 
@@ -62,11 +63,11 @@ def _print_summary(summary: Dict[str, object]) -> int:
     code = 0
     if summary.get("message"):
         say(summary["message"], file=sys.stderr)
-        code = 3
+        code = EXIT_STOPPED
     if summary.get("too_many_skipped"):
         # a method that mostly skipped its updates did not train: its row shows the untrained model
         say(summary["skipped_message"], file=sys.stderr)
-        code = 4
+        code = EXIT_TOO_MANY_SKIPPED
     return code
 
 

@@ -35,7 +35,7 @@ from ..data.omniglot import score_one_shot_runs
 from ..utils import atomic_write_text, harness, resolve_device
 from ..utils.cliargs import option
 from ..utils.errors import UserInputError
-from ..utils.options import parse_option_value
+from ..utils.options import parse_assignments
 from . import report
 from .defaults import DEFAULT_METHODS, EQUILIBRIUM_CAP, EQUILIBRIUM_METHODS, method_defaults, task_defaults
 from .tasks import SOURCES
@@ -56,18 +56,9 @@ def _methods(text: str) -> Tuple[str, ...]:
 
 
 def _parse_set(items) -> Dict[str, Dict[str, object]]:
-    """``["maml.inner_steps=1", "lcp.beta=0.01"]`` -> ``{"maml": {"inner_steps": 1}, "lcp": {"beta": 0.01}}``.
-
-    Values are read strictly (``lcp_meta.utils.options``): ``nan``, ``inf`` or ``1e999`` are refused, not passed on
-    as a string or an infinite setting; the config then checks each known option as it checks the flags."""
-    out: Dict[str, Dict[str, object]] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        method, dot, option_name = key.strip().partition(".")
-        if not sep or not dot or not method or not option_name.isidentifier():
-            raise UserInputError(f"--set {item!r}: expected METHOD.OPTION=VALUE, e.g. maml.inner_steps=1")
-        out.setdefault(method, {})[option_name] = parse_option_value(raw, f"--set {key.strip()}")
-    return out
+    """``--set maml.inner_steps=1`` -> ``{"maml": {"inner_steps": 1}}``, values read strictly (``utils.options``:
+    ``nan``, ``inf`` or ``1e999`` are refused); the config then checks each known option as it checks the flags."""
+    return parse_assignments(items, "--set", nested=True)
 
 
 @dataclass

@@ -31,7 +31,10 @@ from .. import distributed
 from ..core import DivergenceError
 from ..utils import harness, resolve_device, set_rng_state
 from ..utils.errors import UserInputError
-from .config import DATASETS, MODEL_NAMES, TRAINER_KEYS, _check_choice, trainer_defaults
+from ..utils.cliargs import option
+from ..utils.options import parse_assignments
+from .config import DATASETS, INVENTED, METHOD_NAMES, MODEL_NAMES, TRAINER_KEYS, _check_choice, trainer_defaults
+from .faithful import PRESETS
 
 __all__ = ["DATASETS", "MODEL_NAMES", "TRAINER_KEYS", "RunConfig", "trainer_defaults", "resolve_hparams",
            "load_dataset", "evaluate", "train", "SkippedBatchWarning"]
@@ -65,34 +68,50 @@ class RunConfig:
         evaluation; see ``supervised/faithful.py``).  Every batch's final residual is summarised per epoch.
     """
 
-    dataset: str = "mnist"
-    model: str = "ff"
-    method: str = "bp"
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    lr_final: Optional[float] = None
-    optimizer: Optional[str] = None
-    weight_decay: Optional[float] = None
-    grad_clip: Optional[float] = None
-    max_batches: Optional[int] = None
-    seed: int = 0
-    device: str = "auto"
-    data_root: Optional[str] = None
-    out: Optional[str] = None
-    resume: bool = False
-    overwrite: bool = False
-    max_skipped: float = 0.1
-    solver: Optional[str] = None
-    tol: Optional[float] = None
-    max_iter: Optional[int] = None
-    test_subset: Optional[int] = None
+    dataset: str = option("mnist", f"one of {', '.join(DATASETS)}")
+    model: str = option("ff", f"one of {', '.join(MODEL_NAMES)}")
+    method: str = option("lcp-di", f"one of {', '.join(METHOD_NAMES)}. Combinations the authors never ran have "
+                               f"invented defaults: {', '.join(f'{mo} {me}' for mo, me in INVENTED)}")
+    epochs: Optional[int] = option(None, "training epochs (default: 30; conv-rnn 75)")
+    batch_size: Optional[int] = option(None, "mini-batch size (default 64)")
+    lr: Optional[float] = option(None, "initial learning rate (default: Adam 1e-3 on MNIST, SGD 0.1/0.05 on CIFAR)")
+    lr_final: Optional[float] = option(None, "end of the per-batch cosine schedule (default lr/10)")
+    optimizer: Optional[str] = option(None, "optimizer (default: adam on MNIST, sgd on CIFAR)",
+                                      choices=("adam", "sgd"))
+    weight_decay: Optional[float] = option(None, "optimizer weight decay (default 0; conv-ff 1e-3)")
+    grad_clip: Optional[float] = option(None, "gradient norm clip, 0 for none (default: 10 for rnn and "
+                                              "conv-rnn, none otherwise)")
+    max_batches: Optional[int] = option(None, "train on at most N batches per epoch (quick runs)")
+    seed: int = option(0, "seed of initialisation, shuffles and noise")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    data_root: Optional[str] = option(None, "folder holding mnist/ or cifar-10-batches-py/ (default $LCP_META_DATA)")
+    out: Optional[str] = option(None, "run folder (default runs/DATASET_MODEL_METHOD_seedSEED)")
+    resume: bool = option(False, "continue the run checkpointed in --out")
+    overwrite: bool = option(False, "replace the run already in --out (its checkpoint and result are deleted "
+                                    "first)")
+    max_skipped: float = option(0.1, "exit with code 4 when more than this share of the trained batches was "
+                                     "skipped because the dynamics diverged", metavar="SHARE")
+    solver: Optional[str] = option(
+        None, "solver of the dynamics (default: the method's; LCP-DI: auto, the fastest exact solver; euler: the "
+              "published simulation; sweep/reduced/warm-anderson: LCP-DI/DI-KP only)",
+        choices=("auto", "euler", "anderson", "sweep", "reduced", "warm-anderson"))
+    tol: Optional[float] = option(None, "solver stop threshold on the relative change (default: the method's)")
+    max_iter: Optional[int] = option(None, "solver iteration cap (default: the method's)")
+    test_subset: Optional[int] = option(None, "evaluate on the first N test images only")
     eval_batch_size: int = 1000
-    checkpoint_every: int = 0
-    progress: bool = True
-    method_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    model_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    preset: str = "default"
+    checkpoint_every: int = option(0, "also checkpoint every N batches within an epoch")
+    progress: bool = option(True, "no progress bars (log lines only)")
+    method_kwargs: Dict[str, Any] = option(
+        help="override a method setting, e.g. --set alpha=0.1 (repeatable)", default_factory=dict, flag="--set",
+        action="append", metavar="KEY=VALUE", convert=lambda items: parse_assignments(items, "--set"))
+    model_kwargs: Dict[str, Any] = option(
+        help="override a model setting, e.g. --model-set hidden=128 (repeatable)", default_factory=dict,
+        flag="--model-set", action="append", metavar="KEY=VALUE",
+        convert=lambda items: parse_assignments(items, "--model-set"))
+    preset: str = option("default", "'paper': train as the authors' code does (updates applied from the state "
+                                    "reached, with every batch's residual summarised per epoch; batch-wide stop "
+                                    "rule; their rnn bias, EBD tolerances, KP decay, conv-rnn layer and "
+                                    "evaluation); see docs/fidelity.md", choices=PRESETS)
 
 
 def _method_api():

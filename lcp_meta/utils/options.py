@@ -1,4 +1,4 @@
-"""``KEY=VALUE`` option values from the command line (``--set``), read as strictly as typed flags.
+"""``KEY=VALUE`` options from the command line (``--set``, ``--model-set``), read as strictly as typed flags.
 
 A value is a Python literal (number, True/False, None, quoted string, tuple/list of those) or a bare word such as
 ``direct`` or ``anderson``.  Numbers must be finite: ``nan``, ``inf`` and overflowing literals such as ``1e999``
@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import math
 import re
-from typing import Any
+from typing import Any, Dict, Iterable, Optional
 
 from .errors import UserInputError
 
@@ -50,3 +50,23 @@ def parse_option_value(raw: str, where: str) -> Any:
                                  f"such as direct") from None
     _check_finite(value, where, raw)
     return value
+
+
+def parse_assignments(items: Optional[Iterable[str]], flag: str, *, nested: bool = False) -> Dict[str, Any]:
+    """``["alpha=0.1", "solver=anderson"]`` -> ``{"alpha": 0.1, "solver": "anderson"}``; with ``nested``,
+    ``["maml.inner_steps=1"]`` -> ``{"maml": {"inner_steps": 1}}`` (per-method options).  Every value is read by
+    :func:`parse_option_value`; a malformed item is a one-line error naming ``flag`` and the expected form."""
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if nested:
+            group, dot, name = key.partition(".")
+            if not sep or not dot or not group or not name.isidentifier():
+                raise UserInputError(f"{flag} {item!r}: expected METHOD.OPTION=VALUE, e.g. maml.inner_steps=1")
+            out.setdefault(group, {})[name] = parse_option_value(raw, f"{flag} {key}")
+        else:
+            if not sep or not key.isidentifier():
+                raise UserInputError(f"{flag} expects KEY=VALUE with KEY a python identifier, got {item!r}")
+            out[key] = parse_option_value(raw, f"{flag} {key}")
+    return out

@@ -5,9 +5,12 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .errors import UserInputError
 
-class DataNotFoundError(FileNotFoundError):
-    """A data set is missing or incomplete; the message names the files that were expected."""
+
+class DataNotFoundError(UserInputError, FileNotFoundError):
+    """A data set is missing or incomplete; the message names the files that were expected (a user-input error
+    for the command line, and still a FileNotFoundError for code that catches that)."""
 
 
 def find_data_root(data_root: Optional[str], subdir: str, expected: Iterable[str]) -> Path:
