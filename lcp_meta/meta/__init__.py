@@ -6,73 +6,59 @@ return adapted parameters, ``predict`` adapted query predictions; tasks are vmap
 """
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 import torch.nn as nn
 
+from ..core.registry import method_info, method_names, register_method
+from ..core.registry import build as _build
 from ..core.solvers import DivergenceError
-from .base import MetaMethod, MetaStats, TaskBatch
+from .base import MetaGradient, MetaMethod, MetaStats, TaskBatch
 from .contrastive import ContrastiveMeta
 from .imaml import IMAML
 from .lcp import CONTROLLERS, LCP
 from .maml import FOMAML, MAML, Reptile
 from .memory import graph_saved_bytes
 
-__all__ = ["TaskBatch", "MetaMethod", "MetaStats", "LCP", "MAML", "FOMAML", "Reptile", "IMAML",
+__all__ = ["TaskBatch", "MetaMethod", "MetaStats", "MetaGradient", "LCP", "MAML", "FOMAML", "Reptile", "IMAML",
            "ContrastiveMeta", "make_method", "METHOD_NAMES", "CONTROLLERS", "DivergenceError",
-           "graph_saved_bytes", "method_kwargs"]
+           "graph_saved_bytes", "method_kwargs", "method_info", "is_proximal", "register_method"]
 
-METHOD_NAMES = ("lcp", "lcp-direct", "lcp-ebd", "imaml", "maml", "fomaml", "reptile", "cml", "lcp-truncated")
+register_method("meta", "lcp", LCP)  # the dynamic-inversion controller (LCP's default) at its equilibrium
+register_method("meta", "lcp-direct", LCP, controller="direct")
+register_method("meta", "lcp-ebd", LCP, controller="ebd")
+register_method("meta", "imaml", IMAML)
+register_method("meta", "maml", MAML)
+register_method("meta", "fomaml", FOMAML)
+register_method("meta", "reptile", Reptile)
+register_method("meta", "cml", ContrastiveMeta)
+# the fixed-step controller: not the LCP meta-gradient, reported with its residuals
+register_method("meta", "lcp-truncated", LCP, controller="di", truncated=True)
 
-# name -> (class, fixed keyword arguments)
-_REGISTRY = {
-    "lcp": (LCP, {"controller": "di"}),
-    "lcp-direct": (LCP, {"controller": "direct"}),
-    "lcp-ebd": (LCP, {"controller": "ebd"}),
-    "imaml": (IMAML, {}),
-    "maml": (MAML, {}),
-    "fomaml": (FOMAML, {}),
-    "reptile": (Reptile, {}),
-    "cml": (ContrastiveMeta, {}),
-    # the fixed-step controller: not the LCP meta-gradient, reported with its residuals
-    "lcp-truncated": (LCP, {"controller": "di", "truncated": True}),
-}
+METHOD_NAMES = method_names("meta")
 
 
 def method_kwargs(name: str) -> tuple:
-    """The keyword arguments the named method accepts (besides model and loss_fn)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown meta-learning method {name!r}; expected one of {METHOD_NAMES}")
-    cls, _ = _REGISTRY[name]
-    keys = []
-    for klass in cls.__mro__:
-        if klass is nn.Module or not issubclass(klass, MetaMethod):
-            continue
-        for p in inspect.signature(klass.__init__).parameters.values():
-            if p.kind is p.KEYWORD_ONLY and p.name not in keys:
-                keys.append(p.name)
-    return tuple(keys)
+    """The keyword arguments the named meta-learning method accepts (besides model and loss_fn)."""
+    return method_info(name, "meta").kwargs()
+
+
+def is_proximal(name: str) -> bool:
+    """Whether the named method's inner problem has the proximal term lam/2 |phi - omega|^2 by default (LCP,
+    iMAML, CML: they take a shared lam); MAML, FOMAML and Reptile default to lam = 0."""
+    return method_info(name, "meta").proximal
 
 
 def make_method(name: str, model: nn.Module, loss_fn: Callable, **kwargs) -> MetaMethod:
-    """Build a meta-learning method by name (one of :data:`METHOD_NAMES`).
+    """Build a meta-learning method by name (one of :data:`METHOD_NAMES`, or ``"meta:<name>"``).
 
     ``"lcp"`` is LCP with the dynamic-inversion controller run to its equilibrium, ``"lcp-direct"`` /
     ``"lcp-ebd"`` the direct and energy-based controllers, ``"lcp-truncated"`` the dynamic-inversion
-    controller stopped after ``inner_steps`` joint steps (not an equilibrium; reported as such).  Keyword arguments a method does not take raise a TypeError that
-    lists the ones it does.
+    controller stopped after ``inner_steps`` joint steps (not an equilibrium; reported as such).  Keyword
+    arguments a method does not take raise a TypeError that lists the ones it does.  Methods registered with
+    :func:`register_method` are built the same way.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown meta-learning method {name!r}; expected one of {METHOD_NAMES}")
-    cls, fixed = _REGISTRY[name]
-    allowed = method_kwargs(name)
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise TypeError(f"method {name!r} got unexpected keyword argument(s) {unknown}; "
-                        f"it accepts {sorted(allowed)}")
-    for k, v in fixed.items():
-        if k in kwargs and kwargs[k] != v and name != "lcp":
-            raise ValueError(f"method {name!r} fixes {k}={v!r}; got {k}={kwargs[k]!r}")
-        kwargs.setdefault(k, v)
-    return cls(model, loss_fn, **kwargs)
+    if isinstance(name, str) and name.startswith("supervised:"):
+        raise ValueError(f"{name!r} is a supervised method: build it with lcp_meta.supervised.make_method(name, "
+                         "model, **settings)")
+    return _build(name, model, loss_fn, kind="meta", **kwargs)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -17,13 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.solvers import DivergenceError, SolverStats, solve
-from .dynamics import SAFETY, flat_state, iterate, momentum_for, power_iteration, relax_map
-from .functional import (Tree, check_vmappable, make_loss, make_model_fn, split_model, task_map,
-                         tree_detach, tree_expand, tree_finite, tree_norm, tree_zeros_like)
+from ..core.method import ON_DIVERGENCE, GradientMethod, Gradients, Stats
+from ..core.solvers import SolverStats, check_divergence, solve
+from ..core.tree import Tree, tree_detach, tree_expand, tree_finite, tree_norm, tree_pack, tree_zeros_like
+from .dynamics import SAFETY, iterate, momentum_for, power_iteration, relax_map
+from .functional import check_vmappable, make_loss, make_model_fn, split_model, task_map
 from .system import InnerSystem
 
-__all__ = ["TaskBatch", "MetaStats", "MetaMethod", "check_positive"]
+__all__ = ["TaskBatch", "MetaStats", "MetaGradient", "MetaMethod", "check_positive"]
 
 
 # ----------------------------------------------------------------------------------- task batches
@@ -132,8 +132,8 @@ def checked_loss(loss_fn: Callable) -> Callable:
 
 
 # ------------------------------------------------------------------------------------ statistics
-@dataclass
-class MetaStats:
+@dataclass(eq=False)
+class MetaStats(Stats):
     """What one meta-step did; each value is a mean over the tasks of the batch unless noted.
 
     inner_loss_before / inner_loss_after: support loss l_in at omega / at the adapted parameters.
@@ -173,6 +173,24 @@ class MetaStats:
         return d
 
 
+@dataclass
+class MetaGradient:
+    """What a meta-learning method returns to the template (:meth:`MetaMethod._gradients`).
+
+    grads: mean-over-tasks meta-gradient, a tree like the meta-parameters.
+    solver: SolverStats of its dynamics (``phase`` "inner" / "control" names what failed).
+    stats: its MetaStats; the template fills the losses before (at omega) and after (at ``phi``) and the norms.
+    phi: the task-batched state the "after" losses are measured at (None: none, e.g. diverged).
+    lam_grads: mean lam-gradient tree (methods with an implicit lam-gradient), or None.
+    """
+
+    grads: Tree
+    solver: SolverStats
+    stats: MetaStats
+    phi: Optional[Tree] = None
+    lam_grads: Optional[Tree] = None
+
+
 def _softplus_inv(x: float) -> float:
     if x <= 0:
         raise ValueError(f"lam must be positive when learned, got {x}")
@@ -190,14 +208,13 @@ def check_positive(name: str, value, allow_none: bool = False, allow_zero: bool 
         raise ValueError(f"{name} must be {want}{' or None' if allow_none else ''}, got {value!r}")
 
 
-ON_DIVERGENCE = ("raise", "warn")
 AUTO = "auto"
 # default residual tolerance of the equilibrium methods, by dtype (float32 cannot resolve much below 1e-5)
 DEFAULT_TOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 # ------------------------------------------------------------------------------------ base class
-class MetaMethod(nn.Module):
+class MetaMethod(GradientMethod, nn.Module):
     """Base of every meta-learning method.
 
     Args:
@@ -228,6 +245,7 @@ class MetaMethod(nn.Module):
 
     name = "base"
     supports_learned_lam = True
+    proximal = True  # the inner problem has lam/2 |phi - omega|^2 by default (the registry's ``is_proximal``)
     equilibrium = True  # stops on a residual tolerance by default (False: unrolled, fixed length)
 
     def __init__(self, model: nn.Module, loss_fn: Callable = F.mse_loss, *, inner_lr: Optional[float] = None,
@@ -332,14 +350,9 @@ class MetaMethod(nn.Module):
         """
         tol = self.tol_for(state[0].dtype) if tol == AUTO else tol
         max_iter = self.inner_steps if max_iter is None else int(max_iter)
-        if tol is None:
-            z, st = solve(step, state, solver="euler", tol=1e-300, max_iter=max_iter, min_iter=max_iter,
-                          check_every=max_iter, name=name)
-            st.converged = False
-        else:
-            z, st = solve(step, state, solver="anderson" if self.solver == "anderson" else "euler", tol=tol,
-                          max_iter=max_iter, name=name)
-        return z, st
+        # tol=None: the solvers' fixed-steps mode (exactly max_iter steps, reported fixed, not converged)
+        solver = "anderson" if self.solver == "anderson" and tol is not None else "euler"
+        return solve(step, state, solver=solver, tol=tol, max_iter=max_iter, name=name)
 
     def _mu(self, lam: Tree) -> float:
         """The smallest lam: the curvature of the proximal problem where Hess l_in >= 0."""
@@ -387,11 +400,11 @@ class MetaMethod(nn.Module):
         mapped = self._tmap(one, (0,) * (7 + len(data)))
         inf = torch.full((T,), float("inf"), dtype=ref.dtype, device=ref.device)
         scale0 = torch.full_like(inf, float("nan")) if scale is None else scale.to(ref.dtype)
-        state, rebuild = flat_state([phi0, tree_zeros_like(phi0), dict(phi0), inf, a, m, scale0])
+        state, rebuild = tree_pack([phi0, tree_zeros_like(phi0), dict(phi0), inf, a, m, scale0])
 
         def step(z):
             new, res = mapped(*rebuild(z), *data)
-            return flat_state(new)[0], res
+            return tree_pack(new)[0], res
 
         tol = self.tol_for(ref.dtype)
         z, st, _ = iterate(step, state, tol, self.inner_steps if steps is None else int(steps))
@@ -441,16 +454,12 @@ class MetaMethod(nn.Module):
                 "raise lam" + (f", or lower inner_lr={self.inner_lr}" if self.inner_lr is not None else ""))
 
     def _fail(self, what: str, stats: SolverStats, name: str, tb: Optional[TaskBatch] = None,
-              phase: str = "inner"):
+              phase: str = "inner", stacklevel: int = 3):
         """Report non-finite or unconverged dynamics (raise or warn); never touches ``.grad``."""
         p = next(iter(split_model(self.model)[0].values()))
-        kind = "turned NaN/inf" if stats.diverged else f"did not converge to tol {self.tol_for(p.dtype)}"
-        res = stats.residual
-        msg = (f"{self.name}: {what} {kind} after {stats.iterations} iterations (relative residual "
-               f"{res:.3e}); .grad of the meta-parameters was left untouched. {self._advice(tb, phase, stats)}")
-        if self.on_divergence == "raise":
-            raise DivergenceError(msg, stats)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        check_divergence(what, stats, who=self.name, tol=self.tol_for(p.dtype), require_converged=True,
+                         left=".grad of the meta-parameters was left untouched", advice=self._advice(tb, phase, stats),
+                         on_fail=self.on_divergence, stacklevel=stacklevel)
 
     # ------------------------------------------------------------------------------- public API
     def meta_backward(self, tasks) -> MetaStats:
@@ -460,17 +469,28 @@ class MetaMethod(nn.Module):
         is accumulated (DivergenceError, or a warning with ``on_divergence="warn"``).  With ``tol=None``
         (a fixed number of steps) the result is accumulated and reported with ``converged=False``.
         """
-        tb = self._prepare(tasks)
+        return self._backward(self._prepare(tasks))
+
+    def _gradients(self, tb: TaskBatch) -> Gradients:
+        """The template's meta half: statistics common to every method (losses before and after, norms),
+        the convergence verdict and lam's chain rule, around the method's own :meth:`_meta_gradient`."""
         system, params = self._system()
+        omega = tree_detach(params)
         with torch.no_grad():  # targets that would broadcast against the predictions: a clear error, not a wrong gradient
-            omega = tree_detach(params)
             check_prediction_target(system.model_fn(omega, tb.x_support[0]), tb.y_support[0])
             check_prediction_target(system.model_fn(omega, tb.x_query[0]), tb.y_query[0])
-        grads, lam_grads, stats, sst = self._meta_gradient(system, params, tb)
+        out = self._meta_gradient(system, params, tb)
+        grads, lam_grads, stats, sst = out.grads, out.lam_grads, out.stats, out.solver
+        stats.inner_loss_before = float(system.losses(omega, tb.x_support, tb.y_support, True).mean())
+        stats.query_loss_before = float(system.losses(omega, tb.x_query, tb.y_query, True).mean())
+        if out.phi is not None:
+            stats.inner_loss_after = float(system.losses(out.phi, tb.x_support, tb.y_support).mean())
+            stats.query_loss_after = float(system.losses(out.phi, tb.x_query, tb.y_query).mean())
         finite = tree_finite(grads) and (lam_grads is None or tree_finite(lam_grads))
         phase = getattr(sst, "phase", "inner")
         requested = self.tol_for(next(iter(params.values())).dtype) is not None
         unconverged = requested and not sst.converged
+        failure = None
         if sst.diverged or unconverged or not finite:
             what = {"inner": "inner dynamics", "control": "control dynamics"}.get(phase, "inner dynamics")
             if not (sst.diverged or unconverged):
@@ -478,35 +498,33 @@ class MetaMethod(nn.Module):
             # an unconverged run is reported as such (its placeholder gradient is NaN on purpose)
             sst.diverged = sst.diverged or (not finite and not unconverged)
             stats.converged = False
-            self._fail(what, sst, self.name, tb, phase)  # raises, or warns; .grad is not touched either way
-            return stats
-        if not requested:
-            stats.converged = stats.converged and not self.equilibrium
-        # implicit methods keep no autograd graph across inner steps (MAML reports its own)
-        stats.extra.setdefault("graph_bytes", 0)
-        self._accumulate(params, grads, lam_grads)
-        stats.meta_grad_norm = float(tree_norm(grads))
-        if self.learn_lam == "scalar":
-            stats.extra["lam"] = self.lam
-        return stats
-
-    def _accumulate(self, params: Tree, grads: Tree, lam_grads: Optional[Tree]):
-        with torch.no_grad():
-            for k, p in params.items():
-                g = grads[k].detach().to(p.dtype)
-                p.grad = g.clone() if p.grad is None else p.grad + g
-            if lam_grads is not None and self.learn_lam:
-                # chain rule through lam = softplus(raw): d lam / d raw = sigmoid(raw)
+            failure = (what, sst)
+        else:
+            if not requested:
+                stats.converged = stats.converged and not self.equilibrium
+            # implicit methods keep no autograd graph across inner steps (MAML reports its own)
+            stats.extra.setdefault("graph_bytes", 0)
+            stats.meta_grad_norm = float(tree_norm(grads))
+            if self.learn_lam == "scalar":
+                stats.extra["lam"] = self.lam
+        names = list(params)
+        targets, values = [params[k] for k in names], [grads[k] for k in names]
+        if lam_grads is not None and self.learn_lam and failure is None:
+            with torch.no_grad():  # chain rule through lam = softplus(raw): d lam / d raw = sigmoid(raw)
                 if self.learn_lam == "scalar":
-                    g = sum(v.sum() for v in lam_grads.values()) * torch.sigmoid(self.lam_raw)
-                    self.lam_raw.grad = g.clone() if self.lam_raw.grad is None else self.lam_raw.grad + g
+                    targets.append(self.lam_raw)
+                    values.append(sum(v.sum() for v in lam_grads.values()) * torch.sigmoid(self.lam_raw))
                 else:
-                    for k, raw in zip(self._names, self.lam_raw):
-                        g = lam_grads[k].expand_as(raw) * torch.sigmoid(raw)
-                        raw.grad = g.clone() if raw.grad is None else raw.grad + g
+                    for k, raw in zip(names, self.lam_raw):
+                        targets.append(raw)
+                        values.append(lam_grads[k].expand_as(raw) * torch.sigmoid(raw))
+        return Gradients(targets, values, stats, failure)
 
-    def _meta_gradient(self, system: InnerSystem, params: Tree, tb: TaskBatch):
-        """Return (mean omega-gradient tree, mean lam-gradient tree or None, MetaStats, SolverStats)."""
+    def _report_failure(self, what: str, stats: SolverStats, tb) -> None:
+        self._fail(what, stats, self.name, tb, getattr(stats, "phase", "inner"), stacklevel=5)
+
+    def _meta_gradient(self, system: InnerSystem, params: Tree, tb: TaskBatch) -> "MetaGradient":
+        """The method's own part: its mean meta-gradient and statistics (see :class:`MetaGradient`)."""
         raise NotImplementedError
 
     def adapt_params(self, x_support: torch.Tensor, y_support: torch.Tensor) -> Tree:

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from .base import MetaMethod, MetaStats, check_positive
+from .base import MetaGradient, MetaMethod, MetaStats, check_positive
+from ..core.tree import tree_norm
 
 __all__ = ["ContrastiveMeta"]
 
@@ -42,8 +43,7 @@ class ContrastiveMeta(MetaMethod):
     def _meta_gradient(self, system, params, tb):
         omega = {k: v.detach() for k, v in params.items()}
         lam, beta = self.lam_tree(params), self.beta
-        stats = MetaStats(inner_loss_before=float(system.losses(omega, tb.x_support, tb.y_support, True).mean()),
-                          query_loss_before=float(system.losses(omega, tb.x_query, tb.y_query, True).mean()))
+        stats = MetaStats()
         if self.solver == "anderson":
             phi0, st = self._free(system, omega, lam, tb.x_support, tb.y_support)
         else:
@@ -74,7 +74,7 @@ class ContrastiveMeta(MetaMethod):
         with torch.no_grad():
             if st.diverged or not ends:
                 nan = {k: torch.full_like(v, float("nan")) for k, v in omega.items()}
-                return nan, None, stats, st
+                return MetaGradient(nan, st, stats)
             # the "reference" phase: phi_0, or the anti-nudged phase for symmetric nudging
             ref, scale = (ends[1], 2 * beta) if self.symmetric else (phi0, beta)
             plus = ends[0]
@@ -83,10 +83,7 @@ class ContrastiveMeta(MetaMethod):
             if self.learn_lam:
                 lam_grads = {k: (0.5 * ((plus[k] - omega[k]) ** 2 - (ref[k] - omega[k]) ** 2) / scale).mean(0)
                              for k in omega}
-            stats.inner_loss_after = float(system.losses(phi0, tb.x_support, tb.y_support).mean())
-            stats.query_loss_after = float(system.losses(phi0, tb.x_query, tb.y_query).mean())
             go = system.grads(plus, tb.x_query, tb.y_query)
-            gnorm = torch.stack([v.reshape(v.shape[0], -1).pow(2).sum(1) for v in go.values()]).sum(0).sqrt()
-            stats.control_norm = float(beta * gnorm.mean())
+            stats.control_norm = float(beta * tree_norm(go, batched=True).mean())
         stats.extra["beta"] = beta
-        return grads, lam_grads, stats, st
+        return MetaGradient(grads, st, stats, phi0, lam_grads)

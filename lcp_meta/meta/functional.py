@@ -1,91 +1,22 @@
-"""Parameters as dicts, and the task-batched (vmapped) helpers every meta-learning method is built on.
+"""The task-batched (vmapped) helpers every meta-learning method is built on.
 
-A *tree* here is a ``dict`` name -> tensor (the model's parameters, or a vector shaped like them).
-Task-batched trees carry a leading task dimension on every tensor.  The model is only ever called
+Parameters are trees (:mod:`lcp_meta.core.tree`): a ``dict`` name -> tensor, task-batched trees with a
+leading task dimension on every tensor.  The model is only ever called
 through :func:`torch.func.functional_call`, so plain ``nn.Module`` s and torchmeta ``MetaModule`` s
 work alike, and every per-task function can be mapped over tasks with :func:`torch.func.vmap`
 (or, as a fallback, a Python loop: :func:`task_map`).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Sequence, Tuple
+from typing import Callable, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, jvp, vmap
 
-Tree = Dict[str, torch.Tensor]
+from ..core.tree import Tree
 
-__all__ = [
-    "Tree", "tree_add", "tree_sub", "tree_scale", "tree_mul", "tree_axpy", "tree_dot", "tree_norm",
-    "tree_zeros_like", "tree_detach", "tree_finite", "tree_flat", "tree_expand", "tree_index",
-    "task_map", "split_model", "check_vmappable",
-]
-
-
-# ----------------------------------------------------------------------------------- tree algebra
-def tree_add(a: Tree, b: Tree) -> Tree:
-    return {k: a[k] + b[k] for k in a}
-
-
-def tree_sub(a: Tree, b: Tree) -> Tree:
-    return {k: a[k] - b[k] for k in a}
-
-
-def tree_scale(a: Tree, s) -> Tree:
-    return {k: a[k] * s for k in a}
-
-
-def tree_mul(a: Tree, b: Tree) -> Tree:
-    """Elementwise product (``b`` may hold scalars that broadcast, e.g. a scalar lam per tensor)."""
-    return {k: a[k] * b[k] for k in a}
-
-
-def tree_axpy(alpha, x: Tree, y: Tree) -> Tree:
-    """``y + alpha * x``."""
-    return {k: y[k] + alpha * x[k] for k in y}
-
-
-def tree_dot(a: Tree, b: Tree, batched: bool = False) -> torch.Tensor:
-    """Inner product; with ``batched`` one value per task (leading dim kept)."""
-    if batched:
-        return sum((a[k] * b[k]).reshape(a[k].shape[0], -1).sum(1) for k in a)
-    return sum((a[k] * b[k]).sum() for k in a)
-
-
-def tree_norm(a: Tree, batched: bool = False) -> torch.Tensor:
-    return tree_dot(a, a, batched).sqrt()
-
-
-def tree_zeros_like(a: Tree) -> Tree:
-    return {k: torch.zeros_like(v) for k, v in a.items()}
-
-
-def tree_detach(a: Tree) -> Tree:
-    return {k: v.detach() for k, v in a.items()}
-
-
-def tree_finite(a: Tree) -> bool:
-    """True when every entry is finite (one host synchronisation)."""
-    if not a:
-        return True
-    return bool(torch.stack([torch.isfinite(v).all() for v in a.values()]).all())
-
-
-def tree_flat(a: Tree, batched: bool = False) -> torch.Tensor:
-    """Concatenate into one vector (or a (tasks, features) matrix with ``batched``)."""
-    if batched:
-        return torch.cat([v.reshape(v.shape[0], -1) for v in a.values()], dim=1)
-    return torch.cat([v.reshape(-1) for v in a.values()])
-
-
-def tree_expand(a: Tree, n: int) -> Tree:
-    """Repeat an unbatched tree ``n`` times along a new leading task dim (a real copy per task)."""
-    return {k: v.detach().unsqueeze(0).expand(n, *v.shape).clone() for k, v in a.items()}
-
-
-def tree_index(a: Tree, i: int) -> Tree:
-    return {k: v[i] for k, v in a.items()}
+__all__ = ["Tree", "task_map", "split_model", "check_vmappable", "make_model_fn", "make_loss", "grad_and_hvp"]
 
 
 # -------------------------------------------------------------------------------- task mapping
@@ -180,18 +111,13 @@ def make_loss(model_fn: Callable, loss_fn: Callable) -> Callable[[Tree, torch.Te
     return loss
 
 
-def grad_and_hvp(loss: Callable, params: Tree, v: Tree, x, y, mode: str = "fwdrev") -> Tuple[Tree, Tree]:
-    """``(grad loss(params), Hess loss(params) @ v)``.
+def grad_and_hvp(loss: Callable, params: Tree, v: Tree, x, y) -> Tuple[Tree, Tree]:
+    """``(grad loss(params), Hess loss(params) @ v)`` in one forward-over-reverse pass, ``jvp(grad(loss))``.
 
-    ``mode="fwdrev"``: one forward-over-reverse pass, ``jvp(grad(loss))``.  Floating data enter as
-    dual numbers with zero tangents: some backward formulas (e.g. ``F.mse_loss`` in torch 2.x) fail
-    under forward AD when one operand carries no tangent at all.
-    ``mode="revrev"``: reverse-over-reverse, ``vjp(grad(loss))`` (valid since the Hessian is symmetric).
+    Floating data enter as dual numbers with zero tangents: some backward formulas (e.g. ``F.mse_loss`` in
+    torch 2.x) fail under forward AD when one operand carries no tangent at all.
     """
     g_fn = grad(loss)
-    if mode == "revrev":
-        g, back = vjp(lambda p: g_fn(p, x, y), params)
-        return g, back(v)[0]
     primals, tangents = [params], [v]
     for t in (x, y):
         primals.append(t)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .base import MetaMethod, MetaStats, check_positive
+from .base import MetaGradient, MetaMethod, MetaStats, check_positive
 from .dynamics import cg_step
 from .functional import grad_and_hvp
 
@@ -77,21 +77,17 @@ class IMAML(MetaMethod):
     def _meta_gradient(self, system, params, tb):
         omega = {k: v.detach() for k, v in params.items()}
         lam = self.lam_tree(params)
-        stats = MetaStats(inner_loss_before=float(system.losses(omega, tb.x_support, tb.y_support, True).mean()),
-                          query_loss_before=float(system.losses(omega, tb.x_query, tb.y_query, True).mean()))
         phi, st = self._free(system, omega, lam, tb.x_support, tb.y_support)
-        stats.iterations, stats.residual, stats.converged = st.iterations, st.residual, bool(st.converged)
-        stats.inner_residual = st.residual
+        stats = MetaStats(iterations=st.iterations, residual=st.residual, converged=bool(st.converged),
+                          inner_residual=st.residual)
         st.phase = "inner"
         with torch.no_grad():
             go = system.grads(phi, tb.x_query, tb.y_query)
             y, cg_res, indefinite = self._cg(system, lam)(phi, go, tb.x_support, tb.y_support)
             grads = {k: (lam[k] * y[k]).mean(0) for k in omega}
             lam_grads = {k: (-(phi[k] - omega[k]) * y[k]).mean(0) for k in omega} if self.learn_lam else None
-            stats.inner_loss_after = float(system.losses(phi, tb.x_support, tb.y_support).mean())
-            stats.query_loss_after = float(system.losses(phi, tb.x_query, tb.y_query).mean())
             stats.control_residual = float(cg_res.max())
             stats.extra["cg_residual"] = stats.control_residual
             stats.extra["cg_indefinite"] = int(indefinite.sum())
         stats.residual = max(st.residual, stats.control_residual)
-        return grads, lam_grads, stats, st
+        return MetaGradient(grads, st, stats, phi, lam_grads)

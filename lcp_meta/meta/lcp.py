@@ -41,11 +41,11 @@ from typing import Optional
 import torch
 from torch.func import grad
 
-from .base import MetaMethod, MetaStats, check_positive
-from .dynamics import cg_map, control_map, flat_state, iterate, momentum_for
+from ..core.integrators import apply, heavy_ball
+from ..core.tree import tree_dot, tree_expand, tree_norm, tree_pack, tree_zeros_like
+from .base import MetaGradient, MetaMethod, MetaStats, check_positive
+from .dynamics import cg_map, control_map, iterate, momentum_for
 from .functional import grad_and_hvp
-from .functional import tree_expand, tree_zeros_like
-from .system import pack, unpack
 
 __all__ = ["LCP", "CONTROLLERS"]
 
@@ -141,14 +141,14 @@ class LCP(MetaMethod):
         T = tb.num_tasks
         mapped = self._tmap(control_map(system, omega, lam, self.beta), (0,) * 13)
         if u0 is None:
-            u0 = {k: torch.zeros_like(v) for k, v in phi0.items()}
-        state, rebuild = flat_state([phi0, u0, tree_zeros_like(phi0), tree_zeros_like(phi0),
+            u0 = tree_zeros_like(phi0)
+        state, rebuild = tree_pack([phi0, u0, tree_zeros_like(phi0), tree_zeros_like(phi0),
                                      a_phi, m_phi, a_u, m_u, scale_in])
         data = (tb.x_support, tb.y_support, tb.x_query, tb.y_query)
 
         def step(z):
             new, res = mapped(*rebuild(z), *data)
-            return flat_state(new)[0], res
+            return tree_pack(new)[0], res
 
         z, st, res = iterate(step, state, tol, steps)
         trees = rebuild(z)
@@ -156,8 +156,7 @@ class LCP(MetaMethod):
 
     def _force_scale(self, system, omega, lam, tb):
         """|f(omega)| = |grad l_in(omega)| per task: the scale of the inner residual."""
-        g = system.tmap(system.grad, (None, 0, 0))(omega, tb.x_support, tb.y_support)
-        return torch.stack([v.reshape(v.shape[0], -1).pow(2).sum(1) for v in g.values()]).sum(0).sqrt()
+        return tree_norm(system.tmap(system.grad, (None, 0, 0))(omega, tb.x_support, tb.y_support), batched=True)
 
     def _di(self, system, omega, lam, tb):
         """Dynamic inversion: at the equilibrium u* = -(Hess l_in(phi*) + lam)^-1 grad l_out(phi*)."""
@@ -213,12 +212,12 @@ class LCP(MetaMethod):
         with torch.no_grad():
             r, rs, gn = self._tmap(start, (0,) * 6)(phi, u0, xs, ys, tb.x_query, tb.y_query)
         true = torch.ones(T, dtype=torch.bool, device=rs.device)
-        state, rebuild = flat_state([phi, u0, r, dict(r), rs, gn, true, ~true])
+        state, rebuild = tree_pack([phi, u0, r, dict(r), rs, gn, true, ~true])
         mapped = self._tmap(cg_map(system, lam), (0,) * 10)
 
         def step(z):
             new, res, stuck = mapped(*rebuild(z), xs, ys)
-            return flat_state(new)[0], res, stuck
+            return tree_pack(new)[0], res, stuck
 
         z, st, res = iterate(step, state, tol, steps)
         trees = rebuild(z)
@@ -274,33 +273,24 @@ class LCP(MetaMethod):
     def _joint(self, system, omega, lam, tb, control, name, a_phi, a_u):
         """Joint Euler dynamics of (phi, u = psi/beta) from phi = omega, u = 0 through the core solvers:
         phi += eta (f(phi) + beta u) (heavy-ball with ``momentum``), u <- control(...)."""
-        names, T = list(omega), tb.num_tasks
-        beta, mom = self.beta, self.momentum
+        beta = self.beta
 
         def one(phi, u, vel, lr, plr, xs, ys, xq, yq):
             f, u_new = control(phi, u, lr, plr, xs, ys, xq, yq)
-            drive = {k: f[k] + beta * u[k] for k in phi}
-            if vel is None:
-                return {k: phi[k] + lr * drive[k] for k in phi}, u_new, None
-            vel = {k: mom * vel[k] + drive[k] for k in vel}
-            return {k: phi[k] + lr * vel[k] for k in phi}, u_new, vel
+            delta, vel = heavy_ball(lr, self.momentum).update({k: f[k] + beta * u[k] for k in phi}, vel)
+            return apply(phi, delta), u_new, vel
 
-        phi0 = tree_expand(omega, T)
-        zeros = {k: torch.zeros_like(v) for k, v in phi0.items()}
+        phi0 = tree_expand(omega, tb.num_tasks)
+        state, rebuild = tree_pack([phi0, tree_zeros_like(phi0), tree_zeros_like(phi0)])
+        mapped = system.tmap(one, (0,) * 9)
         data = (a_phi, a_u, tb.x_support, tb.y_support, tb.x_query, tb.y_query)
-        if mom > 0:
-            mapped = system.tmap(lambda p, u, v, *d: one(p, u, v, *d), (0,) * 9)
-            state = pack([phi0, zeros, dict(zeros)])
-        else:
-            mapped = system.tmap(lambda p, u, *d: one(p, u, None, *d)[:2], (0,) * 8)
-            state = pack([phi0, zeros])
 
         def step(z):
-            return pack(mapped(*unpack(z, names), *data))
+            return tree_pack(mapped(*rebuild(z), *data))[0]
 
         z, st = self._dynamics(step, state, name=name)
-        trees = unpack(z, names)
-        return trees[0], trees[1], st
+        phi, u, _ = rebuild(z)
+        return phi, u, st
 
     def _direct(self, system, omega, lam, tb):
         """psi = -beta grad l_out(phi): the controlled equilibrium solves
@@ -332,7 +322,7 @@ class LCP(MetaMethod):
 
     def _ebd(self, system, omega, lam, tb):
         """Free equilibrium, then descent on E(phi) = 1/2 |f(phi)|^2 + beta l_out(phi); psi = -f."""
-        names, beta, lr, mom = list(omega), self.beta, self.ebd_lr, self.ebd_momentum
+        beta, lr, mom = self.beta, self.ebd_lr, self.ebd_momentum
         phi0, st0 = self._free(system, omega, lam, tb.x_support, tb.y_support)
         if st0.diverged or (self.tol_for(tb.x_support.dtype if tb.x_support.is_floating_point() else
                                          next(iter(omega.values())).dtype) is not None and not st0.converged):
@@ -341,32 +331,25 @@ class LCP(MetaMethod):
 
         def energy(phi, xs, ys, xq, yq):
             f = system.force(phi, omega, lam, xs, ys)
-            return 0.5 * sum((v * v).sum() for v in f.values()) + beta * system.loss(phi, xq, yq)
+            return 0.5 * tree_dot(f, f) + beta * system.loss(phi, xq, yq)
 
         grad_e = grad(energy)  # = -(Hess l_in + lam) f + beta grad l_out: one HVP's worth of work
 
         def one(phi, vel, *d):
-            g = grad_e(phi, *d)
-            if vel is None:
-                return {k: phi[k] - lr * g[k] for k in phi}, None
-            vel = {k: mom * vel[k] - g[k] for k in vel}
-            return {k: phi[k] + lr * vel[k] for k in phi}, vel
+            delta, vel = descent.update({k: -v for k, v in grad_e(phi, *d).items()}, vel)
+            return apply(phi, delta), vel
 
+        descent = heavy_ball(lr, mom)
         data = (tb.x_support, tb.y_support, tb.x_query, tb.y_query)
-        if mom > 0:
-            mapped = system.tmap(lambda p, v, *d: one(p, v, *d), (0,) * 6)
-            state = pack([phi0, {k: torch.zeros_like(v) for k, v in phi0.items()}])
-        else:
-            mapped = system.tmap(lambda p, *d: one(p, None, *d)[0], (0,) * 5)
-            state = pack([phi0])
+        mapped = system.tmap(one, (0,) * 6)
+        state, rebuild = tree_pack([phi0, descent.init(phi0)])
 
         def step(z):
-            out = mapped(*unpack(z, names), *data)
-            return pack(out if isinstance(out, tuple) else [out])
+            return tree_pack(mapped(*rebuild(z), *data))[0]
 
         z, st = self._dynamics(step, state, name="LCP energy-based descent", max_iter=self.ebd_steps)
         st.phase = "control"
-        phi = unpack(z, names)[0]
+        phi = rebuild(z)[0]
         with torch.no_grad():
             f = system.tmap(lambda p, x, y: system.force(p, omega, lam, x, y), (0, 0, 0))(
                 phi, tb.x_support, tb.y_support)
@@ -392,8 +375,7 @@ class LCP(MetaMethod):
     def _meta_gradient(self, system, params, tb):
         omega = {k: v.detach() for k, v in params.items()}
         lam = self.lam_tree(params)
-        stats = MetaStats(inner_loss_before=float(system.losses(omega, tb.x_support, tb.y_support, True).mean()),
-                          query_loss_before=float(system.losses(omega, tb.x_query, tb.y_query, True).mean()))
+        stats = MetaStats()
         self._info = {}
         phi, u, st, res = getattr(self, "_" + self.controller)(system, omega, lam, tb)
         stats.iterations = st.iterations
@@ -414,11 +396,8 @@ class LCP(MetaMethod):
             # grad_omega = -lam psi / beta = -lam u ;  grad_lam = (phi - omega) . psi / beta = (phi - omega) . u
             grads = {k: (-lam[k] * u[k]).mean(0) for k in omega}
             lam_grads = {k: ((phi[k] - omega[k]) * u[k]).mean(0) for k in omega} if self.learn_lam else None
-            stats.inner_loss_after = float(system.losses(phi, tb.x_support, tb.y_support).mean())
-            stats.query_loss_after = float(system.losses(phi, tb.x_query, tb.y_query).mean())
-            unorm = torch.stack([v.reshape(v.shape[0], -1).pow(2).sum(1) for v in u.values()]).sum(0).sqrt()
-            stats.control_norm = float(self.beta * unorm.mean())
+            stats.control_norm = float(self.beta * tree_norm(u, batched=True).mean())
         stats.extra["beta"] = self.beta
         # the returned state, per task (for inspection: the residuals above are of exactly this state)
         self.last_state = {"phi": phi, "u": u}
-        return grads, lam_grads, stats, st
+        return MetaGradient(grads, st, stats, phi, lam_grads)

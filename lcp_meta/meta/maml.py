@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import torch
 
+from ..core.integrators import apply, heavy_ball
 from ..core.solvers import SolverStats
-from .base import MetaMethod, MetaStats
-from .functional import grad_and_hvp, task_map, tree_finite, tree_norm, tree_sub
+from ..core.tree import tree_expand, tree_finite, tree_map, tree_norm
+from .base import MetaGradient, MetaMethod, MetaStats
+from .functional import grad_and_hvp, task_map
 from .memory import graph_saved_bytes
 
 __all__ = ["MAML", "FOMAML", "Reptile"]
@@ -21,6 +23,7 @@ def _has_affine_batchnorm(model) -> bool:
 
 class _Unrolled(MetaMethod):
     supports_learned_lam = False
+    proximal = False  # lam = 0 by default: plain MAML / FOMAML / Reptile
     equilibrium = False  # K steps define the method: no residual tolerance
 
     def __init__(self, model, loss_fn=None, **kwargs):
@@ -31,14 +34,18 @@ class _Unrolled(MetaMethod):
         kwargs.setdefault("inner_lr", 0.1)
         super().__init__(model, **kwargs)
 
-    def _start(self, system, omega, tb):
-        return MetaStats(inner_loss_before=float(system.losses(omega, tb.x_support, tb.y_support, True).mean()),
-                         query_loss_before=float(system.losses(omega, tb.x_query, tb.y_query, True).mean()))
+    @staticmethod
+    def _result(grads, st: SolverStats, phi, **extra) -> MetaGradient:
+        stats = MetaStats(iterations=st.iterations, residual=st.residual, converged=bool(st.converged), extra=extra)
+        return MetaGradient(grads, st, stats, phi)
 
-    def _finish(self, system, stats, phi, tb, st):
-        stats.iterations, stats.residual, stats.converged = st.iterations, st.residual, bool(st.converged)
-        stats.inner_loss_after = float(system.losses(phi, tb.x_support, tb.y_support).mean())
-        stats.query_loss_after = float(system.losses(phi, tb.x_query, tb.y_query).mean())
+    def _first_order(self, system, params, tb, direction) -> MetaGradient:
+        """The first-order methods: K inner steps from omega, then ``direction(omega, phi)`` per task."""
+        omega = {k: v.detach() for k, v in params.items()}
+        phi, st = self._free(system, omega, self.lam_tree(params), tb.x_support, tb.y_support)
+        with torch.no_grad():
+            grads = tree_map(lambda g: g.mean(0), direction(omega, phi))
+        return self._result(grads, st, phi)
 
 
 class MAML(_Unrolled):
@@ -64,24 +71,21 @@ class MAML(_Unrolled):
     def _meta_gradient(self, system, params, tb):
         omega = dict(params)  # live parameters: autograd records the unrolled inner loop
         lam = self.lam_tree(params)
-        stats = self._start(system, {k: v.detach() for k, v in omega.items()}, tb)
-        lr, mom, K = self.inner_lr, self.momentum, self.inner_steps
+        K, inner = self.inner_steps, heavy_ball(self.inner_lr, self.momentum)
 
         def unrolled(om, xs, ys, xq, yq):
-            phi, vel, prev = dict(om), None, None
+            phi, prev = dict(om), None
+            vel = inner.init(phi)
             for _ in range(K):
-                g = system.grad(phi, xs, ys)  # differentiable: gives MAML its second-order terms
-                f = {k: -g[k] - lam[k] * (phi[k] - om[k]) for k in phi}
-                if mom > 0:
-                    vel = f if vel is None else {k: mom * vel[k] + f[k] for k in f}
-                    f = vel
-                prev, phi = phi, {k: phi[k] + lr * f[k] for k in phi}
+                # differentiable: gives MAML its second-order terms
+                delta, vel = inner.update(system.force(phi, om, lam, xs, ys), vel)
+                prev, phi = phi, apply(phi, delta)
             num = sum(((phi[k] - prev[k]).detach() ** 2).sum() for k in phi).sqrt()
             den = sum((phi[k].detach() ** 2).sum() for k in phi).sqrt()
             return system.loss(phi, xq, yq), phi, num / den.clamp_min(1e-12)
 
         if self.use_vmap and _has_affine_batchnorm(self.model):
-            return self._adjoint(system, params, tb, stats)
+            return self._adjoint(system, params, tb)
         with torch.enable_grad():
             lout, phi, rel = task_map(unrolled, (None, 0, 0, 0, 0), self.use_vmap)(
                 omega, tb.x_support, tb.y_support, tb.x_query, tb.y_query)
@@ -95,12 +99,9 @@ class MAML(_Unrolled):
         phi = {k: v.detach() for k, v in phi.items()}
         finite = ok and tree_finite(phi)
         st = SolverStats(iterations=K, residual=float(rel.max()), converged=finite, diverged=not finite)
-        self._finish(system, stats, phi, tb, st)
-        stats.extra["graph_bytes"] = graph_bytes
-        return grads, None, stats, st
+        return self._result(grads, st, phi, graph_bytes=graph_bytes)
 
-
-    def _adjoint(self, system, params, tb, stats):
+    def _adjoint(self, system, params, tb):
         """MAML's exact meta-gradient by a hand-written reverse pass over the stored trajectory.
 
         Forward: v_{k+1} = m v_k + f(phi_k), phi_{k+1} = phi_k + eta v_{k+1}, f = -grad l_in - lam (phi - omega).
@@ -112,11 +113,11 @@ class MAML(_Unrolled):
         lam, names = self.lam_tree(params), list(omega)
         lr, mom, K, T = self.inner_lr, self.momentum, self.inner_steps, tb.num_tasks
         xs, ys = tb.x_support, tb.y_support
+        inner = heavy_ball(lr, mom)
 
         def fwd(phi, vel, x, y):
-            f = system.force(phi, omega, lam, x, y)
-            vel = {k: mom * vel[k] + f[k] for k in f}
-            return {k: phi[k] + lr * vel[k] for k in phi}, vel
+            delta, vel = inner.update(system.force(phi, omega, lam, x, y), vel)
+            return apply(phi, delta), vel
 
         def bwd(phi, a_phi, a_v, x, y):
             a = {k: a_v[k] + lr * a_phi[k] for k in a_phi}
@@ -126,13 +127,13 @@ class MAML(_Unrolled):
 
         fwd_m, bwd_m = system.tmap(fwd, (0, 0, 0, 0)), system.tmap(bwd, (0, 0, 0, 0, 0))
         with torch.no_grad():
-            phi = {k: v.unsqueeze(0).expand(T, *v.shape).clone() for k, v in omega.items()}
-            vel = {k: torch.zeros_like(v) for k, v in phi.items()}
+            phi = tree_expand(omega, T)
+            vel = inner.init(phi)
             traj = []
             for _ in range(K):
                 traj.append(phi)
                 prev, (phi, vel) = phi, fwd_m(phi, vel, xs, ys)
-            rel = (tree_norm(tree_sub(phi, prev), batched=True)
+            rel = (tree_norm(tree_map(torch.sub, phi, prev), batched=True)
                    / tree_norm(phi, batched=True).clamp_min(1e-12))
             a_phi = system.grads(phi, tb.x_query, tb.y_query)
             a_v = {k: torch.zeros_like(v) for k, v in a_phi.items()}
@@ -143,9 +144,8 @@ class MAML(_Unrolled):
             grads = {k: (g_omega[k] + a_phi[k]).mean(0) for k in names}
         finite = tree_finite(phi) and bool(torch.isfinite(rel).all())
         st = SolverStats(iterations=K, residual=float(rel.max()), converged=finite, diverged=not finite)
-        self._finish(system, stats, phi, tb, st)
-        stats.extra["graph_bytes"] = sum(v.numel() * v.element_size() for p in traj for v in p.values())
-        return grads, None, stats, st
+        return self._result(grads, st, phi,
+                            graph_bytes=sum(v.numel() * v.element_size() for p in traj for v in p.values()))
 
 
 class FOMAML(_Unrolled):
@@ -154,13 +154,7 @@ class FOMAML(_Unrolled):
     name = "fomaml"
 
     def _meta_gradient(self, system, params, tb):
-        omega = {k: v.detach() for k, v in params.items()}
-        stats = self._start(system, omega, tb)
-        phi, st = self._free(system, omega, self.lam_tree(params), tb.x_support, tb.y_support)
-        with torch.no_grad():
-            grads = {k: v.mean(0) for k, v in system.grads(phi, tb.x_query, tb.y_query).items()}
-            self._finish(system, stats, phi, tb, st)
-        return grads, None, stats, st
+        return self._first_order(system, params, tb, lambda omega, phi: system.grads(phi, tb.x_query, tb.y_query))
 
 
 class Reptile(_Unrolled):
@@ -171,10 +165,4 @@ class Reptile(_Unrolled):
     name = "reptile"
 
     def _meta_gradient(self, system, params, tb):
-        omega = {k: v.detach() for k, v in params.items()}
-        stats = self._start(system, omega, tb)
-        phi, st = self._free(system, omega, self.lam_tree(params), tb.x_support, tb.y_support)
-        with torch.no_grad():
-            grads = {k: (omega[k] - phi[k]).mean(0) for k in omega}
-            self._finish(system, stats, phi, tb, st)
-        return grads, None, stats, st
+        return self._first_order(system, params, tb, lambda omega, phi: {k: omega[k] - phi[k] for k in omega})
