@@ -65,3 +65,86 @@ def test_atomic_write_text(tmp_path):
     path = atomic_write_text('{"a": 1}\n', tmp_path / "sub" / "r.json")
     assert path.read_text() == '{"a": 1}\n'
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+# ------------------------------------------------------------------ flags generated from config dataclasses
+# the flags of each command as they were before they were generated (stable API), plus --activation (issue 10)
+STABLE_FLAGS = {
+    "supervised": "batch-size checkpoint-every data-root dataset device epochs grad-clip lr lr-final max-batches max-iter "
+                  "max-skipped method model model-set no-progress optimizer out overwrite preset resume seed set "
+                  "solver test-subset tol weight-decay",
+    "fewshot": "activation beta cache-dir checkpoint-every data-root device dtype hidden inner-lr inner-steps lam "
+               "log-every max-skipped meta-batch meta-steps methods no-plots no-progress out outer-lr overwrite "
+               "queries resume seed set shots split-seed stop-after task test-episodes threads val-episodes "
+               "val-every ways",
+    "demo": "beta checkpoint-every device dtype hidden inner-lr inner-steps lam log-every max-skipped meta-batch "
+            "meta-steps methods no-plots no-progress out outer-lr overwrite resume seed set stop-after test-episodes "
+            "threads val-episodes val-every",
+}
+
+
+def _subparsers():
+    from lcp_meta.cli import build_parser
+    action = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    return action.choices
+
+
+def test_generated_flags_are_the_stable_ones():
+    for command, parser in _subparsers().items():
+        flags = {o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        assert flags == set(STABLE_FLAGS[command].split()), command
+
+
+def test_flags_reach_the_config_and_absent_flags_keep_the_one_source_of_defaults():
+    import dataclasses
+    from lcp_meta.fewshot import defaults
+    from lcp_meta.fewshot.cli import config_from_args
+    from lcp_meta.fewshot.runner import FewShotConfig
+    from lcp_meta.supervised.trainer import RunConfig
+    from lcp_meta.utils.cliargs import config_kwargs
+    parsers = _subparsers()
+    # nothing given: the CLI's config is the Python default, completed from defaults.TASKS
+    for task in ("sinusoid", "omniglot"):
+        cfg = config_from_args(parsers["fewshot"].parse_args(["--task", task])).validate()
+        assert cfg == FewShotConfig(task=task).validate()
+        assert {k: getattr(cfg, k) for k in defaults.TASKS[task]} == defaults.TASKS[task]
+    demo = config_from_args(parsers["demo"].parse_args([]), defaults.DEMO).validate()
+    assert {k: getattr(demo, k) for k in defaults.DEMO} == defaults.DEMO and demo.shots == defaults.TASKS["sinusoid"]["shots"]
+    # given flags win, with their types and conversions
+    cfg = config_from_args(parsers["fewshot"].parse_args(
+        ["--lam", "3", "--meta-steps", "7", "--methods", "lcp, maml", "--set", "lcp.beta=0.2", "--no-plots"]))
+    assert (cfg.lam, cfg.meta_steps, cfg.methods, cfg.method_options, cfg.plots) == \
+        (3.0, 7, ("lcp", "maml"), {"lcp": {"beta": 0.2}}, False)
+    sup = RunConfig(**config_kwargs(parsers["supervised"].parse_args(
+        ["--set", "alpha=0.1", "--model-set", "hidden=5", "--no-progress", "--epochs", "2"]), RunConfig))
+    assert (sup.method_kwargs, sup.model_kwargs, sup.progress, sup.epochs) == ({"alpha": 0.1}, {"hidden": 5}, False, 2)
+    assert dataclasses.replace(sup, method_kwargs={}, model_kwargs={}, progress=True, epochs=None) == RunConfig()
+
+
+# ------------------------------------------------------------------------------------- the experiment harness
+def test_harness_run_folder_and_checkpoint(tmp_path):
+    from lcp_meta.utils import CheckpointError, RunFolderError, UserInputError, harness
+    out = tmp_path / "run"
+    held = [out / "result.json", out / "checkpoint.pt"]
+    assert harness.prepare_run_folder(out, held, resume=False, overwrite=False) == out and out.is_dir()
+    (out / "result.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match=r"already holds a run \(result.json\)"):
+        harness.prepare_run_folder(out, held, resume=False, overwrite=False)
+    with pytest.raises(UserInputError, match="exclude each other"):
+        harness.prepare_run_folder(out, held, resume=True, overwrite=True)
+    harness.prepare_run_folder(out, held, resume=False, overwrite=True)
+    assert not (out / "result.json").exists() and (out / "notes.txt").read_text() == "mine"  # only the run's files
+
+    torch.manual_seed(5)
+    harness.save_checkpoint({"step": 3, "config": {"lam": 0.5, "seed": 0}}, out / "checkpoint.pt")
+    expected = torch.rand(3)
+    torch.manual_seed(99)
+    ck = harness.load_run_checkpoint(out / "checkpoint.pt", ("step",), "test", settings={"lam": 0.5, "seed": 0})
+    assert ck["step"] == 3 and torch.equal(torch.rand(3), expected)  # the RNG is where it was saved
+    with pytest.raises(UserInputError, match=r"different settings: lam was 0.5, now 2.0$"):
+        harness.load_run_checkpoint(out / "checkpoint.pt", ("step",), "test", settings={"lam": 2.0, "seed": 0})
+    with pytest.raises(CheckpointError, match="not a checkpoint of test .missing epoch"):
+        harness.load_run_checkpoint(out / "checkpoint.pt", ("step", "epoch"), "test")
+    where = harness.provenance(torch.device("cpu"), ["prog", "--x"])
+    assert where["command"] == "prog --x" and where["torch_version"] == torch.__version__ and where["world_size"] == 1
