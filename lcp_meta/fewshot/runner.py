@@ -223,13 +223,9 @@ def default_method_factory(name: str, model: torch.nn.Module, loss_fn: Callable,
 
 def takes_shared_lam(name: str) -> bool:
     """Whether the method's inner problem has the proximal term lam/2 |phi - omega|^2 (LCP, iMAML, CML), so that it
-    gets the shared ``lam``; MAML, FOMAML and Reptile keep their lam = 0.  Asked of the method registry."""
-    from .. import meta
-    ask = getattr(meta, "is_proximal", None)
-    if ask is not None:
-        return bool(ask(name))
-    cls = meta._REGISTRY[name][0]  # until the registry answers itself: the class says it (notes_C.md)
-    return bool(getattr(cls, "proximal", not issubclass(cls, meta.MAML)))
+    gets the shared ``lam``; MAML, FOMAML and Reptile keep their lam = 0.  The method registry knows."""
+    from ..meta import is_proximal
+    return bool(is_proximal(name))
 
 
 def common_kwargs(name: str, cfg: FewShotConfig, factory: Callable) -> Dict[str, object]:
