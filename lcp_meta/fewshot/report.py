@@ -81,6 +81,69 @@ def results_table(results: Sequence[Mapping], memory_kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fmt_p(p: Optional[float]) -> str:
+    return "-" if p is None else (f"{p:.1e}" if p < 1e-3 else f"{p:.3f}")
+
+
+def seeds_table(comparison: Mapping, rows: Mapping[str, Mapping], metric: str) -> str:
+    """The multi-seed table: one row per method, ``method | metric mean ± CI95 over seeds and episodes |
+    difference to the best ± CI95 | p (Wilcoxon, Holm) | significant | sec/meta-step | skipped | final residual
+    (worst over seeds) | settings``.
+
+    ``comparison`` is :func:`lcp_meta.fewshot.stats.compare`'s output; ``rows[method]`` holds ``sec_per_step``
+    (mean over seeds), ``skipped`` (e.g. ``"0/900"``), ``residual`` (text) and ``settings`` (text)."""
+    best, summary = comparison["best"], comparison["summary"]
+    tests = {t["a"]: t for t in comparison["tests"]}
+    scale = 100.0 if metric == "accuracy" else 1.0
+    fmt = (lambda v: f"{scale * v:.2f}") if metric == "accuracy" else (lambda v: f"{v:.4g}")
+    head = ["method", f"{_METRIC_LABEL[metric]} mean ± CI95", f"difference to {best} ± CI95",
+            "p (Wilcoxon, Holm)", "significant", "sec/meta-step", "skipped meta-steps",
+            "final residual (inner / control)", "settings"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    order = sorted(summary, key=lambda n: summary[n]["mean"], reverse=metric == "accuracy")
+    for name in order + list(comparison.get("excluded", ())):
+        r = rows.get(name, {})
+        if name in summary:
+            s = summary[name]
+            cell = f"{fmt(s['mean'])} ± {fmt(s['ci95'])}"
+            t = tests.get(name)
+            diff = "(best)" if t is None else f"{'+' if t['mean_diff'] >= 0 else ''}{fmt(t['mean_diff'])} ± {fmt(t['ci95'])}"
+            p = "-" if t is None else _fmt_p(t["p_holm"])
+            sig = "-" if t is None else ("yes" if t["significant"] else "no")
+        else:
+            cell, diff, p, sig = "diverged", "-", "-", "-"
+        lines.append("| " + " | ".join([name, cell, diff, p, sig, f"{r.get('sec_per_step', float('nan')):.4g}",
+                                        str(r.get("skipped", "-")), str(r.get("residual", "-")),
+                                        str(r.get("settings", "-"))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def seed_rows(per_seed: Mapping[str, Sequence[Mapping]], settings: Optional[Mapping[str, str]] = None):
+    """From ``per_seed[method] = [result of seed 0, result of seed 1, ...]`` (the runner's per-method result
+    dicts, each with ``test_values``) to ``(values, rows)`` for :func:`lcp_meta.fewshot.stats.compare` and
+    :func:`seeds_table`: ``values[method][s][e]``; ``rows[method]`` with the mean sec/meta-step, the skipped
+    meta-steps summed over seeds, the worst final residuals over seeds and the settings text."""
+    values, rows = {}, {}
+    for name, results in per_seed.items():
+        missing = [i for i, r in enumerate(results) if not r.get("test_values")]
+        if missing:
+            raise UserInputError(f"{name}: seed run(s) {missing} have no per-episode test values (test_values); "
+                                 f"run them again with this version of the runner")
+        values[name] = [r["test_values"] for r in results]
+        worst = {}
+        for key in ("inner_residual", "control_residual"):
+            got = [(r.get("final_residuals") or {}).get(key) for r in results]
+            got = [g for g in got if g is not None]
+            worst[key] = max(got) if got else None
+        converged = all((r.get("final_residuals") or {}).get("converged") for r in results)
+        residual = format_residuals({"final_residuals": {**worst, "converged": converged}})
+        rows[name] = {"sec_per_step": sum(r["sec_per_step"] for r in results) / len(results),
+                      "skipped": f"{sum(r['skipped_meta_steps'] for r in results)}/"
+                                 f"{sum(r['meta_steps'] for r in results)}",
+                      "residual": residual, "settings": (settings or {}).get(name, "-")}
+    return values, rows
+
+
 def parse_results_table(text: str) -> List[Dict[str, object]]:
     """Read back the first table of a ``results.md``: a list of dicts, numbers as floats (None for 'n/a').
 
