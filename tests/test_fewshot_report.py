@@ -75,3 +75,39 @@ def test_plots_are_valid_pngs(tmp_path):
     fits = {"x": x.tolist(), "tasks": [{"amplitude": 2.0, "phase": 1.0, "x_support": [0.0, 1.0],
                                         "y_support": [-1.7, 0.0], "pred": {"lcp": np.sin(x).tolist()}}] * 2}
     assert_png(report.plot_sinusoid_fits(fits, tmp_path / "fits.png"))
+
+
+def _seed_results(rng, offset, seeds=3, episodes=40, skipped=0, residuals=(None, None)):
+    out = []
+    for s in range(seeds):
+        values = (rng.gamma(2.0, 0.5, size=episodes) + offset).tolist()
+        out.append({"test_values": values, "sec_per_step": 0.1 * (s + 1), "skipped_meta_steps": skipped,
+                    "meta_steps": 100, "final_residuals": {"inner_residual": residuals[0],
+                                                           "control_residual": residuals[1], "converged": True}})
+    return out
+
+
+def test_seeds_table_states_what_the_paired_tests_found():
+    rng = np.random.default_rng(5)
+    per_seed = {"maml": _seed_results(rng, 1.0), "lcp": _seed_results(rng, 0.0, skipped=1,
+                                                                        residuals=(2e-5, 9e-5))}
+    per_seed["lcp"][1]["final_residuals"]["control_residual"] = 1e-4  # the worst seed's residual is shown
+    values, rows = report.seed_rows(per_seed, {"lcp": "lam=10.0", "maml": "inner_lr=0.01"})
+    assert rows["lcp"]["skipped"] == "3/300" and rows["lcp"]["sec_per_step"] == pytest.approx(0.2)
+    assert rows["lcp"]["residual"] == "2.0e-05 / 1.0e-04" and rows["maml"]["residual"] == "-"
+    from lcp_meta.fewshot import stats
+    comparison = stats.compare(values, lower_is_better=True)
+    table = report.seeds_table(comparison, rows, "mse")
+    parsed = report.parse_results_table(table)
+    assert [r["method"] for r in parsed] == ["lcp", "maml"]  # best first
+    lcp, maml = parsed
+    assert lcp["test MSE mean ± CI95"] == pytest.approx(comparison["summary"]["lcp"]["mean"], rel=1e-3)
+    assert lcp["significant"] == "-" and maml["significant"] == "yes"
+    diff = np.mean([np.mean(a) - np.mean(b) for a, b in zip(values["maml"], values["lcp"])])
+    assert maml["difference to lcp ± CI95"] == pytest.approx(diff, rel=1e-3)
+    assert maml["settings"] == "inner_lr=0.01"
+
+
+def test_seed_rows_refuses_runs_without_per_episode_values():
+    with pytest.raises(ValueError, match="test_values"):
+        report.seed_rows({"lcp": [{"sec_per_step": 1.0, "skipped_meta_steps": 0, "meta_steps": 1}]})
