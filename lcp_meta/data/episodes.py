@@ -13,7 +13,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .sinusoid import TaskTensors
+from .tasks import TaskBatch
 from ..utils.errors import UserInputError
 
 
@@ -77,7 +77,7 @@ class EpisodeSampler:
         query = draws[..., self.shots: self.shots + self.queries]
         return EpisodeIndices(classes, support, query)
 
-    def gather(self, idx: EpisodeIndices, dtype: torch.dtype = torch.float32) -> TaskTensors:
+    def gather(self, idx: EpisodeIndices, dtype: torch.dtype = torch.float32) -> TaskBatch:
         """Images and labels of the episodes in ``idx``.
 
         Returns x_support (E, N*K, *image_shape), y_support (E, N*K) int64 in 0..N-1 (class-major order),
@@ -102,15 +102,15 @@ class EpisodeSampler:
 
         xs, ys = take(idx.support)
         xq, yq = take(idx.query)
-        return TaskTensors(xs, ys, xq, yq)
+        return TaskBatch(xs, ys, xq, yq)
 
     def sample(self, num_episodes: int, seed: Optional[int] = None,
-               generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> TaskTensors:
+               generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> TaskBatch:
         """``gather(sample_indices(...))``: a meta-batch of episodes ready for a meta-learning method."""
         return self.gather(self.sample_indices(num_episodes, seed=seed, generator=generator), dtype=dtype)
 
     def iter_batches(self, idx: EpisodeIndices, batch_size: int,
-                     dtype: torch.dtype = torch.float32) -> Iterator[TaskTensors]:
+                     dtype: torch.dtype = torch.float32) -> Iterator[TaskBatch]:
         """Gather a fixed episode set in chunks of ``batch_size`` episodes (bounded memory)."""
         for start in range(0, len(idx), batch_size):
             yield self.gather(idx.slice(start, start + batch_size), dtype=dtype)

@@ -179,7 +179,6 @@ class TensorBatches:
         self.x = x.to(device) if device is not None else x
         self.y = y.to(self.x.device)
         self.batch_size, self.shuffle, self.drop_last, self.seed = int(batch_size), shuffle, drop_last, int(seed)
-        self.epoch = 0
 
     def __len__(self) -> int:
         n = self.x.shape[0]
@@ -188,10 +187,6 @@ class TensorBatches:
     @property
     def device(self) -> torch.device:
         return self.x.device
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle used by the next plain iteration."""
-        self.epoch = int(epoch)
 
     def order(self, epoch: int) -> torch.Tensor:
         """The sample order of ``epoch`` (on the data's device)."""
@@ -209,4 +204,5 @@ class TensorBatches:
             yield self.x[sel], self.y[sel]
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        return self.batches(self.epoch)
+        """The batches of epoch 0 (``batches(epoch)`` for any other)."""
+        return self.batches(0)

@@ -43,8 +43,9 @@ _CHAR_DIR = re.compile(r"^character\d+$")
 
 
 @dataclass
-class OmniglotCharacters:
-    """Decoded drawings: ``images`` uint8 (characters, drawings, S, S), ``names`` 'alphabet/characterNN'."""
+class OmniglotClasses:
+    """Decoded drawings by class: ``images`` uint8 (classes, drawings, S, S) and a name per class (the decoded
+    characters, 'alphabet/characterNN', or the rotated classes of one split, 'alphabet/characterNN/rot090')."""
 
     images: torch.Tensor
     names: List[str]
@@ -52,26 +53,15 @@ class OmniglotCharacters:
     def __len__(self) -> int:
         return len(self.names)
 
-
-@dataclass
-class OmniglotSplit:
-    """The classes of one split: ``images`` uint8 (classes, drawings, S, S) and a name per class."""
-
-    images: torch.Tensor
-    names: List[str]
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def to(self, device) -> "OmniglotSplit":
-        return OmniglotSplit(self.images.to(device), self.names)
+    def to(self, device) -> "OmniglotClasses":
+        return OmniglotClasses(self.images.to(device), self.names)
 
 
 @dataclass
 class OmniglotSplits:
-    train: OmniglotSplit
-    val: OmniglotSplit
-    test: OmniglotSplit
+    train: OmniglotClasses
+    val: OmniglotClasses
+    test: OmniglotClasses
     protocol: Dict[str, object]
 
 
@@ -143,7 +133,7 @@ def _character_members(zf: zipfile.ZipFile) -> Dict[str, List[zipfile.ZipInfo]]:
     return chars
 
 
-def _decode_zips(paths: Sequence[Path], image_size: int, progress: bool) -> OmniglotCharacters:
+def _decode_zips(paths: Sequence[Path], image_size: int, progress: bool) -> OmniglotClasses:
     from tqdm.auto import tqdm
 
     seen: Dict[str, Tuple[Path, List[zipfile.ZipInfo]]] = {}
@@ -180,11 +170,11 @@ def _decode_zips(paths: Sequence[Path], image_size: int, progress: bool) -> Omni
     finally:
         for zf in zips.values():
             zf.close()
-    return OmniglotCharacters(torch.from_numpy(images), names)
+    return OmniglotClasses(torch.from_numpy(images), names)
 
 
 def load_characters(zip_paths: Sequence["str | os.PathLike"], image_size: int = 28,
-                    cache_dir: "str | os.PathLike | None" = None, progress: bool = False) -> OmniglotCharacters:
+                    cache_dir: "str | os.PathLike | None" = None, progress: bool = False) -> OmniglotClasses:
     """Decode (or load from the cache) the distinct characters of the given Omniglot zips."""
     paths = [Path(p) for p in zip_paths]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -198,7 +188,7 @@ def load_characters(zip_paths: Sequence["str | os.PathLike"], image_size: int = 
     if cache_file.is_file():
         try:
             blob = torch.load(cache_file, map_location="cpu", weights_only=True)
-            return OmniglotCharacters(blob["images"], list(blob["names"]))
+            return OmniglotClasses(blob["images"], list(blob["names"]))
         except Exception as exc:  # a damaged cache is rebuilt, never trusted
             warnings.warn(f"ignoring unreadable Omniglot cache {cache_file}: {exc}")
     chars = _decode_zips(paths, image_size, progress)
@@ -243,7 +233,7 @@ def download_omniglot(data_root: "str | os.PathLike") -> Path:
 
 
 def rotate_classes(images: torch.Tensor, names: Sequence[str],
-                   rotations: Sequence[int] = (0, 90, 180, 270)) -> OmniglotSplit:
+                   rotations: Sequence[int] = (0, 90, 180, 270)) -> OmniglotClasses:
     """Each character at each rotation as its own class (rotation-major order: all characters at 0, at 90, ...)."""
     out, out_names = [], []
     for deg in rotations:
@@ -251,7 +241,7 @@ def rotate_classes(images: torch.Tensor, names: Sequence[str],
             raise UserInputError(f"rotations must be multiples of 90 degrees, got {deg}")
         out.append(torch.rot90(images, k=(deg // 90) % 4, dims=(-2, -1)))
         out_names += [f"{n}/rot{deg:03d}" for n in names]
-    return OmniglotSplit(torch.cat(out, 0).contiguous(), out_names)
+    return OmniglotClasses(torch.cat(out, 0).contiguous(), out_names)
 
 
 def split_indices(num: int, fractions: Sequence[float], seed: int) -> List[torch.Tensor]:

@@ -13,21 +13,16 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from ..utils.errors import UserInputError
+from .tasks import TaskBatch
 
 
-class TaskTensors(NamedTuple):
-    """A batch of tasks, each tensor with a leading task dimension T (a plain tuple ``TaskBatch`` accepts)."""
-
-    x_support: torch.Tensor
-    y_support: torch.Tensor
-    x_query: torch.Tensor
-    y_query: torch.Tensor
+TaskTensors = TaskBatch  # the former name of the one task type (kept for code that imports it)
 
 
 class SinusoidBatch(NamedTuple):
     """Sampled sinusoid tasks: the tensors plus the true task parameters (for plots of the fits)."""
 
-    tasks: TaskTensors
+    tasks: TaskBatch
     amplitude: torch.Tensor  # (T,)
     phase: torch.Tensor  # (T,)
 
@@ -90,5 +85,5 @@ class SinusoidTasks:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype)
 
-        tasks = TaskTensors(move(xs), move(ys), move(xq), move(yq))
+        tasks = TaskBatch(move(xs), move(ys), move(xq), move(yq))
         return SinusoidBatch(tasks, move(amp), move(phase))

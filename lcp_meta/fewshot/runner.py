@@ -299,7 +299,7 @@ def memory_kind(device: torch.device) -> str:
 
 
 def _predict(method, batch) -> torch.Tensor:
-    # a 4-tuple (TaskTensors) is what every method accepts in place of a TaskBatch
+    # the 4-tuple form: what every method (and a stand-in in the tests) accepts
     return method.predict(tuple(batch)).detach()
 
 
@@ -463,20 +463,21 @@ class _MethodRun:
 # ------------------------------------------------------------------------------------------------ the run
 def _sinusoid_fits(runs: Sequence[_MethodRun], source, count: int = 3) -> dict:
     sampled = source.fit_tasks(count)
-    tasks, count = sampled.tasks, int(sampled.tasks[0].shape[0])
+    tasks, count = sampled.tasks, sampled.tasks.num_tasks
     grid = torch.linspace(*source.tasks.x_range, 200, device=source.device, dtype=source.dtype)
     x_grid = grid.view(1, -1, 1).expand(count, -1, -1).contiguous()
     fits = {"x": grid.cpu().tolist(), "tasks": []}
     preds = {}
     for run in runs:
         try:
-            preds[run.name] = _predict(run.method, (tasks[0], tasks[1], x_grid, torch.zeros_like(x_grid))).cpu()
+            preds[run.name] = _predict(run.method, (tasks.x_support, tasks.y_support, x_grid,
+                                                    torch.zeros_like(x_grid))).cpu()
         except DivergenceError as exc:  # a diverging method gets no curve in the plot; the run still finishes
             warnings.warn(f"{run.name}: adaptation for the fits plot diverged ({exc})")
     for i in range(count):
         fits["tasks"].append({
             "amplitude": float(sampled.amplitude[i]), "phase": float(sampled.phase[i]),
-            "x_support": tasks[0][i, :, 0].cpu().tolist(), "y_support": tasks[1][i, :, 0].cpu().tolist(),
+            "x_support": tasks.x_support[i, :, 0].cpu().tolist(), "y_support": tasks.y_support[i, :, 0].cpu().tolist(),
             "pred": {name: p[i, :, 0].tolist() for name, p in preds.items()}})
     return fits
 

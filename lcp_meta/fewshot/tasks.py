@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.episodes import EpisodeSampler
-from ..data.sinusoid import SinusoidBatch, SinusoidTasks, TaskTensors
+from ..data.sinusoid import SinusoidBatch, SinusoidTasks
+from ..data.tasks import TaskBatch
 
 TRAIN, VAL, TEST = 0, 1, 2
 # how the protocol names the learner's nonlinearity (kept as it always read for ReLU)
@@ -72,18 +73,18 @@ class SinusoidSource:
     def _sample(self, n: int, seed: int):
         return self.tasks.sample(n, seed=seed, device=self.device, dtype=self.dtype)
 
-    def train_batch(self, step: int) -> TaskTensors:
+    def train_batch(self, step: int) -> TaskBatch:
         return self._sample(self.meta_batch, derive_seed(self.seed, TRAIN, step)).tasks
 
-    def _fixed(self, n: int, stream: int, batch: int) -> Iterator[TaskTensors]:
+    def _fixed(self, n: int, stream: int, batch: int) -> Iterator[TaskBatch]:
         full = self._sample(n, derive_seed(self.seed, stream)).tasks
         for start in range(0, n, batch):
-            yield TaskTensors(*(t[start:start + batch] for t in full))
+            yield full.slice(start, start + batch)
 
-    def val_batches(self, batch: int) -> Iterator[TaskTensors]:
+    def val_batches(self, batch: int) -> Iterator[TaskBatch]:
         return self._fixed(self.val_tasks, VAL, batch)
 
-    def test_batches(self, batch: int) -> Iterator[TaskTensors]:
+    def test_batches(self, batch: int) -> Iterator[TaskBatch]:
         return self._fixed(self.test_tasks, TEST, batch)
 
     def num_test(self) -> int:
@@ -96,7 +97,7 @@ class SinusoidSource:
         """The first ``count`` test tasks with their true amplitude and phase (for the plot of adapted fits)."""
         sampled = self._sample(self.test_tasks, derive_seed(self.seed, TEST))
         count = min(count, self.test_tasks)  # fewer test tasks than curves asked for
-        return SinusoidBatch(TaskTensors(*(t[:count] for t in sampled.tasks)), sampled.amplitude[:count],
+        return SinusoidBatch(sampled.tasks.slice(0, count), sampled.amplitude[:count],
                              sampled.phase[:count])
 
 
@@ -139,18 +140,18 @@ class OmniglotSource:
         return Conv4(n_ways=self.ways, in_channels=1, hidden=self.hidden)
 
     @staticmethod
-    def _with_channel(t: TaskTensors) -> TaskTensors:
+    def _with_channel(t: TaskBatch) -> TaskBatch:
         # (E, M, 28, 28) -> (E, M, 1, 28, 28): the conv net takes one input channel
-        return TaskTensors(t.x_support.unsqueeze(2), t.y_support, t.x_query.unsqueeze(2), t.y_query)
+        return TaskBatch(t.x_support.unsqueeze(2), t.y_support, t.x_query.unsqueeze(2), t.y_query)
 
-    def train_batch(self, step: int) -> TaskTensors:
+    def train_batch(self, step: int) -> TaskBatch:
         return self._with_channel(self.train.sample(self.meta_batch, seed=derive_seed(self.seed, TRAIN, step),
                                                     dtype=self.dtype))
 
-    def val_batches(self, batch: int) -> Iterator[TaskTensors]:
+    def val_batches(self, batch: int) -> Iterator[TaskBatch]:
         return (self._with_channel(t) for t in self.val.iter_batches(self.val_idx, batch, self.dtype))
 
-    def test_batches(self, batch: int) -> Iterator[TaskTensors]:
+    def test_batches(self, batch: int) -> Iterator[TaskBatch]:
         return (self._with_channel(t) for t in self.test.iter_batches(self.test_idx, batch, self.dtype))
 
     def num_test(self) -> int:
@@ -167,13 +168,13 @@ class OmniglotSource:
             return None
         return load_one_shot_runs(zip_path=omniglot_folder(self.data_root) / RUNS_ZIP)
 
-    def one_shot_batch(self, runs) -> TaskTensors:
+    def one_shot_batch(self, runs) -> TaskBatch:
         """All runs as one batch of 20-way 1-shot tasks: support = the 20 training images labelled 0..19."""
         xs = torch.stack([r.train_images for r in runs]).to(self.device, self.dtype).unsqueeze(2) / 255.0
         xq = torch.stack([r.test_images for r in runs]).to(self.device, self.dtype).unsqueeze(2) / 255.0
         ys = torch.arange(xs.shape[1], device=self.device).expand(len(runs), -1).contiguous()
         yq = torch.stack([r.answers for r in runs]).to(self.device)
-        return TaskTensors(xs, ys, xq, yq)
+        return TaskBatch(xs, ys, xq, yq)
 
 
 SOURCES: Dict[str, Callable] = {"sinusoid": SinusoidSource, "omniglot": OmniglotSource}
