@@ -211,9 +211,11 @@ def test_weak_control_recovers_exact_gradient_and_rbp_equals_it(name):
     assert cos > 0.999
     assert rel_err(upd, ref) < 1e-2  # the bias is O(beta)
     rbp = make_method("rbp", model, tol=1e-14, max_iter=20000)
+    model.zero_grad(set_to_none=True)  # backward accumulates into .grad, like loss.backward()
     rbp.backward(x, y)
     assert rel_err(flat_grads(model), ref) < 1e-8
     if model.layered:
+        model.zero_grad(set_to_none=True)
         make_method("bp", model).backward(x, y)
         assert rel_err(flat_grads(model), ref) < 1e-8
 

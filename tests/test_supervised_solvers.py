@@ -40,6 +40,7 @@ def update(model, method_name, x, y, **kw):
     method = make_method(method_name, model, **kw)
     torch.manual_seed(123)  # KP's feedback weights: the same draw for every solver
     method = make_method(method_name, model, **kw)
+    model.zero_grad(set_to_none=True)  # backward accumulates into .grad, like loss.backward()
     stats = method.backward(x, y)
     return torch.cat([p.grad.reshape(-1) for p in method.parameters()]), stats
 

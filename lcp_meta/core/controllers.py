@@ -75,21 +75,28 @@ class Controller:
     name = "controller"
     _drivers: Dict[str, Callable] = {}
 
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls._drivers = {}  # drivers are not inherited: KP is not DI on a system without feedback weights
+
     def __init__(self, **settings):
         self.settings = settings
 
     @classmethod
     def drives(cls, kind: str):
         """Decorator registering ``fn(controller, method, system, batch)`` as this class's driver on systems of
-        ``kind``; subclasses inherit it unless they register their own."""
+        ``kind``."""
 
         def deco(fn):
-            if "_drivers" not in cls.__dict__:
-                cls._drivers = dict(cls._drivers)
             cls._drivers[kind] = fn
             return fn
 
         return deco
+
+    @classmethod
+    def can_drive(cls, kind: str) -> bool:
+        """A driver for ``kind`` is registered, or the class reaches its equilibrium itself."""
+        return kind in cls._drivers or cls.equilibrium is not Controller.equilibrium
 
     def equilibrium(self, method, system, batch):
         driver = self._drivers.get(system.kind)
@@ -138,10 +145,20 @@ class DI(Controller):
     ``J_f^T e* = -J_h^T u*``: the stationarity of the least-control problem (spec section 1)."""
 
     @staticmethod
-    def field(t: Terms, e, gain: float = 1.0):
-        """``(dz/dt, de/dt)`` from the terms at ``(z, e, u)``; ``gain`` scales the control fed to the state
-        (the inner problem stores ``u = psi / beta`` and feeds ``beta u``)."""
-        return _add(t.f, e, gain), _add(t.jf, t.jh)
+    def drive(f, e, gain: float = 1.0):
+        """``dz/dt = f + gain e``: the control fed into the state (the inner problem stores ``u = psi / beta``
+        and feeds ``beta u``)."""
+        return _add(f, e, gain)
+
+    @staticmethod
+    def inversion(t: Terms):
+        """``de/dt = J_f^T e + J_h^T u`` from terms taken at ``(z, e, u)``."""
+        return _add(t.jf, t.jh)
+
+    @classmethod
+    def field(cls, t: Terms, e, gain: float = 1.0):
+        """``(dz/dt, de/dt)`` from the terms at ``(z, e, u)``."""
+        return cls.drive(t.f, e, gain), cls.inversion(t)
 
 
 @register_controller("kp")

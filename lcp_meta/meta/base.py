@@ -21,7 +21,7 @@ from ..core.solvers import SolverStats, check_divergence, solve
 from ..core.tree import Tree, tree_detach, tree_expand, tree_finite, tree_norm, tree_pack, tree_zeros_like
 from .dynamics import SAFETY, iterate, momentum_for, power_iteration, relax_map
 from .functional import check_vmappable, make_loss, make_model_fn, split_model, task_map
-from .system import InnerSystem
+from .inner_problem import InnerProblem
 
 __all__ = ["TaskBatch", "MetaStats", "MetaGradient", "MetaMethod", "check_positive"]
 
@@ -323,7 +323,7 @@ class MetaMethod(GradientMethod, nn.Module):
         return self.tol
 
     # ------------------------------------------------------------------------------- plumbing
-    def _system(self) -> Tuple[InnerSystem, Tree]:
+    def _system(self) -> Tuple[InnerProblem, Tree]:
         params, consts = split_model(self.model)
         if list(params) != self._names:
             raise ValueError("the model's trainable parameters changed since the method was built: "
@@ -331,7 +331,7 @@ class MetaMethod(GradientMethod, nn.Module):
         if self.use_vmap:
             check_vmappable(self.model)
         model_fn = make_model_fn(self.model, consts)
-        return InnerSystem(make_loss(model_fn, checked_loss(self.loss_fn)), model_fn, self.use_vmap), params
+        return InnerProblem(make_loss(model_fn, checked_loss(self.loss_fn)), model_fn, self.use_vmap), params
 
     def _prepare(self, tasks) -> TaskBatch:
         tb = TaskBatch.coerce(tasks)
@@ -348,24 +348,27 @@ class MetaMethod(GradientMethod, nn.Module):
         ``tol=None`` runs exactly ``max_iter`` steps (reported as not converged).  No autograd graph is
         kept across steps.
         """
-        tol = self.tol_for(state[0].dtype) if tol == AUTO else tol
-        max_iter = self.inner_steps if max_iter is None else int(max_iter)
-        # tol=None: the solvers' fixed-steps mode (exactly max_iter steps, reported fixed, not converged)
-        solver = "anderson" if self.solver == "anderson" and tol is not None else "euler"
-        return solve(step, state, solver=solver, tol=tol, max_iter=max_iter, name=name)
+        return solve(step, state, name=name, **self._solve_settings(state[0].dtype, tol, max_iter))
+
+    def _solve_settings(self, dtype: torch.dtype, tol=AUTO, max_iter=None) -> dict:
+        """``tol``, ``max_iter`` and ``solver`` of :func:`lcp_meta.core.solvers.solve` for this method's dynamics
+        (``tol=None``: the solvers' fixed-steps mode, exactly max_iter steps, reported fixed, not converged)."""
+        tol = self.tol_for(dtype) if tol == AUTO else tol
+        return dict(tol=tol, max_iter=self.inner_steps if max_iter is None else int(max_iter),
+                    solver="anderson" if self.solver == "anderson" and tol is not None else "euler")
 
     def _mu(self, lam: Tree) -> float:
         """The smallest lam: the curvature of the proximal problem where Hess l_in >= 0."""
         return float(min(float(v.min()) for v in lam.values()))
 
-    def _auto_step(self, system: InnerSystem, phi: Tree, lam: Tree, xs, ys) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _auto_step(self, system: InnerProblem, phi: Tree, lam: Tree, xs, ys) -> Tuple[torch.Tensor, torch.Tensor]:
         """(per-task step 1 / (SAFETY lam_max), lam_max) from a power-iteration estimate at ``phi``."""
         lmax = self._tmap(lambda p, x, y: power_iteration(system, p, lam, x, y, self.power_iters),
                           (0, 0, 0))(phi, xs, ys)
         lmax = torch.nan_to_num(lmax, nan=float("inf")).clamp_min(self._mu(lam))
         return 1.0 / (SAFETY * lmax), lmax
 
-    def _relax(self, system: InnerSystem, omega: Tree, lam: Tree, xs, ys, phi0: Optional[Tree] = None,
+    def _relax(self, system: InnerProblem, omega: Tree, lam: Tree, xs, ys, phi0: Optional[Tree] = None,
                beta: float = 0.0, xq=None, yq=None, steps: Optional[int] = None, shift: Optional[Tree] = None,
                scale: Optional[torch.Tensor] = None, reuse: Optional[dict] = None):
         """Relax the inner problem ``l_in + lam/2 |phi - omega|^2 [+ beta l_out]`` from ``phi0`` (default
@@ -414,10 +417,11 @@ class MetaMethod(GradientMethod, nn.Module):
         info.update(a=a, m=m, scale=scale)
         return phi, st, info
 
-    def _free(self, system: InnerSystem, omega: Tree, lam: Tree, xs, ys):
+    def _free(self, system: InnerProblem, omega: Tree, lam: Tree, xs, ys):
         """The free inner equilibrium phi* of l_in(phi) + lam/2 |phi - omega|^2, from phi = omega."""
         if self.solver == "anderson":
-            return system.free_equilibrium(omega, lam, xs, ys, self)
+            return system.free_equilibrium(omega, lam, xs, ys, lr=self.inner_lr, momentum=self.momentum,
+                                           **self._solve_settings(next(iter(omega.values())).dtype))
         phi, st, _ = self._relax(system, omega, lam, xs, ys)
         return phi, st
 
@@ -523,7 +527,7 @@ class MetaMethod(GradientMethod, nn.Module):
     def _report_failure(self, what: str, stats: SolverStats, tb) -> None:
         self._fail(what, stats, self.name, tb, getattr(stats, "phase", "inner"), stacklevel=5)
 
-    def _meta_gradient(self, system: InnerSystem, params: Tree, tb: TaskBatch) -> "MetaGradient":
+    def _meta_gradient(self, system: InnerProblem, params: Tree, tb: TaskBatch) -> "MetaGradient":
         """The method's own part: its mean meta-gradient and statistics (see :class:`MetaGradient`)."""
         raise NotImplementedError
 

@@ -54,9 +54,10 @@ class ContrastiveMeta(MetaMethod):
             if st.diverged:
                 break
             if self.solver == "anderson":
-                phib, stb = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, self, phi0=phi0,
-                                                    beta=b, xq=tb.x_query, yq=tb.y_query, steps=self.nudged_steps,
-                                                    name="CML nudged phase")
+                settings = self._solve_settings(next(iter(omega.values())).dtype, max_iter=self.nudged_steps)
+                phib, stb = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, lr=self.inner_lr,
+                                                    momentum=self.momentum, phi0=phi0, beta=b, xq=tb.x_query,
+                                                    yq=tb.y_query, name="CML nudged phase", **settings)
             else:
                 # residual relative to |f(omega)|, the scale of the inner problem (the nudged phase starts
                 # with a force of only beta |grad l_out|); same step and momentum as the free phase

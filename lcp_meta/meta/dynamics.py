@@ -21,26 +21,19 @@ updates.  The residual reported is therefore the residual of the state returned.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch.func import grad_and_value
 
+from ..core.controllers import DI
 from ..core.solvers import SolverStats
-from .functional import Tree, grad_and_hvp
+from ..core.tree import Tree, tree_dot, tree_norm
 
-__all__ = ["iterate", "power_iteration", "momentum_for", "relax_map", "control_map", "cg_map", "SAFETY"]
+__all__ = ["iterate", "power_iteration", "momentum_for", "relax_map", "control_map", "cg_step", "cg_map", "SAFETY"]
 
 # the step is 1 / (SAFETY * estimated largest eigenvalue): power iteration estimates it from below
 SAFETY = 1.25
-
-
-def _tdot(a: Tree, b: Tree) -> torch.Tensor:
-    return sum((a[k] * b[k]).sum() for k in a)
-
-
-def _tnorm(a: Tree) -> torch.Tensor:
-    return _tdot(a, a).sqrt()
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -103,11 +96,10 @@ def power_iteration(system, phi: Tree, lam: Tree, xs, ys, iters: int) -> torch.T
     v = {k: g[k] + 1e-3 * (g[k].abs().mean() + 1) * torch.ones_like(g[k]) for k in g}
     rq = torch.zeros((), dtype=next(iter(phi.values())).dtype)
     for _ in range(iters):
-        n = _tnorm(v)
+        n = tree_norm(v)
         v = {k: v[k] / n for k in v}
-        _, hv = grad_and_hvp(system.loss, phi, v, xs, ys)
-        av = {k: hv[k] + lam[k] * v[k] for k in v}
-        rq = _tdot(v, av)
+        av = system.curvature(phi, v, lam, xs, ys)
+        rq = tree_dot(v, av)
         v = av
     return rq
 
@@ -127,7 +119,7 @@ def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: f
     nudged = beta != 0.0
 
     def energy(phi, xs, ys, xq, yq, c):
-        e = system.loss(phi, xs, ys) + 0.5 * sum((lam[k] * (phi[k] - omega[k]) ** 2).sum() for k in phi)
+        e = system.energy(phi, omega, lam, xs, ys)
         if c is not None:  # a constant control c: the force is f(phi) + c
             e = e - sum((c[k] * phi[k]).sum() for k in phi)
         return e + beta * system.loss(phi, xq, yq) if nudged else e
@@ -138,13 +130,13 @@ def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: f
 
     def one(phi, vel, phi_prev, e_prev, a, m, scale, xs, ys, xq, yq, c=None):
         g, e = gv(phi, xs, ys, xq, yq, c)
-        gn = _tnorm(g)
+        gn = tree_norm(g)
         scale = torch.where(torch.isnan(scale), gn, scale)
         res = _ratio(gn, scale)
         if adaptive:
             bad = ~(torch.isfinite(e) & torch.isfinite(gn))
             rise = e > e_prev + rel * e_prev.abs()  # beyond round-off: the step overshot
-            uphill = _tdot(g, vel) > 0               # the momentum points uphill: restart it
+            uphill = tree_dot(g, vel) > 0               # the momentum points uphill: restart it
             # every rise also shortens the step a little: a curvature above the estimate (the Hessian grows
             # along the path) cannot keep the run oscillating
             a_new = torch.where(bad, 0.25 * a, torch.where(rise, 0.7 * a, a))
@@ -173,12 +165,11 @@ def control_map(system, omega: Tree, lam: Tree, beta: float) -> Callable:
     """
 
     def one(phi, u, vphi, vu, a_phi, m_phi, a_u, m_u, scale_in, xs, ys, xq, yq):
-        g, hu = grad_and_hvp(system.loss, phi, u, xs, ys)
         go = system.grad(phi, xq, yq)
-        f_in = {k: -g[k] - lam[k] * (phi[k] - omega[k]) + beta * u[k] for k in phi}
-        f_u = {k: -(hu[k] + lam[k] * u[k]) - go[k] for k in u}
-        r_u = _ratio(_tnorm(f_u), _tnorm(go))
-        r_in = _ratio(_tnorm(f_in), scale_in)
+        # the DI controller's field on the inner problem: output control -grad l_out, fed back as beta u
+        f_in, f_u = DI.field(system.terms(phi, u, {k: -v for k, v in go.items()}, omega, lam, xs, ys), u, beta)
+        r_u = _ratio(tree_norm(f_u), tree_norm(go))
+        r_in = _ratio(tree_norm(f_in), scale_in)
         vphi = {k: m_phi * vphi[k] + a_phi * f_in[k] for k in vphi}
         vu = {k: m_u * vu[k] + a_u * f_u[k] for k in vu}
         new = ({k: phi[k] + vphi[k] for k in phi}, {k: u[k] + vu[k] for k in u}, vphi, vu,
@@ -188,31 +179,6 @@ def control_map(system, omega: Tree, lam: Tree, beta: float) -> Callable:
     return one
 
 
-def flat_state(trees: Sequence) -> Tuple[Tuple[torch.Tensor, ...], Callable]:
-    """A mixed sequence of trees and tensors -> a flat tuple, and the inverse."""
-    layout, flat = [], []
-    for t in trees:
-        if isinstance(t, dict):
-            layout.append(list(t))
-            flat.extend(t.values())
-        else:
-            layout.append(None)
-            flat.append(t)
-
-    def rebuild(z):
-        out, i = [], 0
-        for names in layout:
-            if names is None:
-                out.append(z[i])
-                i += 1
-            else:
-                out.append(dict(zip(names, z[i:i + len(names)])))
-                i += len(names)
-        return out
-
-    return tuple(flat), rebuild
-
-
 # ------------------------------------------------------------------ control at a fixed inner state
 def cg_step(A: Callable[[Tree], Tree], x: Tree, r: Tree, p: Tree, rs: torch.Tensor, active: torch.Tensor):
     """One conjugate-gradient step on ``A x = b`` (residual ``r = b - A x``, search direction ``p``,
@@ -220,13 +186,13 @@ def cg_step(A: Callable[[Tree], Tree], x: Tree, r: Tree, p: Tree, rs: torch.Tens
     (an indefinite system, or NaN) is flagged ``bad`` and does not move.  Returns
     ``(x, r, p, rs, bad, moved)``; shared by LCP's control (:func:`cg_map`) and iMAML's CG."""
     Ap = A(p)
-    pAp = _tdot(p, Ap)
+    pAp = tree_dot(p, Ap)
     bad = active & ~(pAp > 0)
     go = active & ~bad
     alpha = torch.where(go, rs / torch.where(go, pAp, torch.ones_like(pAp)), 0 * rs)
     x = {k: x[k] + alpha * p[k] for k in x}
     r = {k: r[k] - alpha * Ap[k] for k in r}
-    rs_new = _tdot(r, r)
+    rs_new = tree_dot(r, r)
     ratio = torch.where(go, rs_new / torch.where(go, rs, torch.ones_like(rs)), 0 * rs)
     p = {k: torch.where(go, r[k] + ratio * p[k], p[k]) for k in p}
     return x, r, p, torch.where(go, rs_new, rs), bad, go
@@ -248,8 +214,7 @@ def cg_map(system, lam: Tree) -> Callable:
         res = torch.where(gnorm > 0, rs.sqrt() / torch.where(gnorm > 0, gnorm, torch.ones_like(gnorm)), 0 * rs)
 
         def A(v):
-            _, hv = grad_and_hvp(system.loss, phi, v, xs, ys)
-            return {k: hv[k] + lam[k] * v[k] for k in v}
+            return system.curvature(phi, v, lam, xs, ys)
 
         u, r, p, rs, bad, go = cg_step(A, u, r, p, rs, active & (rs > 0))
         # a flagged task reports an infinite-free but unmet residual; it will not move again

@@ -33,23 +33,33 @@ name ``lcp``.
 
 Internally the control is stored as ``u = psi / beta``: the same dynamics, but both halves of the state
 have comparable scale.
+
+The controllers are the registered classes of :mod:`lcp_meta.core.controllers` (``"di"``, ``"direct"``,
+``"leaky"``, ``"ebd"``, or any class registered there); this module registers how each of them reaches its
+equilibrium on the inner problem (``@DI.drives("inner")``), and ``LCP`` looks the controller up by name.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch.func import grad
 
+from ..core.controllers import CONTROLLERS, DI, EBD, Direct, Leaky, make_controller
 from ..core.integrators import apply, heavy_ball
 from ..core.tree import tree_dot, tree_expand, tree_norm, tree_pack, tree_zeros_like
 from .base import MetaGradient, MetaMethod, MetaStats, check_positive
 from .dynamics import cg_map, control_map, iterate, momentum_for
-from .functional import grad_and_hvp
 
 __all__ = ["LCP", "CONTROLLERS"]
 
-CONTROLLERS = ("di", "direct", "ebd")
+# the method's name for each controller (a controller registered later runs as "lcp-<name>")
+NAMES = {"di": "lcp", "direct": "lcp-direct", "leaky": "lcp-direct", "ebd": "lcp-ebd"}
+
+
+def _neg(t):
+    return {k: -v for k, v in t.items()}
 
 
 class LCP(MetaMethod):
@@ -60,17 +70,20 @@ class LCP(MetaMethod):
             Default 1e-3: the meta-gradient is the exact gradient of F_beta / beta, O(beta) from the implicit
             hypergradient, and that bias grows where Hess l_in + lam is nearly singular (on a 1-16-16-1
             tanh regressor at lam = 0.5: cosine 0.93 at beta = 1e-2, 0.9999 at 1e-3).
-        controller: ``"di"`` dynamic inversion (exact; one Hessian-vector product per control step),
-            ``"direct"`` (first order: psi = -beta grad l_out(phi), no HVPs; it replaces
-            (Hess l_in + lam)^-1 by 1/lam), or ``"ebd"`` energy-based (free inner loop, then gradient
-            descent on 1/2 |f(phi)|^2 + beta l_out(phi); psi = -f).
+        controller: the name of a controller registered in :data:`lcp_meta.core.controllers.CONTROLLERS`
+            that drives the inner problem: ``"di"`` dynamic inversion (exact; one Hessian-vector product per
+            control step), ``"direct"`` (first order: psi = -beta grad l_out(phi), no HVPs; it replaces
+            (Hess l_in + lam)^-1 by 1/lam), ``"leaky"`` (direct control through a leaky integrator), or
+            ``"ebd"`` energy-based (free inner loop, then gradient descent on 1/2 |f(phi)|^2 + beta l_out(phi);
+            psi = -f).
         psi_lr: Euler step of the control dynamics (default: the heavy-ball step of the inner relaxation,
             see the module docstring; with ``solver="euler"`` / ``truncated``: inner_lr).
-        first_order: True selects the direct controller (no second derivatives).
+        first_order: deprecated spelling of ``controller="direct"`` (no second derivatives).
         ebd_lr, ebd_steps, ebd_momentum: step size, number of steps (cap when tol is set) and momentum of
             the energy descent of the ``"ebd"`` controller.
-        leaky: direct controller only: psi is a leaky integral of the query-loss gradient,
-            ``u += psi_lr (-grad l_out(phi) - u)`` with psi = beta u (same equilibrium, smoother dynamics).
+        leaky: direct controller only, the same as ``controller="leaky"``: psi is a leaky integral of the
+            query-loss gradient, ``u += psi_lr (-grad l_out(phi) - u)`` with psi = beta u (same equilibrium,
+            smoother dynamics).
         truncated: DI only: exactly ``inner_steps`` joint Euler steps from (omega, 0), not an equilibrium
             (the method is then named ``lcp-truncated``).
     """
@@ -87,12 +100,16 @@ class LCP(MetaMethod):
             kwargs.setdefault("tol", None)
             kwargs.setdefault("inner_steps", 10)
         super().__init__(model, **kwargs)
-        if controller not in CONTROLLERS:
-            raise ValueError(f"unknown controller {controller!r}; expected one of {CONTROLLERS}")
-        if first_order:
-            if controller == "ebd":
-                raise ValueError("first_order=True is the direct controller; it cannot be combined with 'ebd'")
-            controller = "direct"
+        usable = sorted(n for n, c in CONTROLLERS.items() if c.can_drive("inner"))
+        if controller not in usable:
+            raise ValueError(f"unknown controller {controller!r} for meta-learning; expected one of {usable}")
+        if first_order:  # one code path: the keyword is only another name of the direct controller
+            warnings.warn("LCP(first_order=True) is deprecated: use controller='direct'", DeprecationWarning,
+                          stacklevel=2)
+            if controller not in ("di", "direct", "leaky"):
+                raise ValueError(f"first_order=True is the direct controller; it cannot be combined with "
+                                 f"{controller!r}")
+            controller = "leaky" if controller == "leaky" else "direct"
         check_positive("beta", beta)
         check_positive("psi_lr", psi_lr, allow_none=True)
         check_positive("ebd_lr", ebd_lr)
@@ -108,14 +125,15 @@ class LCP(MetaMethod):
         if controller == "di" and not truncated and self.tol is None:
             raise ValueError("lcp runs its dynamics to the controlled equilibrium, so tol=None (a fixed number of "
                              "steps) is not lcp: use LCP(..., truncated=True) / make_method('lcp-truncated')")
+        if leaky and controller not in ("direct", "leaky"):
+            raise ValueError("leaky=True applies to the direct controller only")
+        controller = "leaky" if leaky else controller
         self.beta, self.controller, self.truncated = float(beta), controller, bool(truncated)
-        self.name = {"di": "lcp-truncated" if truncated else "lcp", "direct": "lcp-direct",
-                     "ebd": "lcp-ebd"}[controller]
+        self.name = "lcp-truncated" if truncated else NAMES.get(controller, f"lcp-{controller}")
         self.psi_lr_given = float(psi_lr) if psi_lr is not None else None
         self.ebd_lr, self.ebd_steps, self.ebd_momentum = float(ebd_lr), int(ebd_steps), float(ebd_momentum)
-        if leaky and controller != "direct":
-            raise ValueError("leaky=True applies to the direct controller only")
-        self.leaky = bool(leaky)
+        self.leaky = controller == "leaky"
+        self.control = make_controller(controller)
 
     @property
     def psi_lr(self) -> Optional[float]:
@@ -158,53 +176,14 @@ class LCP(MetaMethod):
         """|f(omega)| = |grad l_in(omega)| per task: the scale of the inner residual."""
         return tree_norm(system.tmap(system.grad, (None, 0, 0))(omega, tb.x_support, tb.y_support), batched=True)
 
-    def _di(self, system, omega, lam, tb):
-        """Dynamic inversion: at the equilibrium u* = -(Hess l_in(phi*) + lam)^-1 grad l_out(phi*)."""
-        tol = self.tol_for(next(iter(omega.values())).dtype)
-        if self.solver == "anderson":
-            return self._legacy_di(system, omega, lam, tb)
-        if self.truncated or self.solver == "euler":
-            a_phi, a_u = self._steps_at_omega(system, omega, lam, tb)
-            m_phi = torch.full_like(a_phi, self.momentum)
-            phi0 = tree_expand(omega, tb.num_tasks)
-            phi, u, st, res = self._control_loop(system, omega, lam, tb, phi0, a_phi, m_phi, a_u,
-                                                 torch.zeros_like(a_u), self._force_scale(system, omega, lam, tb),
-                                                 tol, self.inner_steps)
-            st.phase = "inner"  # one joint dynamics: a failure is reported as the inner dynamics'
-            self._info = {"control_iterations": st.iterations, "step": float(a_phi.mean())}
-            return phi, u, st, res
-        if self.solver == "heavy-ball":
-            return self._di_heavy_ball(system, omega, lam, tb, tol)
-        return self._di_rounds(system, omega, lam, tb, tol)
-
-    def _di_heavy_ball(self, system, omega, lam, tb, tol):
-        """Relax (gradients only), then the joint DI dynamics from (phi*, 0) with heavy-ball steps."""
-        phi0, st1, info = self._relax(system, omega, lam, tb.x_support, tb.y_support)
-        self._info = {"inner_iterations": st1.iterations, "hvps": info["hvps"], "step": float(info["a"].mean())}
-        if info["lmax"] is not None:
-            self._info["lam_max"] = float(info["lmax"].max())
-        if st1.diverged or not st1.converged:
-            st1.phase = "inner"
-            return phi0, None, st1, None
-        a = info["a"]
-        m = momentum_for(a, self._mu(lam))
-        a_u, m_u = (a, m) if self.psi_lr is None else (torch.full_like(a, self.psi_lr), torch.zeros_like(a))
-        phi, u, st2, res = self._control_loop(system, omega, lam, tb, phi0, a, m, a_u, m_u, info["scale"], tol,
-                                              self.inner_steps)
-        self._info.update(control_iterations=st2.iterations, hvps=info["hvps"] + st2.iterations + 1)
-        st2.phase = "control"
-        st2.iterations += st1.iterations
-        return phi, u, st2, res
-
     def _cg_control(self, system, lam, tb, phi, u0, tol, steps):
         """The control at a fixed inner state, from u0, by line-searched heavy-ball steps (CG)."""
         T = tb.num_tasks
         xs, ys = tb.x_support, tb.y_support
 
         def start(p, u, x, y, xq, yq):
-            _, hu = grad_and_hvp(system.loss, p, u, x, y)
             g = system.grad(p, xq, yq)
-            r = {k: -(hu[k] + lam[k] * u[k]) - g[k] for k in u}
+            r = DI.inversion(system.terms(p, u, _neg(g), None, lam, x, y))  # the force on u
             rs = sum((v * v).sum() for v in r.values())
             gn = sum((v * v).sum() for v in g.values()).sqrt()
             return r, rs, gn
@@ -223,61 +202,15 @@ class LCP(MetaMethod):
         trees = rebuild(z)
         return trees[1], st, st.stuck or bool(trees[7].any())
 
-    def _di_rounds(self, system, omega, lam, tb, tol):
-        """The default, in three steps that all keep the DI controller's equilibrium:
-        (1) relax phi with gradients only (u = 0);
-        (2) run the control at that phi by line-searched heavy-ball steps (CG) to its equilibrium
-            u = -(Hess l_in + lam)^-1 grad l_out: the controlled equilibrium in the limit beta -> 0;
-        (3) at finite beta, if the joint residuals are not yet below tol, the joint DI dynamics from there
-            (phi += f + beta u, u += -(Hess l_in + lam) u - grad l_out, heavy-ball with the step of (1)):
-            phi moves by O(beta), so this starts close to the joint equilibrium."""
-        scale_in = self._force_scale(system, omega, lam, tb)
-        phi, st1, info = self._relax(system, omega, lam, tb.x_support, tb.y_support, scale=scale_in)
-        self._info = {"step": float(info["a"].mean()), "inner_iterations": st1.iterations}
-        if info["lmax"] is not None:
-            self._info["lam_max"] = float(info["lmax"].max())
-        if st1.diverged or not st1.converged:
-            st1.phase = "inner"
-            return phi, None, st1, None
-        u, stc, indefinite = self._cg_control(system, lam, tb, phi, tree_zeros_like(phi), tol, self.inner_steps)
-        hvps = info["hvps"] + stc.iterations + 1
-        self._info.update(control_iterations=stc.iterations, joint_iterations=0)
-        if stc.diverged or indefinite or not stc.converged:
-            stc.phase, stc.indefinite = "control", indefinite
-            stc.iterations += st1.iterations
-            self._info["hvps"] = hvps
-            return phi, u, stc, None
-        a = info["a"]
-        m = momentum_for(a, self._mu(lam))
-        phi, u, st3, res = self._control_loop(system, omega, lam, tb, phi, a, m, a, m, scale_in, tol,
-                                              self.inner_steps, u0=u)
-        self._info.update(joint_iterations=st3.iterations, hvps=hvps + st3.iterations + 1)
-        st3.phase = "control"
-        st3.iterations += st1.iterations + stc.iterations
-        return phi, u, st3, res
-
-    def _legacy_di(self, system, omega, lam, tb):
-        """The joint dynamics through :func:`lcp_meta.core.solvers.solve` (``solver="anderson"``)."""
-        a_phi, a_u = self._steps_at_omega(system, omega, lam, tb)
-
-        def control(phi, u, lr, plr, xs, ys, xq, yq):
-            f, hu = system.force_and_hvp(phi, u, omega, lam, xs, ys)  # hu = (Hess l_in + lam) u
-            go = system.grad(phi, xq, yq)
-            return f, {k: u[k] - plr * (hu[k] + go[k]) for k in u}
-
-        phi, u, st = self._joint(system, omega, lam, tb, control, "LCP dynamic-inversion dynamics", a_phi, a_u)
-        self._info = {"control_iterations": st.iterations}
-        st.phase = "inner"
-        return phi, u, st, None
-
     def _joint(self, system, omega, lam, tb, control, name, a_phi, a_u):
         """Joint Euler dynamics of (phi, u = psi/beta) from phi = omega, u = 0 through the core solvers:
-        phi += eta (f(phi) + beta u) (heavy-ball with ``momentum``), u <- control(...)."""
+        phi += eta (f(phi) + beta u) (heavy-ball with ``momentum``), u <- control(phi, u, psi_lr, data)
+        (which also returns f(phi))."""
         beta = self.beta
 
         def one(phi, u, vel, lr, plr, xs, ys, xq, yq):
-            f, u_new = control(phi, u, lr, plr, xs, ys, xq, yq)
-            delta, vel = heavy_ball(lr, self.momentum).update({k: f[k] + beta * u[k] for k in phi}, vel)
+            f, u_new = control(phi, u, plr, xs, ys, xq, yq)
+            delta, vel = heavy_ball(lr, self.momentum).update(DI.drive(f, u, beta), vel)
             return apply(phi, delta), u_new, vel
 
         phi0 = tree_expand(omega, tb.num_tasks)
@@ -291,73 +224,6 @@ class LCP(MetaMethod):
         z, st = self._dynamics(step, state, name=name)
         phi, u, _ = rebuild(z)
         return phi, u, st
-
-    def _direct(self, system, omega, lam, tb):
-        """psi = -beta grad l_out(phi): the controlled equilibrium solves
-        grad l_in + lam (phi - omega) + beta grad l_out = 0 (the nudged phase, reached in one phase)."""
-        if self.leaky:
-            return self._leaky(system, omega, lam, tb)
-        if self.solver == "anderson":
-            phi, st = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, self, beta=self.beta,
-                                              xq=tb.x_query, yq=tb.y_query, name="LCP direct-control dynamics")
-        else:
-            phi, st, info = self._relax(system, omega, lam, tb.x_support, tb.y_support, beta=self.beta,
-                                        xq=tb.x_query, yq=tb.y_query)
-            self._info = {"inner_iterations": st.iterations, "step": float(info["a"].mean())}
-        with torch.no_grad():
-            u = {k: -v for k, v in system.grads(phi, tb.x_query, tb.y_query).items()}
-        return phi, u, st, None
-
-    def _leaky(self, system, omega, lam, tb):
-        """Direct control through a leaky integrator: u += eta_psi (-grad l_out(phi) - u), psi = beta u."""
-        a_phi, a_u = self._steps_at_omega(system, omega, lam, tb)
-
-        def control(phi, u, lr, plr, xs, ys, xq, yq):
-            f = system.force(phi, omega, lam, xs, ys)
-            go = system.grad(phi, xq, yq)
-            return f, {k: u[k] - plr * (go[k] + u[k]) for k in u}
-
-        phi, u, st = self._joint(system, omega, lam, tb, control, "LCP leaky direct-control dynamics", a_phi, a_u)
-        return phi, u, st, None
-
-    def _ebd(self, system, omega, lam, tb):
-        """Free equilibrium, then descent on E(phi) = 1/2 |f(phi)|^2 + beta l_out(phi); psi = -f."""
-        beta, lr, mom = self.beta, self.ebd_lr, self.ebd_momentum
-        phi0, st0 = self._free(system, omega, lam, tb.x_support, tb.y_support)
-        if st0.diverged or (self.tol_for(tb.x_support.dtype if tb.x_support.is_floating_point() else
-                                         next(iter(omega.values())).dtype) is not None and not st0.converged):
-            st0.phase = "inner"
-            return phi0, None, st0, None
-
-        def energy(phi, xs, ys, xq, yq):
-            f = system.force(phi, omega, lam, xs, ys)
-            return 0.5 * tree_dot(f, f) + beta * system.loss(phi, xq, yq)
-
-        grad_e = grad(energy)  # = -(Hess l_in + lam) f + beta grad l_out: one HVP's worth of work
-
-        def one(phi, vel, *d):
-            delta, vel = descent.update({k: -v for k, v in grad_e(phi, *d).items()}, vel)
-            return apply(phi, delta), vel
-
-        descent = heavy_ball(lr, mom)
-        data = (tb.x_support, tb.y_support, tb.x_query, tb.y_query)
-        mapped = system.tmap(one, (0,) * 6)
-        state, rebuild = tree_pack([phi0, descent.init(phi0)])
-
-        def step(z):
-            return tree_pack(mapped(*rebuild(z), *data))[0]
-
-        z, st = self._dynamics(step, state, name="LCP energy-based descent", max_iter=self.ebd_steps)
-        st.phase = "control"
-        phi = rebuild(z)[0]
-        with torch.no_grad():
-            f = system.tmap(lambda p, x, y: system.force(p, omega, lam, x, y), (0, 0, 0))(
-                phi, tb.x_support, tb.y_support)
-        u = {k: -f[k] / beta for k in f}  # u = psi / beta with psi = -f
-        st.iterations += st0.iterations
-        st.converged = st.converged and st0.converged
-        st.residual = max(st.residual, st0.residual)
-        return phi, u, st, None
 
     # ----------------------------------------------------------------------------- meta-gradient
     def _residuals(self, system, omega, lam, tb, phi, u):
@@ -377,7 +243,7 @@ class LCP(MetaMethod):
         lam = self.lam_tree(params)
         stats = MetaStats()
         self._info = {}
-        phi, u, st, res = getattr(self, "_" + self.controller)(system, omega, lam, tb)
+        phi, u, st, res = self.control.equilibrium(self, system, (omega, lam, tb))
         stats.iterations = st.iterations
         stats.converged = bool(st.converged and not st.diverged)
         stats.extra.update(self._info)
@@ -393,11 +259,178 @@ class LCP(MetaMethod):
             stats.residual = max(stats.control_residual, stats.inner_residual)
             st.residual = stats.residual
         with torch.no_grad():
-            # grad_omega = -lam psi / beta = -lam u ;  grad_lam = (phi - omega) . psi / beta = (phi - omega) . u
-            grads = {k: (-lam[k] * u[k]).mean(0) for k in omega}
-            lam_grads = {k: ((phi[k] - omega[k]) * u[k]).mean(0) for k in omega} if self.learn_lam else None
+            grads, lam_grads = system.local_update(phi, omega, lam, u, bool(self.learn_lam))
             stats.control_norm = float(self.beta * tree_norm(u, batched=True).mean())
         stats.extra["beta"] = self.beta
         # the returned state, per task (for inspection: the residuals above are of exactly this state)
         self.last_state = {"phi": phi, "u": u}
         return MetaGradient(grads, st, stats, phi, lam_grads)
+
+
+# ------------------------------------------------------------------------------- drivers on the inner problem
+# How each registered controller reaches its equilibrium on the inner problem.  Every driver takes
+# (controller, lcp, system, (omega, lam, tb)) and returns (phi, u = psi / beta, SolverStats, residuals or None);
+# u None means the inner phase failed (the stats say where: ``phase``).
+
+@DI.drives("inner")
+def _di(ctrl, lcp, system, batch):
+    """Dynamic inversion: at the equilibrium u* = -(Hess l_in(phi*) + lam)^-1 grad l_out(phi*)."""
+    omega, lam, tb = batch
+    tol = lcp.tol_for(next(iter(omega.values())).dtype)
+    if lcp.solver == "anderson":
+        return _di_anderson(lcp, system, omega, lam, tb)
+    if lcp.truncated or lcp.solver == "euler":
+        a_phi, a_u = lcp._steps_at_omega(system, omega, lam, tb)
+        m_phi = torch.full_like(a_phi, lcp.momentum)
+        phi0 = tree_expand(omega, tb.num_tasks)
+        phi, u, st, res = lcp._control_loop(system, omega, lam, tb, phi0, a_phi, m_phi, a_u, torch.zeros_like(a_u),
+                                            lcp._force_scale(system, omega, lam, tb), tol, lcp.inner_steps)
+        st.phase = "inner"  # one joint dynamics: a failure is reported as the inner dynamics'
+        lcp._info = {"control_iterations": st.iterations, "step": float(a_phi.mean())}
+        return phi, u, st, res
+    if lcp.solver == "heavy-ball":
+        return _di_heavy_ball(lcp, system, omega, lam, tb, tol)
+    return _di_rounds(lcp, system, omega, lam, tb, tol)
+
+
+def _di_heavy_ball(lcp, system, omega, lam, tb, tol):
+    """Relax (gradients only), then the joint DI dynamics from (phi*, 0) with heavy-ball steps."""
+    phi0, st1, info = lcp._relax(system, omega, lam, tb.x_support, tb.y_support)
+    lcp._info = {"inner_iterations": st1.iterations, "hvps": info["hvps"], "step": float(info["a"].mean())}
+    if info["lmax"] is not None:
+        lcp._info["lam_max"] = float(info["lmax"].max())
+    if st1.diverged or not st1.converged:
+        st1.phase = "inner"
+        return phi0, None, st1, None
+    a = info["a"]
+    m = momentum_for(a, lcp._mu(lam))
+    a_u, m_u = (a, m) if lcp.psi_lr is None else (torch.full_like(a, lcp.psi_lr), torch.zeros_like(a))
+    phi, u, st2, res = lcp._control_loop(system, omega, lam, tb, phi0, a, m, a_u, m_u, info["scale"], tol,
+                                         lcp.inner_steps)
+    lcp._info.update(control_iterations=st2.iterations, hvps=info["hvps"] + st2.iterations + 1)
+    st2.phase = "control"
+    st2.iterations += st1.iterations
+    return phi, u, st2, res
+
+
+def _di_rounds(lcp, system, omega, lam, tb, tol):
+    """The default, in three steps that all keep the DI controller's equilibrium:
+    (1) relax phi with gradients only (u = 0);
+    (2) run the control at that phi by line-searched heavy-ball steps (CG) to its equilibrium
+        u = -(Hess l_in + lam)^-1 grad l_out: the controlled equilibrium in the limit beta -> 0;
+    (3) at finite beta, if the joint residuals are not yet below tol, the joint DI dynamics from there
+        (phi += f + beta u, u += -(Hess l_in + lam) u - grad l_out, heavy-ball with the step of (1)):
+        phi moves by O(beta), so this starts close to the joint equilibrium."""
+    scale_in = lcp._force_scale(system, omega, lam, tb)
+    phi, st1, info = lcp._relax(system, omega, lam, tb.x_support, tb.y_support, scale=scale_in)
+    lcp._info = {"step": float(info["a"].mean()), "inner_iterations": st1.iterations}
+    if info["lmax"] is not None:
+        lcp._info["lam_max"] = float(info["lmax"].max())
+    if st1.diverged or not st1.converged:
+        st1.phase = "inner"
+        return phi, None, st1, None
+    u, stc, indefinite = lcp._cg_control(system, lam, tb, phi, tree_zeros_like(phi), tol, lcp.inner_steps)
+    hvps = info["hvps"] + stc.iterations + 1
+    lcp._info.update(control_iterations=stc.iterations, joint_iterations=0)
+    if stc.diverged or indefinite or not stc.converged:
+        stc.phase, stc.indefinite = "control", indefinite
+        stc.iterations += st1.iterations
+        lcp._info["hvps"] = hvps
+        return phi, u, stc, None
+    a = info["a"]
+    m = momentum_for(a, lcp._mu(lam))
+    phi, u, st3, res = lcp._control_loop(system, omega, lam, tb, phi, a, m, a, m, scale_in, tol, lcp.inner_steps,
+                                         u0=u)
+    lcp._info.update(joint_iterations=st3.iterations, hvps=hvps + st3.iterations + 1)
+    st3.phase = "control"
+    st3.iterations += st1.iterations + stc.iterations
+    return phi, u, st3, res
+
+
+def _di_anderson(lcp, system, omega, lam, tb):
+    """The joint dynamics through :func:`lcp_meta.core.solvers.solve` (``solver="anderson"``)."""
+    a_phi, a_u = lcp._steps_at_omega(system, omega, lam, tb)
+
+    def control(phi, u, plr, xs, ys, xq, yq):
+        t = system.terms(phi, u, _neg(system.grad(phi, xq, yq)), omega, lam, xs, ys)
+        _, du = DI.field(t, u)  # -(Hess l_in + lam) u - grad l_out
+        return t.f, {k: u[k] + plr * du[k] for k in u}
+
+    phi, u, st = lcp._joint(system, omega, lam, tb, control, "LCP dynamic-inversion dynamics", a_phi, a_u)
+    lcp._info = {"control_iterations": st.iterations}
+    st.phase = "inner"
+    return phi, u, st, None
+
+
+@Direct.drives("inner")
+def _direct(ctrl, lcp, system, batch):
+    """psi = -beta grad l_out(phi): the controlled equilibrium solves
+    grad l_in + lam (phi - omega) + beta grad l_out = 0 (the nudged phase, reached in one phase)."""
+    omega, lam, tb = batch
+    if lcp.solver == "anderson":
+        phi, st = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, lr=lcp.inner_lr,
+                                          momentum=lcp.momentum, beta=lcp.beta, xq=tb.x_query, yq=tb.y_query,
+                                          name="LCP direct-control dynamics",
+                                          **lcp._solve_settings(next(iter(omega.values())).dtype))
+    else:
+        phi, st, info = lcp._relax(system, omega, lam, tb.x_support, tb.y_support, beta=lcp.beta,
+                                   xq=tb.x_query, yq=tb.y_query)
+        lcp._info = {"inner_iterations": st.iterations, "step": float(info["a"].mean())}
+    with torch.no_grad():
+        u = _neg(system.grads(phi, tb.x_query, tb.y_query))
+    return phi, u, st, None
+
+
+@Leaky.drives("inner")
+def _leaky(ctrl, lcp, system, batch):
+    """Direct control through the leaky integral output controller: u += eta_psi (-grad l_out(phi) - u),
+    psi = beta u."""
+    omega, lam, tb = batch
+    a_phi, a_u = lcp._steps_at_omega(system, omega, lam, tb)
+
+    def control(phi, u, plr, xs, ys, xq, yq):
+        return system.force(phi, omega, lam, xs, ys), ctrl.output.integrate(u, system.grad(phi, xq, yq), plr)
+
+    phi, u, st = lcp._joint(system, omega, lam, tb, control, "LCP leaky direct-control dynamics", a_phi, a_u)
+    return phi, u, st, None
+
+
+@EBD.drives("inner")
+def _ebd(ctrl, lcp, system, batch):
+    """Free equilibrium, then descent on E(phi) = 1/2 |f(phi)|^2 + beta l_out(phi); psi = -f."""
+    omega, lam, tb = batch
+    beta, lr, mom = lcp.beta, lcp.ebd_lr, lcp.ebd_momentum
+    phi0, st0 = lcp._free(system, omega, lam, tb.x_support, tb.y_support)
+    if st0.diverged or (lcp.tol_for(tb.x_support.dtype if tb.x_support.is_floating_point() else
+                                    next(iter(omega.values())).dtype) is not None and not st0.converged):
+        st0.phase = "inner"
+        return phi0, None, st0, None
+
+    def energy(phi, xs, ys, xq, yq):
+        f = system.force(phi, omega, lam, xs, ys)
+        return 0.5 * tree_dot(f, f) + beta * system.loss(phi, xq, yq)
+
+    grad_e = grad(energy)  # = -(Hess l_in + lam) f + beta grad l_out: one HVP's worth of work
+
+    def one(phi, vel, *d):
+        delta, vel = descent.update(_neg(grad_e(phi, *d)), vel)
+        return apply(phi, delta), vel
+
+    descent = heavy_ball(lr, mom)
+    data = (tb.x_support, tb.y_support, tb.x_query, tb.y_query)
+    mapped = system.tmap(one, (0,) * 6)
+    state, rebuild = tree_pack([phi0, descent.init(phi0)])
+
+    def step(z):
+        return tree_pack(mapped(*rebuild(z), *data))[0]
+
+    z, st = lcp._dynamics(step, state, name="LCP energy-based descent", max_iter=lcp.ebd_steps)
+    st.phase = "control"
+    phi = rebuild(z)[0]
+    with torch.no_grad():
+        f = system.tmap(lambda p, x, y: system.force(p, omega, lam, x, y), (0, 0, 0))(phi, tb.x_support, tb.y_support)
+    u = {k: -f[k] / beta for k in f}  # u = psi / beta with psi = -f
+    st.iterations += st0.iterations
+    st.converged = st.converged and st0.converged
+    st.residual = max(st.residual, st0.residual)
+    return phi, u, st, None
