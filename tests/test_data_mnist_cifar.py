@@ -1,7 +1,6 @@
 """MNIST (IDX) and CIFAR-10 (python pickle) loaders, and the tensor batch iterator."""
 import gzip
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from lcp_meta.data.cifar import CIFARFormatError, load_cifar10, read_cifar_batch
 from lcp_meta.data.mnist import IDXFormatError, TensorBatches, load_mnist, read_idx
 from lcp_meta.utils import DataNotFoundError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA
 needs_mnist = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"offline MNIST not found in {DATA}")
 
 # canonical MNIST label counts

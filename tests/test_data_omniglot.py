@@ -2,7 +2,6 @@
 import io
 import re
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,8 @@ from PIL import Image
 from lcp_meta.data import omniglot as og
 from lcp_meta.utils import DataNotFoundError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as SHARED, drawing_block, drawing_png, write_omniglot_zip
+
 OMNIGLOT = SHARED / "omniglot"
 
 
@@ -25,33 +25,6 @@ def _need_shared():
 def cache(tmp_path_factory):
     """One decode cache for the session (shared with test_fewshot_cli): the subsets are decoded once."""
     return tmp_path_factory.getbasetemp() / "omniglot_cache"
-
-
-def _png(block, size=105):
-    """A 1-bit drawing like Omniglot's: white background, one black rectangle (r0, r1, c0, c1)."""
-    arr = np.ones((size, size), dtype=bool)
-    r0, r1, c0, c1 = block
-    arr[r0:r1, c0:c1] = False
-    buf = io.BytesIO()
-    Image.fromarray(arr).convert("1").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _block(c, d):
-    return (5 + 3 * c, 40 + 3 * c, 10 + 4 * d, 60 + 2 * d)
-
-
-def _write_zip(path, top, alphabets, drawings=4, skip=()):
-    """``top/ALPHABET/characterNN/NNNN_DD.png`` with a distinct rectangle per (character, drawing)."""
-    with zipfile.ZipFile(path, "w") as zf:
-        c = 0
-        for alphabet, n_chars in alphabets:
-            for k in range(1, n_chars + 1):
-                for d in range(drawings - (1 if (alphabet, k) in skip else 0)):
-                    zf.writestr(f"{top}/{alphabet}/character{k:02d}/{1000 + c:04d}_{d + 1:02d}.png",
-                                _png(_block(c, d)))
-                c += 1
-    return path
 
 
 # ------------------------------------------------------------------------------- the offline subsets
@@ -99,8 +72,8 @@ def test_split_of_the_offline_subsets(cache):
 def test_miniature_zip_decoded_exactly_and_cached(tmp_path, monkeypatch):
     root = tmp_path / "data"
     (root / "omniglot").mkdir(parents=True)
-    bg = _write_zip(root / "omniglot" / "images_background.zip", "images_background", [("Alpha", 3), ("Beta", 2)])
-    _write_zip(root / "omniglot" / "images_evaluation.zip", "images_evaluation", [("Gamma", 2)])
+    bg = write_omniglot_zip(root / "omniglot" / "images_background.zip", "images_background", [("Alpha", 3), ("Beta", 2)])
+    write_omniglot_zip(root / "omniglot" / "images_evaluation.zip", "images_evaluation", [("Gamma", 2)])
     cache = tmp_path / "cache"
     chars = og.load_characters([bg], image_size=28, cache_dir=cache)
     assert chars.names == ["Alpha/character01", "Alpha/character02", "Alpha/character03",
@@ -109,10 +82,10 @@ def test_miniature_zip_decoded_exactly_and_cached(tmp_path, monkeypatch):
     # each image is the documented conversion of its PNG: LANCZOS to 28x28 of the greyscale, inverted
     for c in range(5):
         for d in range(4):
-            ref = Image.open(io.BytesIO(_png(_block(c, d)))).convert("L").resize((28, 28), Image.LANCZOS)
+            ref = Image.open(io.BytesIO(drawing_png(drawing_block(c, d)))).convert("L").resize((28, 28), Image.LANCZOS)
             expect = 255 - torch.from_numpy(np.array(ref, dtype=np.uint8))
             assert torch.equal(chars.images[c, d], expect)
-            r0, r1, c0, c1 = (round(v * 28 / 105) for v in _block(c, d))
+            r0, r1, c0, c1 = (round(v * 28 / 105) for v in drawing_block(c, d))
             # the ink rectangle is bright inside and the background dark far from it
             assert int(chars.images[c, d, (r0 + r1) // 2, (c0 + c1) // 2]) == 255
             assert int(chars.images[c, d, 27, 0]) == 0
@@ -129,7 +102,7 @@ def test_miniature_zip_decoded_exactly_and_cached(tmp_path, monkeypatch):
 
 
 def test_data_root_from_environment(tmp_path, monkeypatch):
-    _write_zip(tmp_path / "images_background_small1.zip", "images_background_small1", [("Alpha", 2)])
+    write_omniglot_zip(tmp_path / "images_background_small1.zip", "images_background_small1", [("Alpha", 2)])
     monkeypatch.setenv("LCP_META_DATA", str(tmp_path))  # a root that is itself the omniglot folder
     zips, evaluation = og.find_omniglot_zips(None)
     assert [z.name for z in zips] == ["images_background_small1.zip"] and evaluation is None
@@ -149,7 +122,7 @@ def test_missing_and_malformed_data_are_named(tmp_path, monkeypatch):
         zf.writestr("images/readme.txt", "no drawings here")
     with pytest.raises(ValueError, match=r"ALPHABET/characterNN/\*\.png"):
         og.load_omniglot_splits(str(tmp_path), cache_dir=tmp_path / "c")
-    bad = _write_zip(tmp_path / "uneven.zip", "x", [("Alpha", 2)], skip={("Alpha", 2)})
+    bad = write_omniglot_zip(tmp_path / "uneven.zip", "x", [("Alpha", 2)], skip={("Alpha", 2)})
     with pytest.raises(ValueError, match="same number of drawings"):
         og.load_characters([bad], cache_dir=tmp_path / "c")
 
@@ -193,8 +166,8 @@ def test_one_shot_runs_malformed(tmp_path):
     path = tmp_path / "all_runs.zip"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("run01/class_labels.txt", "run01/test/item01.png run01/training/classXX.png\n")
-        zf.writestr("run01/training/class01.png", _png(_block(0, 0)))
-        zf.writestr("run01/test/item01.png", _png(_block(0, 1)))
+        zf.writestr("run01/training/class01.png", drawing_png(drawing_block(0, 0)))
+        zf.writestr("run01/test/item01.png", drawing_png(drawing_block(0, 1)))
     with pytest.raises(ValueError, match="cannot read line"):
         og.load_one_shot_runs(zip_path=path)
     with pytest.raises(DataNotFoundError, match="all_runs.zip"):

@@ -9,7 +9,7 @@ import torch
 from lcp_meta.cli import main
 from lcp_meta.fewshot import report
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as SHARED, one_error_line
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--meta-batch", "2", "--inner-steps", "3", "--test-episodes", "4", "--val-episodes", "2",
         "--val-every", "1000", "--device", "cpu", "--no-progress"]
@@ -126,8 +126,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     rc = main(["fewshot", "--out", str(tmp_path / "x"), "--no-progress", "--test-episodes", "2", "--meta-steps",
                "1", *argv] if "--meta-steps" not in argv else ["fewshot", "--out", str(tmp_path / "x"), *argv])
     assert rc == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    one_error_line(capsys, message, command="lcp-meta fewshot: error:")
 
 
 def test_missing_data_root_names_the_expected_files(tmp_path, capsys, monkeypatch):

@@ -5,7 +5,6 @@ values, 4 task batches that broadcast, 5 tracebacks instead of messages, 6 silen
 8 torn temporary files and file modes.  Every user-facing error is one line, exit code 2, nothing changed.
 """
 import gzip
-import io
 import json
 import os
 import stat
@@ -22,6 +21,8 @@ from lcp_meta.fewshot import report
 from lcp_meta.models import MetaMLP
 from lcp_meta.utils import (CheckpointError, DataFormatError, atomic_save, atomic_write_text,
                             load_checkpoint)
+
+from conftest import drawing_png, one_error_line, write_omniglot_zip
 
 TINY = ["--task", "sinusoid", "--shots", "3", "--meta-batch", "2", "--inner-steps", "2", "--test-episodes", "2",
         "--val-episodes", "2", "--val-every", "1000", "--device", "cpu", "--no-progress", "--no-plots"]
@@ -65,14 +66,6 @@ def stub_methods(monkeypatch):
     from lcp_meta.fewshot import runner
     monkeypatch.setattr(runner, "default_method_factory", lambda name, model, loss_fn, **kw:
                         _FirstOrderStub(model, loss_fn, **kw))
-
-
-def one_error_line(capsys, *needles):
-    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("warning: commands of")]
-    assert len(err) == 1 and "Traceback" not in err[0] and err[0].startswith("lcp-meta "), err
-    for needle in needles:
-        assert needle in err[0], (needle, err[0])
-    return err[0]
 
 
 def snapshot(folder: Path):
@@ -278,21 +271,10 @@ def test_corrupt_gz_is_a_one_line_error(tmp_path, capsys):
     one_error_line(capsys, "train-images-idx3-ubyte.gz")
 
 
-def _png(value: int) -> bytes:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.new("L", (4, 4), value).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _omniglot_zip(path: Path, member_bytes=None):
-    with zipfile.ZipFile(path, "w") as zf:
-        for c in range(2):
-            for d in range(2):
-                data = _png(40 * c + d)
-                if member_bytes is not None and (c, d) == (1, 1):
-                    data = member_bytes
-                zf.writestr(f"images_background/Alpha/character{c + 1:02d}/{c}_{d}.png", data)
+    """Two characters of two grey 4x4 drawings; ``member_bytes`` replaces the last one (1001_02.png)."""
+    write_omniglot_zip(path, alphabets=[("Alpha", 2)], drawings=2, image=lambda c, d: drawing_png(size=4, value=40 * c + d),
+                       replace=None if member_bytes is None else {(1, 1): member_bytes})
 
 
 def test_zip_member_with_bad_crc_is_a_one_line_error(tmp_path):
@@ -306,7 +288,7 @@ def test_zip_member_with_bad_crc_is_a_one_line_error(tmp_path):
     start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
     raw[start + 5] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(DataFormatError, match=r"member .*1_1.png cannot be read") as err:
+    with pytest.raises(DataFormatError, match=r"member .*/1001_02.png cannot be read") as err:
         load_characters([path], image_size=4, cache_dir=tmp_path / "cache")
     assert "\n" not in str(err.value)
 
@@ -315,7 +297,7 @@ def test_non_png_member_is_a_one_line_error(tmp_path):
     from lcp_meta.data.omniglot import load_characters
     path = tmp_path / "images_background.zip"
     _omniglot_zip(path, member_bytes=b"this is not a png")
-    with pytest.raises(DataFormatError, match=r"1_1.png is not a readable PNG image"):
+    with pytest.raises(DataFormatError, match=r"1001_02.png is not a readable PNG image"):
         load_characters([path], image_size=4, cache_dir=tmp_path / "cache")
 
 

@@ -1,13 +1,12 @@
 """``lcp-meta supervised`` end to end: files produced, resume equivalence with a real method, bad input."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from lcp_meta.cli import main
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA, one_error_line
 
 
 needs_mnist = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"offline MNIST not found in {DATA}")
@@ -90,9 +89,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, extra, message):
     data = [] if "--data-root" in extra else ["--data-root", str(DATA)]
     rc = main(["supervised", "--device", "cpu", "--no-progress", "--max-batches", "1", "--out", str(tmp_path / "r"),
                *data, *extra])
-    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: commands of")]
-    assert rc == 2 and len(err) == 1 and err[0].startswith("lcp-meta supervised: error:"), err
-    assert message in err[0]
+    assert rc == 2
+    one_error_line(capsys, message, command="lcp-meta supervised: error:")
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 

@@ -3,7 +3,6 @@ and short MNIST runs of every method (those need the real models and the offline
 """
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from lcp_meta.core import DivergenceError, SolverStats
 from lcp_meta.data.mnist import TensorBatches
 from lcp_meta.supervised.trainer import RunConfig, SkippedBatchWarning, train
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA
 
 
 
