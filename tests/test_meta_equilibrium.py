@@ -149,3 +149,73 @@ def test_divergence_advice_names_the_cause():
         with pytest.raises(DivergenceError, match=pattern):
             LCP(model, F.mse_loss, lam=1.0, **kw).meta_backward(batch)
     assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------ a new controller: one class, one decorator
+# (the worked example of docs/architecture.md)
+from lcp_meta.core.controllers import CONTROLLERS, Controller, register_controller  # noqa: E402
+from lcp_meta.core.solvers import SolverStats  # noqa: E402
+
+
+@register_controller("newton-test")
+class DenseNewton(Controller):
+    """At the free inner equilibrium, the control's equilibrium (Hess l_in + lam) u = -grad l_out by one dense
+    solve, the matrix built column by column from the inner problem's curvature products (tiny problems)."""
+
+    calls = 0
+
+    def equilibrium(self, lcp, problem, batch):
+        omega, lam, tb = batch
+        type(self).calls += 1
+        phi = lcp.adapt_params(tb.x_support, tb.y_support)  # the free equilibrium (raises if not reached)
+        names, shapes = list(phi), [v.shape[1:] for v in phi.values()]
+        sizes = [s.numel() for s in shapes]
+        tree = lambda flat: {k: c.reshape(s) for k, c, s in zip(names, flat.split(sizes), shapes)}  # noqa: E731
+        flat = lambda t: torch.cat([t[k].reshape(-1) for k in names])  # noqa: E731
+        us = []
+        for i in range(tb.num_tasks):
+            p = {k: v[i] for k, v in phi.items()}
+            eye = torch.eye(sum(sizes), dtype=DT)
+            A = torch.stack([flat(problem.curvature(p, tree(col), lam, tb.x_support[i], tb.y_support[i]))
+                             for col in eye], 1)
+            us.append(tree(torch.linalg.solve(A, -flat(problem.grad(p, tb.x_query[i], tb.y_query[i])))))
+        u = {k: torch.stack([t[k] for t in us]) for k in names}
+        return phi, u, SolverStats(iterations=1, residual=0.0, converged=True), None
+
+
+def test_a_registered_controller_is_used_and_gives_the_exact_hypergradient():
+    model, tb = _problem(3, hidden=(6,))
+    lam = 1.5
+    ref = exact_hypergradient(model, F.mse_loss, *_tasks(tb), lam=lam)
+    before = DenseNewton.calls
+    lcp = LCP(model, F.mse_loss, lam=lam, beta=1e-9, controller="newton-test", tol=1e-13)
+    assert lcp.name == "lcp-newton-test" and CONTROLLERS["newton-test"] is DenseNewton
+    stats = lcp.meta_backward(tb)
+    assert DenseNewton.calls == before + 1
+    assert stats.converged and stats.control_residual < 1e-10
+    torch.testing.assert_close(_grad(model), ref, rtol=1e-7, atol=1e-10)
+    # the built-in DI controller reaches the same meta-gradient by its own route (relaxation + CG + joint DI)
+    model.zero_grad()
+    LCP(model, F.mse_loss, lam=lam, beta=1e-9).meta_backward(tb)
+    torch.testing.assert_close(_grad(model), ref, rtol=1e-4, atol=1e-8)
+
+
+def test_controllers_that_do_not_drive_the_inner_problem_are_refused():
+    model, _ = _problem()
+    for name in ("kp", "lf", "no-such-controller"):
+        with pytest.raises(ValueError, match="unknown controller .* for meta-learning; expected one of"):
+            LCP(model, F.mse_loss, controller=name)
+
+
+def test_first_order_is_the_direct_controller():
+    model, tb = _problem(2, hidden=(6,))
+    with pytest.warns(DeprecationWarning, match="controller='direct'"):
+        old = LCP(model, F.mse_loss, lam=1.0, beta=0.1, first_order=True)
+    assert old.controller == "direct" and old.name == "lcp-direct"
+    old.meta_backward(tb)
+    g_old = _grad(model).clone()
+    model.zero_grad()
+    LCP(model, F.mse_loss, lam=1.0, beta=0.1, controller="direct").meta_backward(tb)
+    assert torch.equal(_grad(model), g_old)
+    with pytest.raises(ValueError, match="cannot be combined with 'ebd'"):
+        LCP(model, F.mse_loss, controller="ebd", first_order=True)
