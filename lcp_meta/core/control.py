@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .solvers import SolverStats, solve
+from .system import loss_grad_fn
 
 __all__ = ["OutputControl", "ControlProblem", "CONTROL_SOLVERS", "register_control_solver", "resolve_control_solver"]
 
@@ -43,13 +44,10 @@ class OutputControl:
     def __init__(self, target: torch.Tensor, num_classes: int, dtype: torch.dtype, loss: str, beta: float):
         self.onehot = F.one_hot(target, num_classes).to(dtype)
         self.loss, self.beta = loss, beta
+        self.grad_l = loss_grad_fn(target, num_classes, dtype, loss)  # y -> grad l(y), batch-mean loss
         self.b = beta / target.shape[0]  # per-sample strength of the batch-mean loss
         if math.isinf(beta) and loss != "mse":
             raise ValueError(f"exact output control (alpha = 0) has no equilibrium with the {loss!r} loss; use 'mse'")
-
-    def grad_l(self, y: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(y, 1) if self.loss == "ce" else y
-        return (p - self.onehot) / y.shape[0]
 
     def u_of(self, y: torch.Tensor) -> torch.Tensor:
         """``u = -beta grad l(y)`` (finite beta)."""
