@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .solvers import SolverStats, solve
-from .system import loss_grad_fn
+from .losses import loss_grad_fn
 
 __all__ = ["OutputControl", "ControlProblem", "CONTROL_SOLVERS", "register_control_solver", "resolve_control_solver"]
 
