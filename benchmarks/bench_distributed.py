@@ -15,10 +15,8 @@ a group of one), which measures the cost of the reduction itself.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -45,6 +43,7 @@ def worker(args) -> None:
     from lcp_meta.fewshot.tasks import mse_loss
     from lcp_meta.meta import make_method
     from lcp_meta.models.fewshot import MetaMLP
+    from lcp_meta.utils import harness
 
     torch.set_num_threads(1)
     with D.session(torch.device(args.device)) as device:
@@ -87,7 +86,7 @@ def worker(args) -> None:
             dt = time.perf_counter() - t0
             out[name] = {"steps_per_s": args.meta_steps / dt, "skipped": skipped}
         if D.is_main():
-            dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            dev = harness.provenance(device)["device_name"]
             print("RESULT " + json.dumps({"world_size": D.world_size(), "device": dev, "methods": out,
                                           "wrapped": bool(args.force_wrap or D.world_size() > 1)}), flush=True)
 
@@ -146,23 +145,21 @@ def main(argv=None) -> int:
             + [str(skipped)]
         lines.append("| " + " | ".join(row) + " |")
     table = "\n".join(lines)
-    cmd = "python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    from lcp_meta.utils import atomic_write_text, harness
+    cmd = ["python", "benchmarks/bench_distributed.py", *(sys.argv[1:] if argv is None else argv)]
+    prov = {**harness.provenance("cpu", cmd), "device": args.device, "device_name": device}  # what the workers ran on
     all_rounds = {n: [{m: round(r["methods"][m]["steps_per_s"], 3) for m in args.methods} for r in runs[n]]
                   for n in args.nprocs}
-    text = (f"# Data-parallel meta-training: meta-steps per second\n\n"
-            f"Command: `{cmd}`  \nDate: {date}  \nDevice: {device}"
-            f"{'' if args.device.startswith('cuda') else f' ({os.cpu_count()} cores, {platform.machine()})'}"
-            f"; one intra-op thread per process; torch {__import__('torch').__version__}  \n"
-            f"Work: sinusoid MLP 1-40-40-1 tanh, float32, meta-batch {args.meta_batch}, {args.meta_steps} timed meta-steps "
+    text = ("# Data-parallel meta-training: meta-steps per second\n\n" + "\n".join(harness.provenance_lines(prov))
+            + "\n- one intra-op thread per process\n"
+            + f"- work: sinusoid MLP 1-40-40-1 tanh, float32, meta-batch {args.meta_batch}, {args.meta_steps} timed meta-steps "
             f"after {args.warmup} warm-up steps, median of {args.rounds} interleaved rounds"
             f"{'; the DistributedMeta wrapper also for one process' if args.force_wrap else ''}.\n"
             f"Settings: {json.dumps({m: METHODS[m] for m in args.methods})}\n\n{table}\n\n"
             f"All rounds (steps/s): {json.dumps(all_rounds)}\n")
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        atomic_write_text(text, args.out)
     return 0
 
 

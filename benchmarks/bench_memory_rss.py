@@ -10,9 +10,6 @@ intermediate tensors included, unlike the autograd-graph proxy of ``bench_meta.p
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -59,21 +56,19 @@ def main(argv=None):
             rows.append(dict(method=name, steps=k, peak_growth_mib=mib, seconds=sec))
             print(f"{name:8s} {k:4d} steps: peak RSS growth {mib:9.1f} MiB, {sec:.2f} s", flush=True)
     import torch
-    meta = dict(device="cpu", machine=platform.machine(), torch=torch.__version__, python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command="python benchmarks/bench_memory_rss.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                problem=f"MetaMLP 1-{args.hidden}-{args.hidden}-1, {args.tasks} tasks x {args.points} support/query "
-                        f"points, float32, 1 thread, vmapped")
+    from lcp_meta.utils import harness
+    torch.set_num_threads(1)  # as in the measured children: the provenance says what they ran with
+    prov = harness.provenance("cpu", "python benchmarks/bench_memory_rss.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]))
+    problem = (f"MetaMLP 1-{args.hidden}-{args.hidden}-1, {args.tasks} tasks x {args.points} support/query points, "
+               f"float32, 1 thread, vmapped")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory_rss_cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    lines = ["# Peak memory per meta-step vs inner steps (CPU, process peak RSS)", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items()]
-    lines += ["- measure: growth of the process's peak RSS over one meta-step in a fresh subprocess, after a "
-              "1-step warm-up meta-step", "", "| method | inner steps | peak RSS growth (MiB) | seconds |",
+    lines = ["# Peak memory per meta-step vs inner steps (CPU, process peak RSS)", "", *harness.provenance_lines(prov)]
+    lines += [f"- problem: {problem}", "- measure: growth of the process's peak RSS over one meta-step in a fresh "
+              "subprocess, after a 1-step warm-up meta-step", "", "| method | inner steps | peak RSS growth (MiB) | seconds |",
               "|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['steps']} | {r['peak_growth_mib']:.1f} | {r['seconds']:.2f} |" for r in rows]
-    (out / "memory_rss_cpu.md").write_text("\n".join(lines) + "\n")
+    harness.write_results(out / "memory_rss_cpu", dict(meta={**prov, "problem": problem}, rows=rows), lines)
     print(f"wrote {out / 'memory_rss_cpu.md'}")
 
 

@@ -12,10 +12,8 @@ tensors saved for backward in the autograd graph held when the meta-gradient is 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +27,7 @@ from torch.autograd.functional import hessian
 
 from lcp_meta.meta.reference import exact_hypergradient, flat_loss, flatten_params
 from lcp_meta.models.fewshot import Conv4, MetaMLP
-from lcp_meta.utils import resolve_device
+from lcp_meta.utils import harness, resolve_device
 
 METHODS = ("lcp", "lcp-direct", "imaml", "maml", "fomaml")
 
@@ -203,11 +201,8 @@ def bench_training(args, device, rows):
 
 def write(args, device, rows, command):
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    meta = dict(device=str(device), device_name=dev_name, torch=torch.__version__, python=platform.python_version(),
-                date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), command=command,
-                threads=torch.get_num_threads(), quick=args.quick,
+    prov = harness.provenance(device, command)
+    meta = dict(quick=args.quick,
                 note=("built-in MAML on conv-4 (affine BatchNorm) uses its hand-written reverse pass over the stored "
                       "trajectory (vmap computes BatchNorm's double backward wrongly in torch 2.x); its memory on "
                       "CPU is then the trajectory's bytes"),
@@ -215,8 +210,8 @@ def write(args, device, rows, command):
                         if device.type == "cuda" else
                         "bytes saved for backward in the autograd graph held at the meta-gradient (CPU)"))
     tag = device.type
-    (out / f"meta_{tag}.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-    lines = [f"# Meta-learning benchmark ({tag})", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    lines = [f"# Meta-learning benchmark ({tag})", "", *harness.provenance_lines(prov)]
+    lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
     scal = [r for r in rows if "seconds" in r and "vmap" not in r and "meta_steps" not in r]
     if scal:
         lines += ["## Seconds / memory per meta-step vs inner steps", "",
@@ -246,7 +241,7 @@ def write(args, device, rows, command):
                   "|---|---|---|---|---|"]
         lines += [f"| {r['method']} | {r['inner_steps']} | {r['heldout_query_mse_before']:.3f} | "
                   f"{r['heldout_query_mse_after']:.3f} | {r['seconds']:.1f} |" for r in tr]
-    (out / f"meta_{tag}.md").write_text("\n".join(lines) + "\n")
+    harness.write_results(out / f"meta_{tag}", dict(meta={**prov, **meta}, results=rows), lines)
     print(f"wrote {out / f'meta_{tag}.json'} and .md")
 
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,7 +41,7 @@ from lcp_meta.data.mnist import TensorBatches, load_mnist  # noqa: E402
 from lcp_meta.models.supervised import build_model  # noqa: E402
 from lcp_meta.supervised import METHOD_NAMES, default_hparams, make_method  # noqa: E402
 from lcp_meta.supervised.trainer import TRAINER_KEYS, trainer_defaults  # noqa: E402
-from lcp_meta.utils import resolve_device  # noqa: E402
+from lcp_meta.utils import atomic_write_text, harness, resolve_device  # noqa: E402
 
 # targets: LCP-DI within 5x of the fastest BP on ff, within 1.5x of the fastest RBP on rnn
 TARGETS = {"ff": ("bp", 5.0), "rnn": ("rbp", 1.5)}
@@ -203,10 +201,7 @@ def ratios_of(rows, peer_rows):
 
 def write_markdown(meta, rows, peer_rows, ratios, path):
     """The results table as markdown (also rebuilt from the JSON with ``--markdown-only``)."""
-    lines = ["# Supervised training speed (MNIST, batch 64)", "",
-             f"- device: {meta['device_name']} (`{meta['device']}`)",
-             f"- torch {meta['torch_version']}, python {meta['python_version']}",
-             f"- date: {meta['date']}", f"- command: `{meta['command']}`",
+    lines = ["# Supervised training speed (MNIST, batch 64)", "", *harness.provenance_lines(meta),
              f"- median over {meta['timed_batches']} timed batches after {meta['warmup_batches']} warm-up batches; "
              + ("one batch = backward (all dynamics) + clip, **no optimizer step**: every update is computed at the "
               "initial parameters (seed 0), on successive batches" if meta.get("frozen") else
@@ -230,7 +225,7 @@ def write_markdown(meta, rows, peer_rows, ratios, path):
         verdict = "met" if r.get("met") else "not met"
         lines.append(f"- {model_name} (fastest: {r['baseline']}, {r['baseline_ms']:.1f} ms): {', '.join(parts)}; "
                      f"target {r['target']}x: {verdict}")
-    path.write_text("\n".join(lines) + "\n" + meta.get("notes", ""))
+    atomic_write_text("\n".join(lines) + "\n" + meta.get("notes", ""), path)
 
 
 def main(argv=None):
@@ -268,8 +263,6 @@ def main(argv=None):
     x, y = load_mnist(args.data_root, "train", device=device)
     loader = TensorBatches(x, y, 64, drop_last=True, seed=args.seed)
     in_shape = tuple(x.shape[1:])
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
     runners, skipped = [], []
     for model_name in args.models.split(","):
         for method_name in methods:
@@ -301,17 +294,13 @@ def main(argv=None):
     ratios = ratios_of(rows, peer_rows)
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]) if argv is None else \
         "python benchmarks/bench_supervised.py " + " ".join(argv)
-    meta = {"device": str(device), "device_name": dev_name, "torch_version": torch.__version__,
-            "python_version": platform.python_version(), "batch_size": 64, "timed_batches": args.batches,
+    meta = {**harness.provenance(device, command), "batch_size": 64, "timed_batches": args.batches,
             "warmup_batches": args.warmup, "command": command, "interleaved": True, "frozen": args.frozen,
             "peer": "seijin-kobayashi/least-control" if args.peer else None, "skipped": skipped,
-            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "cores": os.cpu_count(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / (f"supervised_{device.type}" + ("_frozen" if args.frozen else ""))
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "peer_rows": peer_rows,
-                                                     "variant_rows": variant_rows, "ratios": ratios}, indent=2) + "\n")
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "cores": os.cpu_count()}
+    stem = Path(args.results) / (f"supervised_{device.type}" + ("_frozen" if args.frozen else ""))
+    harness.write_json({"meta": meta, "rows": rows, "peer_rows": peer_rows, "variant_rows": variant_rows,
+                        "ratios": ratios}, stem.with_suffix(".json"))
     write_markdown(meta, rows, peer_rows + variant_rows, ratios, stem.with_suffix(".md"))
     for model_name, r in ratios.items():
         print(f"{model_name}: " + ", ".join(f"{k} = {v:.2f}x" for k, v in r.items() if k.startswith("lcp-di")))

@@ -12,10 +12,6 @@ relaxed state, then the joint DI dynamics at beta = 1e-3).
     # writes benchmarks/results/hypergrad_accuracy_cpu.md and .json
 """
 import argparse
-import datetime
-import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -28,6 +24,7 @@ import torch.nn.functional as F
 from lcp_meta.meta import IMAML, LCP, DivergenceError, TaskBatch
 from lcp_meta.meta.reference import exact_hypergradient
 from lcp_meta.models import MetaMLP
+from lcp_meta.utils import harness
 
 DT = torch.float64
 LAM = 1.0
@@ -106,13 +103,10 @@ def main(argv=None):
         best[name] = min(ok, key=lambda r: r["median_ms"]) if ok else None
     ratio = best["lcp"]["median_ms"] / best["imaml"]["median_ms"] if best["lcp"] and best["imaml"] else None
 
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    device = f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU, 1 torch thread"
-    cmd = "python benchmarks/hypergrad_accuracy.py" + (f" --reps {args.reps}" if args.reps != 7 else "")
+    prov = harness.provenance("cpu", "python benchmarks/hypergrad_accuracy.py" + (
+        f" --reps {args.reps}" if args.reps != 7 else ""))
     lines = ["# Meta-gradient accuracy against the exact hypergradient, and its cost (CPU, float64)", "",
-             f"- command: `{cmd}`",
-             f"- device: {device}; torch {torch.__version__}, python {platform.python_version()}",
-             f"- date: {date}",
+             *harness.provenance_lines(prov),
              "- the machine was shared with other jobs while this ran: times are medians of "
              f"{args.reps} repetitions, all settings interleaved in shuffled order in each repetition",
              "- problem: 1-16-16-1 tanh sinusoid regressor, 4 tasks x 10 support / 10 query points, lam = 1; "
@@ -134,12 +128,9 @@ def main(argv=None):
                   "|---|---|---|"] + raised
     lines += ["", "iMAML's converged flag refers to its inner relaxation; its CG runs a fixed number of steps and its "
               "control residual is the CG residual.  LCP is converged only when both residuals are below tol."]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "hypergrad_accuracy_cpu.md").write_text("\n".join(lines) + "\n")
-    (out / "hypergrad_accuracy_cpu.json").write_text(json.dumps(
-        {"command": cmd, "device": device, "date": date, "shared_machine": True, "target_cosine": TARGET,
-         "best": best, "lcp_over_imaml_time": ratio, "rows": list(rows.values()), "raised": raised}, indent=1))
+    harness.write_results(Path(args.out) / "hypergrad_accuracy_cpu", {
+        **prov, "shared_machine": True, "target_cosine": TARGET, "best": best, "lcp_over_imaml_time": ratio,
+        "rows": list(rows.values()), "raised": raised}, lines)
     print("\n".join(lines))
 
 

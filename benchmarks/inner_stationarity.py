@@ -10,8 +10,6 @@ kinks where this norm does not go to zero; smooth (tanh) learners do.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 
 import torch
@@ -19,6 +17,7 @@ from torch.func import functional_call, grad
 
 from lcp_meta.data.sinusoid import SinusoidTasks
 from lcp_meta.models import MetaMLP
+from lcp_meta.utils import atomic_write_text, harness
 
 CHECKPOINTS = (10, 100, 300, 1000, 3000)
 
@@ -60,11 +59,9 @@ def main(argv=None) -> int:
             r = trace(act, lr, args.lam, max(CHECKPOINTS), seed, dtype)
             rows.append(f"| {act} | {lr:g} | {seed} | " + " | ".join(f"{r[c]:.2e}" for c in CHECKPOINTS) + " |")
             print(rows[-1], flush=True)
+    prov = harness.provenance("cpu", f"python benchmarks/inner_stationarity.py {' '.join(argv or sys.argv[1:])}")
     head = ["# Stationarity of the sinusoid learner's inner problem (plain gradient descent)", "",
-            f"- command: `python benchmarks/inner_stationarity.py {' '.join(argv or sys.argv[1:])}`",
-            f"- device: CPU ({platform.machine()}), 1 torch thread; torch {torch.__version__}, python "
-            f"{platform.python_version()}",
-            f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+            *harness.provenance_lines(prov),
             f"- problem: MLP 1-40-40-1 at initialisation, one sinusoid task (K = 10), MSE + lam/2 |phi - omega|^2, "
             f"lam = {args.lam:g}, {args.dtype}",
             "- value: |grad(phi_t)| / |grad(omega)| after t steps (a residual-stopped method needs it below its tol, "
@@ -73,8 +70,7 @@ def main(argv=None) -> int:
             "|---|---|---|" + "---|" * len(CHECKPOINTS)]
     text = "\n".join(head + rows) + "\n"
     if args.results:
-        with open(args.results, "w") as fh:
-            fh.write(text)
+        atomic_write_text(text, args.results)
     return 0
 
 

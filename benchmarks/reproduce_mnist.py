@@ -15,7 +15,6 @@ over seeds) beside the numbers reported for the paper.  ``--report-only`` rebuil
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -115,9 +114,9 @@ def write_report(args, rows, path):
         return f"{statistics.fmean(accs):.2f} +- {statistics.stdev(accs):.2f}" if len(accs) > 1 else f"{accs[0]:.2f}"
 
     reduced = bool(args.max_batches or (args.epochs and args.epochs < 30) or args.test_subset)
-    lines = ["# MNIST reproduction (test accuracy %, free-equilibrium prediction)", "",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-             f"- command: `python benchmarks/reproduce_mnist.py {' '.join(sys.argv[1:])}`",
+    from lcp_meta.utils import harness, resolve_device  # the launcher itself stays light until here
+    prov = harness.provenance(resolve_device(args.device), ["python", "benchmarks/reproduce_mnist.py", *sys.argv[1:]])
+    lines = ["# MNIST reproduction (test accuracy %, free-equilibrium prediction)", "", *harness.provenance_lines(prov),
              f"- epochs {args.epochs or 'published (30)'}, max batches per epoch {args.max_batches or 'all'}, "
              f"seeds {args.seeds}, device {args.device}"]
     if reduced:
@@ -148,9 +147,7 @@ def write_report(args, rows, path):
                              f"{100 * x['share_above_tol']:.1f}% | {x['max']:.2e} | {x['median']:.2e} | {mat} | "
                              f"{x['tol']:.0e} |")
     lines += ["", "Paper column: the talk's table (spec section 3); LCP-EBD has no published MNIST number there.", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    path.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    harness.write_results(path.with_suffix(""), {**prov, "args": vars(args), "rows": rows}, lines)
 
 
 def main(argv=None):

@@ -7,17 +7,20 @@ One copy of what every run folder needs:
   written (a refused run changes no file);
 - :func:`save_checkpoint` / :func:`load_run_checkpoint`: atomic checkpoints with the RNG states, loaded with
   ``weights_only=True``, checked for the keys a resume needs and for the settings they were written under;
-- :func:`provenance`: device, versions, command and date of a result;
-- :func:`write_json`: an atomic JSON result, written by rank 0 alone under torchrun.
+- :func:`provenance` / :func:`provenance_lines`: device, versions, command and date of a result (as JSON / as the
+  bullet lines of a markdown results file);
+- :func:`write_json` / :func:`write_results`: atomic JSON (and markdown) results, written by rank 0 alone under
+  torchrun.
 """
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence
 
 import torch
 
@@ -25,7 +28,7 @@ from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_sta
 from .errors import CheckpointError, RunFolderError, UserInputError, ensure_writable_folder
 
 __all__ = ["check_resume_flags", "prepare_run_folder", "save_checkpoint", "load_run_checkpoint", "settings_diff",
-           "provenance", "utc_now", "write_json"]
+           "provenance", "provenance_lines", "utc_now", "write_json", "write_results"]
 
 
 def _is_main() -> bool:
@@ -102,20 +105,39 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def provenance(device: torch.device, command: Sequence[str] = None) -> Dict[str, Any]:
-    """Where and how a result was produced: device and its name, torch and python versions, command, date."""
+def provenance(device: "torch.device | str" = "cpu", command: "str | Sequence[str]" = None) -> Dict[str, Any]:
+    """Where and how a result was produced: device and its name (on a CPU: cores and torch threads), torch and
+    python versions, the command (default: this process's ``sys.argv``), the UTC date, the torchrun world size."""
+    device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        name = (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                f"{torch.get_num_threads()} torch threads), no GPU used")
     from .. import distributed
+    command = sys.argv if command is None else command
     return {"device": str(device), "device_name": name, "torch_version": torch.__version__,
             "python_version": platform.python_version(),
-            "command": " ".join(sys.argv if command is None else command), "date": utc_now(),
+            "command": command if isinstance(command, str) else " ".join(command), "date": utc_now(),
             "world_size": distributed.world_size()}
+
+
+def provenance_lines(prov: Mapping[str, Any]) -> List[str]:
+    """The markdown bullet lines of a results file that say how it was produced."""
+    return [f"- command: `{prov['command']}`", f"- device: {prov['device_name']} (`{prov['device']}`)",
+            f"- torch {prov['torch_version']}, python {prov['python_version']}", f"- date: {prov['date']}"]
 
 
 def write_json(obj: Any, path: Path) -> None:
     """An atomic JSON file (rank 0 alone writes results; the other ranks computed the same numbers)."""
     if _is_main():
         atomic_write_text(json.dumps(obj, indent=2, default=str) + "\n", path)
+
+
+def write_results(stem: Path, obj: Any, markdown_lines: Sequence[str]) -> Path:
+    """``<stem>.json`` and ``<stem>.md`` of a benchmark, atomically (the folder is created)."""
+    stem = Path(stem)
+    write_json(obj, stem.with_suffix(".json"))
+    if _is_main():
+        atomic_write_text("\n".join(markdown_lines) + "\n", stem.with_suffix(".md"))
+    return stem.with_suffix(".md")
