@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -79,6 +79,7 @@ class Gradients:
     grads: Sequence[torch.Tensor]
     stats: Any
     failure: Optional[tuple] = None
+    on_accept: Optional[Callable[[], None]] = None  # run after the accumulation (e.g. LF's new Q): never on failure
 
 
 def grads_finite(grads: Sequence[torch.Tensor]) -> bool:
@@ -117,10 +118,12 @@ class GradientMethod:
         self.accumulated = False
         failure = out.failure
         if failure is None and not grads_finite(out.grads):
-            failure = ("gradient", None)
+            failure = ("update", None)
         if failure is not None:
             self._report_failure(*failure, batch)  # raises, or warns; .grad is not touched either way
             return out.stats
         accumulate_grads(out.params, out.grads)
+        if out.on_accept is not None:
+            out.on_accept()
         self.accumulated = True
         return out.stats

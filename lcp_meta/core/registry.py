@@ -98,8 +98,8 @@ def method_info(name: str, kind: str = "meta") -> MethodSpec:
     _load(kind)
     spec = _REGISTRY.get((kind, name))
     if spec is None:
-        raise ValueError(f"unknown {'meta-learning' if kind == 'meta' else 'supervised'} method {name!r}; "
-                         f"expected one of {method_names(kind)}")
+        what = f"meta-learning method {name!r}" if kind == "meta" else f"method {name!r} (supervised)"
+        raise ValueError(f"unknown {what}; expected one of {method_names(kind)}")
     return spec
 
 

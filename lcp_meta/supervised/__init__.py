@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from ..core.registry import build, method_names, register_method
 from .config import METHOD_NAMES, SUPPORTED, TRAINER_KEYS, default_hparams
 from .di import DynamicInversion, KolenPollack
 from .ebd import EnergyBased
@@ -17,23 +18,21 @@ from .methods import Backprop, Method, RecurrentBackprop
 __all__ = ["make_method", "METHOD_NAMES", "default_hparams", "Method", "Backprop", "RecurrentBackprop",
            "DynamicInversion", "KolenPollack", "LinearFeedback", "EnergyBased"]
 
-_CLASSES = {"bp": Backprop, "rbp": RecurrentBackprop, "lcp-di": DynamicInversion, "lcp-di-kp": KolenPollack,
-            "lcp-lf": LinearFeedback, "lcp-ebd": EnergyBased}
+for _name, _cls in (("bp", Backprop), ("rbp", RecurrentBackprop), ("lcp-di", DynamicInversion),
+                    ("lcp-di-kp", KolenPollack), ("lcp-lf", LinearFeedback), ("lcp-ebd", EnergyBased)):
+    register_method("supervised", _name, _cls)
+# the published settings (config.py) and the registry name the same methods
+assert method_names("supervised") == METHOD_NAMES, (method_names("supervised"), METHOD_NAMES)
 
 
 def make_method(name: str, model, **hparams) -> Method:
-    """Build the method ``name`` (one of :data:`METHOD_NAMES`) for ``model``.
+    """Build the method ``name`` (one of :data:`METHOD_NAMES`, or ``"supervised:<name>"``) for ``model``.
 
     ``hparams`` are the method's settings; trainer settings (``TRAINER_KEYS``, e.g. the output of
     :func:`default_hparams`) are accepted and ignored.  Unknown settings are a TypeError naming them.
     Build the model on its device first: feedback weights are created beside its parameters.
     """
-    if name not in _CLASSES:
-        raise ValueError(f"unknown method {name!r}; expected one of {METHOD_NAMES}")
-    kw = {k: v for k, v in hparams.items() if k not in TRAINER_KEYS}
-    try:
-        return _CLASSES[name](model, **kw)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise TypeError(f"method {name!r} got an unknown setting: {exc}") from None
-        raise
+    if isinstance(name, str) and name.startswith("meta:"):
+        raise ValueError(f"{name!r} is a meta-learning method: build it with lcp_meta.make_method(name, model, "
+                         "loss_fn, **settings)")
+    return build(name, model, kind="supervised", ignore=set(TRAINER_KEYS), **hparams)

@@ -142,9 +142,6 @@ class DynamicInversion(Method):
             u = self.output.u(u_i, output_loss_grad(y, target, self.loss))
         return (v, y, e, u), stats
 
-    def backward(self, x, y):
-        return self._controlled_backward(x, y)[0]
-
 
 class KolenPollack(DynamicInversion):
     """LCP-DI-KP: every transposed forward weight in ``J^T e`` is replaced by a learned feedback weight B

@@ -90,8 +90,5 @@ class EnergyBased(Method):
         g, h, _, _ = self.model.step_terms(c, v, None, None)
         return (v, y, v - g, y - h), stats
 
-    def backward(self, x, y):
-        out, (c, target, v, yc) = self._controlled_backward(x, y)
-        with torch.no_grad():
-            out["energy"] = float(self.energy(c.detach(), target, v, yc))
-        return out
+    def _extra_stats(self, c, target, v, yc):
+        return {"energy": float(self.energy(c, target, v, yc))}

@@ -28,7 +28,8 @@ import torch
 
 from ..core.controllers import LF, OutputController
 from ..core.solvers import check_divergence
-from ..core.system import NetworkSystem, local_update, loss_grad_fn, output_loss_grad, write_grads
+from ..core.method import Gradients
+from ..core.system import NetworkSystem, local_update, loss_grad_fn, output_loss_grad
 from .methods import Method
 
 __all__ = ["LinearFeedback"]
@@ -118,8 +119,8 @@ class LinearFeedback(Method):
         acc /= v.shape[0]
         return Q + dt / self.tau_Q * (acc - self.wd_Q * Q)
 
-    def backward(self, x, y):
-        x, target = self._prepare(x, y)
+    def _gradients(self, batch):
+        x, target = self._prepare(*batch)
         with torch.enable_grad():
             c = self.model.encode(x)
         (v, yc, u_i, u), stats = self.controlled_equilibrium(c, target)
@@ -132,7 +133,6 @@ class LinearFeedback(Method):
         if new_q is not None:
             check_divergence("the noisy phase that learns Q", who=self.name, finite=bool(torch.isfinite(new_q).all()),
                              left=".grad, parameters and Q were left untouched")
-        write_grads(params, grads, f"{self.name} update")
-        if new_q is not None:
-            self.Q.copy_(new_q)
-        return self._control_stats(target, v, yc, e, u, stats)
+        # Q changes only once the update is accepted (the template accumulates it, then runs on_accept)
+        return Gradients(params, grads, self._control_stats(target, v, yc, e, u, stats),
+                         on_accept=None if new_q is None else (lambda: self.Q.copy_(new_q)))

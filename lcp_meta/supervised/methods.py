@@ -4,13 +4,15 @@ A method wraps an :class:`~lcp_meta.core.system.EquilibriumModel` and turns a ba
 gradients::
 
     method = make_method("lcp-di", model, alpha=0.1, k_i=1.0)
-    stats = method.backward(x, y)        # fills p.grad for p in method.parameters(), returns a dict
+    optimizer.zero_grad()
+    stats = method.backward(x, y)        # adds to p.grad for p in method.parameters(), returns StepStats
     optimizer.step(); method.after_step()
 
-``backward`` overwrites ``.grad`` with the batch's update, and only once everything has succeeded: a
-dynamics that turns NaN/inf (or stalls with a relative residual above ``max_residual``) raises
-:class:`~lcp_meta.core.solvers.DivergenceError` naming the residual, leaving ``.grad`` and the
-parameters as they were.
+``backward`` is the shared template of :mod:`lcp_meta.core.method`: it ADDS the batch's update to ``.grad``
+(like ``loss.backward()``), and only once everything has succeeded: a dynamics that turns NaN/inf (or stalls
+with a relative residual above ``max_residual``) raises :class:`~lcp_meta.core.solvers.DivergenceError`
+naming the residual, leaving ``.grad`` and the parameters as they were.  A method implements
+:meth:`Method._gradients` (the controllers share :meth:`Method._controlled_gradients`).
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..core.solvers import DivergenceError, SolverStats, check_divergence, solve
-from ..core.system import (LOSSES, EquilibriumModel, check_target, default_check_every, local_update,
-                           output_loss, output_loss_grad, write_grads)
+from ..core.method import GradientMethod, Gradients, StepStats
+from ..core.solvers import SolverStats, check_divergence, solve
+from ..core.system import LOSSES, EquilibriumModel, check_target, default_check_every, local_update, output_loss, \
+    output_loss_grad
 
 __all__ = ["Method", "Backprop", "RecurrentBackprop", "check_finite"]
 
@@ -36,7 +39,7 @@ def check_finite(method: str, key: str, value, allow_inf: bool = False) -> None:
         raise ValueError(f"{method}: {key} must be a finite number{' or inf' if allow_inf else ''}, got {value!r}")
 
 
-class Method:
+class Method(GradientMethod):
     """Base class.  ``loss``: 'ce' (cross-entropy, the official choice) or 'mse'; ``solver``: 'euler' or
     'anderson'; ``tol``/``max_iter``: stop rule of the dynamics; ``check_every``: None picks 1 on the CPU,
     10 on CUDA; ``max_residual``: a solve that ends above this relative change counts as diverged (``inf``:
@@ -84,33 +87,43 @@ class Method:
         self.feedback.to(device)
         return self
 
-    def backward(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
-        raise NotImplementedError
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+        """Add the batch's update to ``.grad`` of :meth:`parameters`; returns the statistics."""
+        return self._backward((x, y))
+
+    def _gradients(self, batch) -> Gradients:
+        """The controllers' shared path (BP and RBP override it): controlled equilibrium -> local update."""
+        return self._controlled_gradients(*batch)
 
     # ---- the controllers' shared path: controlled equilibrium -> local update -> statistics
     def _update(self, c, v, e, u, params):
         """The local update ``-(dg/dtheta)^T e* - (dh/dtheta)^T u*`` (KP routes it through feedback weights)."""
         return local_update(self.model, c, v, e, u, params)
 
-    def _control_stats(self, target, v, yc, e, u, stats: SolverStats, **extra) -> Dict[str, float]:
+    def _control_stats(self, target, v, yc, e, u, stats: SolverStats, **extra) -> StepStats:
         with torch.no_grad():
-            out = {"loss": float(output_loss(yc, target, self.loss)),
-                   "output_loss": float(output_loss(self.model.h(v), target, self.loss)),
-                   "control_norm": float(torch.sqrt(e.pow(2).sum() + u.pow(2).sum())), "beta": self.beta}
+            out = StepStats(loss=float(output_loss(yc, target, self.loss)),
+                            output_loss=float(output_loss(self.model.h(v), target, self.loss)),
+                            control_norm=float(torch.sqrt(e.pow(2).sum() + u.pow(2).sum())), beta=self.beta)
         out.update(extra)
         out.update(stats.as_dict())
         return out
 
-    def _controlled_backward(self, x, y):
-        """Solve the controlled equilibrium (``self.controlled_equilibrium``), write the local update into
-        ``.grad`` (only if every entry is finite) and return ``(statistics, (c, target, v, yc))``."""
+    def _extra_stats(self, c, target, v, yc) -> dict:
+        """Statistics a controller adds to the shared ones (EBD: its energy)."""
+        return {}
+
+    def _controlled_gradients(self, x, y) -> Gradients:
+        """Solve the controlled equilibrium (``self.controlled_equilibrium``) and return its local update."""
         x, target = self._prepare(x, y)
         with torch.enable_grad():
             c = self.model.encode(x)
         (v, yc, e, u), stats = self.controlled_equilibrium(c, target)
         params = self.parameters()
-        write_grads(params, self._update(c, v, e, u, params), f"{self.name} update")
-        return self._control_stats(target, v, yc, e, u, stats), (c, target, v, yc)
+        grads = self._update(c, v, e, u, params)
+        with torch.no_grad():
+            extra = self._extra_stats(c.detach(), target, v, yc)
+        return Gradients(params, grads, self._control_stats(target, v, yc, e, u, stats, **extra))
 
     # ---- helpers
     def _prepare(self, x, y):
@@ -145,16 +158,15 @@ class Backprop(Method):
             raise ValueError(f"bp needs a layered (feedforward) model such as 'ff' or 'conv-ff'; "
                              f"{type(model).__name__} is recurrent: use 'rbp'")
 
-    def backward(self, x, y):
-        x, y = self._prepare(x, y)
+    def _gradients(self, batch):
+        x, y = self._prepare(*batch)
         params = self._model_params()
         with torch.enable_grad():  # plain autograd through the layers: no state vector, no solver
             loss = output_loss(self.model.logits(x, update_stats=True), y, self.loss)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
-        write_grads(params, grads, "bp gradient")
-        return {"loss": float(loss.detach()), "iterations": self.model.depth, "residual": 0.0, "converged": True,
-                "control_norm": 0.0}
+        return Gradients(params, grads, StepStats(loss=float(loss.detach()), iterations=self.model.depth,
+                                                  residual=0.0, converged=True, control_norm=0.0))
 
 
 class RecurrentBackprop(Method):
@@ -169,8 +181,8 @@ class RecurrentBackprop(Method):
     def __init__(self, model, loss="ce", tol=1e-4, max_iter=200, **kw):
         super().__init__(model, loss=loss, tol=tol, max_iter=max_iter, **kw)
 
-    def backward(self, x, y):
-        x, y = self._prepare(x, y)
+    def _gradients(self, batch):
+        x, y = self._prepare(*batch)
         m, params = self.model, self._model_params()
         with torch.enable_grad():
             c = m.encode(x)
@@ -185,7 +197,7 @@ class RecurrentBackprop(Method):
             obj = (m.g(c, v) * a).sum() + loss
             grads = torch.autograd.grad(obj, params, allow_unused=True)
         grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
-        write_grads(params, grads, "rbp gradient")
-        return {"loss": float(loss.detach()), "iterations": s1.iterations + s2.iterations,
-                "residual": max(s1.residual, s2.residual), "converged": s1.converged and s2.converged,
-                "free_iterations": s1.iterations, "adjoint_iterations": s2.iterations, "control_norm": 0.0}
+        return Gradients(params, grads, StepStats(
+            loss=float(loss.detach()), iterations=s1.iterations + s2.iterations,
+            residual=max(s1.residual, s2.residual), converged=s1.converged and s2.converged,
+            free_iterations=s1.iterations, adjoint_iterations=s2.iterations, control_norm=0.0))
