@@ -67,6 +67,12 @@ def make_controller(name: str, **settings) -> "Controller":
     return CONTROLLERS[name](**settings)
 
 
+def _add(a, b, gain: float = 1.0):
+    if gain == 1.0:
+        return tree_map(torch.add, a, b)
+    return tree_map(lambda x, y: x + gain * y, a, b)
+
+
 class Controller:
     """The interface: ``equilibrium(method, system, batch)`` returns the controlled equilibrium in the form
     the calling method asks of its system kind (inner problem: ``(phi, u, SolverStats, residuals or None)``
@@ -97,6 +103,12 @@ class Controller:
     def can_drive(cls, kind: str) -> bool:
         """A driver for ``kind`` is registered, or the class reaches its equilibrium itself."""
         return kind in cls._drivers or cls.equilibrium is not Controller.equilibrium
+
+    @staticmethod
+    def drive(f, e, gain: float = 1.0):
+        """``dz/dt = f + gain e``: the controlled dynamics of every controller, the control ``e`` fed into the
+        state (the inner problem stores ``u = psi / beta`` and feeds ``beta u``)."""
+        return _add(f, e, gain)
 
     def equilibrium(self, method, system, batch):
         driver = self._drivers.get(system.kind)
@@ -130,25 +142,18 @@ class OutputController:
         """One Euler step of the integral state."""
         return tree_map(lambda a, g: a + dt * (-g - self.alpha * a), u_i, grad_l)
 
+    @staticmethod
+    def output_step(y, h, u, dt):
+        """One Euler step of the controlled output units ``dy/dt = h(z) - y + u``."""
+        return y + dt * (h - y + u)
+
 
 # ----------------------------------------------------------------------------------------- controllers
-def _add(a, b, gain: float = 1.0):
-    if gain == 1.0:
-        return tree_map(torch.add, a, b)
-    return tree_map(lambda x, y: x + gain * y, a, b)
-
-
 @register_controller("di")
 class DI(Controller):
     """Dynamic inversion (exact): a control circuit that inverts the Jacobian as it runs,
     ``dz/dt = f(z) + gain e``, ``de/dt = J_f(z)^T e + J_h(z)^T u``.  At its equilibrium
     ``J_f^T e* = -J_h^T u*``: the stationarity of the least-control problem (spec section 1)."""
-
-    @staticmethod
-    def drive(f, e, gain: float = 1.0):
-        """``dz/dt = f + gain e``: the control fed into the state (the inner problem stores ``u = psi / beta``
-        and feeds ``beta u``)."""
-        return _add(f, e, gain)
 
     @staticmethod
     def inversion(t: Terms):

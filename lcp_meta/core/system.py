@@ -31,8 +31,8 @@ from .controllers import Terms
 from .losses import LOSSES, check_target, loss_grad_fn, output_loss, output_loss_grad  # noqa: F401 (re-exported)
 from .solvers import SOLVERS, SolverStats, check_divergence, solve
 
-__all__ = ["EquilibriumModel", "NetworkSystem", "LOSSES", "output_loss", "output_loss_grad", "loss_grad_fn", "check_target",
-           "local_update", "write_grads", "default_check_every"]
+__all__ = ["EquilibriumModel", "NetworkSystem", "LOSSES", "output_loss", "output_loss_grad", "loss_grad_fn",
+           "check_target", "local_update", "write_grads", "default_check_every"]
 
 
 def default_check_every(device: torch.device) -> int:
