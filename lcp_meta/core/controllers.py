@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Type
 
 import torch
 
-from .tree import tree_map
+from .tree import tree_dot, tree_map
 
 __all__ = ["Terms", "Controller", "CONTROLLERS", "register_controller", "make_controller", "OutputController",
            "DI", "KP", "LF", "Direct", "Leaky", "EBD"]
@@ -203,6 +203,15 @@ class EBD(Controller):
     """Energy-based: minimise ``E = 1/2 |f(z)|^2 + 1/2 |y - h(z)|^2 + beta L(y)`` over the states; at the
     minimiser ``psi* = -f``.  Its gradient in ``z`` is minus the DI field's control part evaluated at
     ``e = -f``, ``u = y - h`` (so no autograd graph is needed where the system has closed-form terms)."""
+
+    @staticmethod
+    def energy(f, beta: float, loss: torch.Tensor, out_err=None) -> torch.Tensor:
+        """``E = 1/2 |f|^2 + 1/2 |y - h|^2 + beta L(y)`` from ``f``, ``out_err = y - h`` (None where the output
+        map is the identity, as on the inner problem) and the loss value ``L(y)``."""
+        e = 0.5 * tree_dot(f, f)
+        if out_err is not None:
+            e = e + 0.5 * tree_dot(out_err, out_err)
+        return e + beta * loss
 
     @staticmethod
     def state_grad(t: Terms):

@@ -48,7 +48,7 @@ from torch.func import grad
 
 from ..core.controllers import CONTROLLERS, DI, EBD, Direct, Leaky, make_controller
 from ..core.integrators import apply, heavy_ball
-from ..core.tree import tree_dot, tree_expand, tree_norm, tree_pack, tree_zeros_like
+from ..core.tree import tree_expand, tree_norm, tree_pack, tree_zeros_like
 from .base import MetaGradient, MetaMethod, MetaStats, check_positive
 from .dynamics import cg_map, control_map, iterate, momentum_for
 
@@ -407,8 +407,7 @@ def _ebd(ctrl, lcp, system, batch):
         return phi0, None, st0, None
 
     def energy(phi, xs, ys, xq, yq):
-        f = system.force(phi, omega, lam, xs, ys)
-        return 0.5 * tree_dot(f, f) + beta * system.loss(phi, xq, yq)
+        return EBD.energy(system.force(phi, omega, lam, xs, ys), beta, system.loss(phi, xq, yq))
 
     grad_e = grad(energy)  # = -(Hess l_in + lam) f + beta grad l_out: one HVP's worth of work
 
