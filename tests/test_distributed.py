@@ -322,12 +322,9 @@ def _cli(out, nproc, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [
-    "lcp-truncated",
-    # the command of issue 11; on the sinusoid's ReLU learner lcp never reaches its equilibrium (issue 10), so
-    # every meta-step is skipped and the run exits 4
-    pytest.param("lcp", marks=pytest.mark.xfail(reason="lcp cannot reach its equilibrium on the ReLU sinusoid learner (issue 10)", strict=False)),
-])
+# "lcp" is the command of issue 11: at the sinusoid defaults (tanh learner, lcp at lam 10) it reaches its
+# equilibrium on every meta-step, so the run exits 0 (a skipped share past --max-skipped would exit 4)
+@pytest.mark.parametrize("method", ["lcp-truncated", "lcp"])
 def test_cli_torchrun_two_ranks_same_table(tmp_path, method):
     row1, cfg1 = _cli(tmp_path / "one", 1, method)
     row2, cfg2 = _cli(tmp_path / "two", 2, method)
@@ -335,6 +332,8 @@ def test_cli_torchrun_two_ranks_same_table(tmp_path, method):
     assert cfg1["world_size"] == 1 and cfg2["world_size"] == 2
     # the test metric (first number of the row) as printed; the timing columns differ between runs
     assert metric.findall(row1)[0] == metric.findall(row2)[0], (row1, row2)
+    # no meta-step skipped: both runs trained on all 20 (lcp: each at its controlled equilibrium)
+    assert "| 0/20 |" in row1 and "| 0/20 |" in row2, (row1, row2)
 
 
 if __name__ == "__main__":  # one rank of the two_ranks fixture
