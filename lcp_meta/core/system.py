@@ -29,10 +29,10 @@ from torch import nn
 
 from .controllers import Terms
 from .losses import LOSSES, check_target, loss_grad_fn, output_loss, output_loss_grad  # noqa: F401 (re-exported)
-from .solvers import SOLVERS, SolverStats, check_divergence, solve
+from .solvers import SOLVERS, SolverStats, solve
 
 __all__ = ["EquilibriumModel", "NetworkSystem", "LOSSES", "output_loss", "output_loss_grad", "loss_grad_fn",
-           "check_target", "local_update", "write_grads", "default_check_every"]
+           "check_target", "local_update", "default_check_every"]
 
 
 def default_check_every(device: torch.device) -> int:
@@ -223,12 +223,3 @@ def local_update(model: EquilibriumModel, c: torch.Tensor, v: torch.Tensor, e: t
         obj = (model.g(c, v) * e).sum() + (model.h(v, update_stats=True) * u).sum()
         grads = torch.autograd.grad(-obj, list(params), allow_unused=True)
     return [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
-
-
-def write_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], what: str = "update") -> None:
-    """Store ``grads`` into ``.grad`` (overwriting), but only if every one is finite: a NaN/inf update
-    raises :class:`DivergenceError` and leaves every ``.grad`` as it was."""
-    bad = [i for i, gr in enumerate(grads) if not bool(torch.isfinite(gr).all())]
-    check_divergence(f"the {what} ({len(bad)} of {len(grads)} parameter tensors)", finite=not bad)
-    for p, gr in zip(params, grads):
-        p.grad = gr.detach().to(p.dtype).clone()

@@ -83,7 +83,7 @@ class DynamicInversion(Method):
             u = out.u(u_i, gl)
             t = system.terms(v, e, u)
             dv, de = DI.field(t, e)
-            return v + dt * dv, y + dt * (t.h - y + u), e + dt * de, out.integrate(u_i, gl, dt)
+            return v + dt * dv, out.output_step(y, t.h, u, dt), e + dt * de, out.integrate(u_i, gl, dt)
 
         return step
 

@@ -56,8 +56,8 @@ class EnergyBased(Method):
         return EBD.state_grad(system.vjps(v, e, u)), u + self.beta * output_loss_grad(y, target, self.loss), e, u
 
     def energy(self, c, target, v, y) -> torch.Tensor:
-        return (0.5 * (v - self.model.g(c, v)).pow(2).sum() + 0.5 * (y - self.model.h(v)).pow(2).sum()
-                + self.beta * output_loss(y, target, self.loss))
+        t = NetworkSystem(self.model, c).terms(v)
+        return EBD.energy(t.f, self.beta, output_loss(y, target, self.loss), y - t.h)
 
     @torch.no_grad()
     def controlled_equilibrium(self, c, target):

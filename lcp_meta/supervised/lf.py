@@ -84,7 +84,8 @@ class LinearFeedback(Method):
             gl = grad_l(y)
             u = out.u(u_i, gl)
             t = system.terms(v)
-            return v + dt * (t.f + LF.feedback(u, Q)), y + dt * (t.h - y + u), out.integrate(u_i, gl, dt)
+            v = v + dt * LF.drive(t.f, LF.feedback(u, Q))
+            return v, out.output_step(y, t.h, u, dt), out.integrate(u_i, gl, dt)
 
         v0 = m.init_state(c)
         with torch.no_grad():
@@ -113,8 +114,8 @@ class LinearFeedback(Method):
             acc -= v_fb.t() @ (u - u_ref) / self.sigma ** 2
             t = system.terms(v)
             eps = eps + tf / self.tau_eps * (-dts * eps + math.sqrt(dts) * randn(eps))
-            v = v + tf ** 2 * dts * (t.f + v_fb)
-            y = y + dts * (t.h - y + u)
+            v = v + tf ** 2 * dts * LF.drive(t.f, v_fb)
+            y = out.output_step(y, t.h, u, dts)
             u_i = out.integrate(u_i, gl, dts)
         acc /= v.shape[0]
         return Q + dt / self.tau_Q * (acc - self.wd_Q * Q)
