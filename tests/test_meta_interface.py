@@ -1,4 +1,5 @@
 """The meta-learning interface: vmap vs per-task loop, BatchNorm conv-4, memory, divergence, errors."""
+import math
 import warnings
 
 import pytest
@@ -261,3 +262,141 @@ def test_nan_meta_gradient_is_reported_and_not_accumulated():
     with pytest.raises(DivergenceError, match="inner dynamics turned NaN"):
         LCP(model, F.mse_loss, inner_steps=3, truncated=True).meta_backward(bad)  # the control integrates the NaN
     assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------ one integrator, one tree toolkit
+def test_integrators_equal_torch_optim_and_carry_their_state():
+    """heavy_ball is torch.optim.SGD(momentum) and adam is torch.optim.Adam, on the force -grad E; momentum 0
+    is Euler bit for bit (the velocity is carried all the same)."""
+    from lcp_meta.core.integrators import adam, apply, euler, heavy_ball
+    torch.manual_seed(0)
+    x0 = {"a": torch.randn(3, dtype=DT), "b": torch.randn(2, 2, dtype=DT)}
+
+    def energy(t):
+        return sum((v ** 4 - v).sum() for v in t)
+
+    for ours, theirs in ((heavy_ball(0.01, 0.9), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
+                         (adam(0.02, 0.8, 0.99), lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.99)))):
+        params = [torch.nn.Parameter(v.clone()) for v in x0.values()]
+        opt, x, state = theirs(params), dict(x0), ours.init(x0)
+        for _ in range(25):
+            opt.zero_grad()
+            energy(params).backward()
+            opt.step()
+            g = torch.func.grad(lambda t: energy(list(t.values())))(x)
+            delta, state = ours.update({k: -v for k, v in g.items()}, state)
+            x = apply(x, delta)
+        for p, v in zip(params, x.values()):
+            torch.testing.assert_close(v, p.detach(), rtol=1e-13, atol=1e-15)
+    hb, eu = heavy_ball(0.1, 0.0), euler(0.1)
+    xs, ys, vel = dict(x0), dict(x0), hb.init(x0)
+    for _ in range(5):
+        d1, vel = hb.update({k: -4 * v ** 3 for k, v in xs.items()}, vel)
+        d2, _ = eu.update({k: -4 * v ** 3 for k, v in ys.items()}, ())
+        xs, ys = apply(xs, d1), apply(ys, d2)
+    assert all(torch.equal(xs[k], ys[k]) for k in xs)
+
+
+def test_integrator_under_vmap_with_a_step_per_task():
+    from lcp_meta.core.integrators import apply, heavy_ball
+    torch.manual_seed(1)
+    x, lr = {"w": torch.randn(4, 3, dtype=DT)}, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=DT)
+
+    def run(x, lr):
+        hb = heavy_ball(lr, 0.5)
+        vel = hb.init(x)
+        for _ in range(3):
+            delta, vel = hb.update({"w": -x["w"]}, vel)
+            x = apply(x, delta)
+        return x
+
+    batched = torch.func.vmap(run)(x, lr)
+    for t in range(4):
+        torch.testing.assert_close(batched["w"][t], run({"w": x["w"][t]}, float(lr[t]))["w"], rtol=1e-15, atol=0)
+
+
+def test_tree_pack_round_trip_and_batched_norm():
+    from lcp_meta.core.tree import tree_norm, tree_pack
+    a = {"x": torch.randn(3, 2, dtype=DT), "y": torch.randn(3, dtype=DT)}
+    state = [a, torch.ones(3, dtype=DT), dict(a)]
+    flat, rebuild = tree_pack(state)
+    assert len(flat) == 5 and all(isinstance(t, torch.Tensor) for t in flat)
+    back = rebuild(tuple(2 * t for t in flat))
+    assert torch.equal(back[0]["x"], 2 * a["x"]) and torch.equal(back[1], 2 * torch.ones(3, dtype=DT))
+    want = torch.sqrt(a["x"].pow(2).sum(1) + a["y"].pow(2))
+    torch.testing.assert_close(tree_norm(a, batched=True), want, rtol=1e-15, atol=0)
+
+
+# ------------------------------------------------------ a new meta method: one class + one register call
+def test_a_registered_toy_method_is_built_by_name_and_its_meta_gradient_is_exact():
+    """The worked example of docs/architecture.md: a first-order, one-step method is one class (its
+    ``_meta_gradient``) and one ``register_method`` call; ``make_method`` builds it, the shared template
+    accumulates its meta-gradient, which equals the closed form for linear least squares in float64."""
+    from lcp_meta.core import registry
+    from lcp_meta.core.solvers import SolverStats
+    from lcp_meta.core.tree import tree_detach, tree_map
+    from lcp_meta.meta import MetaGradient, method_kwargs, register_method
+
+    class OneStepFirstOrder(MetaMethod):
+        """grad l_out(phi), phi = omega - eta grad l_in(omega): one inner step, no second derivatives."""
+        name = "one-step-fo"
+        equilibrium, proximal, supports_learned_lam = False, False, False
+
+        def __init__(self, model, loss_fn=None, *, eta: float = 0.1, **kwargs):
+            super().__init__(model, loss_fn, lam=0.0, **kwargs)
+            self.eta = eta
+
+        def _meta_gradient(self, system, params, tb):
+            omega = tree_detach(params)
+            phi = system.tmap(lambda x, y: tree_map(lambda w, g: w - self.eta * g, omega, system.grad(omega, x, y)),
+                              (0, 0))(tb.x_support, tb.y_support)
+            grads = tree_map(lambda g: g.mean(0), system.grads(phi, tb.x_query, tb.y_query))
+            return MetaGradient(grads, SolverStats(iterations=1, residual=0.0, converged=True),
+                                MetaStats(iterations=1), phi)
+
+    register_method("meta", "one-step-fo", OneStepFirstOrder)
+    try:
+        torch.manual_seed(4)
+        model = torch.nn.Linear(3, 1, bias=False).to(DT)
+        T, n = 3, 6
+        xs, xq = torch.randn(T, n, 3, dtype=DT), torch.randn(T, n + 1, 3, dtype=DT)
+        ys, yq = torch.randn(T, n, 1, dtype=DT), torch.randn(T, n + 1, 1, dtype=DT)
+        method = make_method("one-step-fo", model, F.mse_loss, eta=0.05)
+        assert type(method) is OneStepFirstOrder and "eta" in method_kwargs("one-step-fo")
+        with pytest.raises(TypeError, match="unknown setting"):
+            make_method("one-step-fo", model, F.mse_loss, beta=1.0)
+        stats = method.meta_backward(TaskBatch(xs, ys, xq, yq))
+        # by hand: l(w) = mean((X w - y)^2), grad l(w) = 2/N X^T (X w - y)
+        w = model.weight.detach().t()
+        want = torch.zeros_like(w)
+        for t in range(T):
+            phi = w - 0.05 * 2 / n * xs[t].t() @ (xs[t] @ w - ys[t])
+            want += 2 / (n + 1) * xq[t].t() @ (xq[t] @ phi - yq[t]) / T
+        torch.testing.assert_close(model.weight.grad, want.t(), rtol=1e-12, atol=1e-14)
+        assert stats.converged and stats["iterations"] == 1  # the template filled the statistics
+        assert stats.meta_grad_norm == pytest.approx(float(want.norm()), rel=1e-12)
+        assert math.isfinite(stats.query_loss_after) and stats.query_loss_after < stats.query_loss_before
+        method.meta_backward(TaskBatch(xs, ys, xq, yq))  # accumulates, like loss.backward()
+        torch.testing.assert_close(model.weight.grad, 2 * want.t(), rtol=1e-12, atol=1e-14)
+    finally:
+        registry._REGISTRY.pop(("meta", "one-step-fo"))
+
+
+def test_one_registry_with_qualified_names():
+    """'lcp-ebd' names a different method on each side: the qualified names say which."""
+    from lcp_meta import make_method as top_make_method
+    from lcp_meta.core.registry import method_info, method_names
+    from lcp_meta.models.supervised import build_model
+    from lcp_meta.supervised import EnergyBased
+    from lcp_meta.supervised import make_method as sup_make_method
+    model, _ = _mlp_tasks()
+    assert type(top_make_method("meta:lcp-ebd", model, F.mse_loss)) is LCP
+    assert top_make_method("lcp-ebd", model, F.mse_loss).controller == "ebd"
+    assert type(sup_make_method("supervised:lcp-ebd", build_model("ff", in_shape=(4,), num_classes=3))) is EnergyBased
+    assert method_info("supervised:lcp-ebd").cls is EnergyBased and method_info("lcp-ebd").cls is LCP
+    assert {"meta:lcp", "supervised:lcp-di"} <= set(method_names(None))
+    assert method_info("lcp").proximal and not method_info("maml").proximal
+    with pytest.raises(ValueError, match="supervised method"):
+        top_make_method("supervised:lcp-ebd", model, F.mse_loss)
+    with pytest.raises(ValueError, match="fixes controller"):
+        top_make_method("lcp-direct", model, F.mse_loss, controller="di")

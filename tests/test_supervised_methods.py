@@ -180,3 +180,20 @@ def test_every_supported_method_runs_on_tiny_models(model_name):
         logits, pstats = model.predict(x, max_iter=50)
         assert logits.shape == (2, 10)
         method.after_step()
+
+
+@pytest.mark.parametrize("method_name", ["bp", "rbp", "lcp-di", "lcp-lf", "lcp-ebd"])
+def test_backward_accumulates_like_loss_backward(method_name):
+    """The one method contract: backward adds its update to .grad (a second call on the same batch doubles it,
+    bit for bit up to the addition), and its statistics are a dict with attribute access."""
+    torch.manual_seed(5)
+    model = build_model("ff", in_shape=(4,), num_classes=3, hidden=(5,)).to(DT)
+    kw = {"ebd_steps": 50} if method_name == "lcp-ebd" else {"learn_Q": False} if method_name == "lcp-lf" else {}
+    method = make_method(method_name, model, tol=1e-12, max_iter=5000, **kw)
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    stats = method.backward(x, y)
+    first = [p.grad.clone() for p in method.parameters()]
+    assert stats["loss"] == stats.loss and dict(stats)["loss"] == stats.loss and math.isfinite(stats.loss)
+    method.backward(x, y)
+    for p, g in zip(method.parameters(), first):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=1e-15)

@@ -13,7 +13,4 @@ command when it is missing; ``l2l.LCPLearner`` needs no learn2learn (only ``l2l.
 three with ``bash scripts/install_adapters.sh`` (see ``docs/adapters.md``).
 """
 
-MODULES = {"learn2learn": "lcp_meta.adapters.l2l", "higher": "lcp_meta.adapters.higher_compat",
-           "torchmeta": "lcp_meta.adapters.torchmeta_compat"}
-
-__all__ = ["MODULES"]
+__all__: list = []
