@@ -1,4 +1,4 @@
-"""The meta-learning interface: task batches, statistics, and the base class of every method.
+"""The meta-learning interface: statistics, the meta half of the method template, the base class of methods.
 
 A method owns a model whose trainable parameters are the meta-parameters ``omega``.
 :meth:`MetaMethod.meta_backward` accumulates the mean-over-tasks meta-gradient into ``.grad`` exactly
@@ -19,90 +19,12 @@ import torch.nn.functional as F
 from ..core.method import ON_DIVERGENCE, GradientMethod, Gradients, Stats
 from ..core.solvers import SolverStats, check_divergence, solve
 from ..core.tree import Tree, tree_detach, tree_expand, tree_finite, tree_norm, tree_pack, tree_zeros_like
+from ..data.tasks import TaskBatch, cast_to, check_support
 from .dynamics import SAFETY, iterate, momentum_for, power_iteration, relax_map
 from .functional import check_vmappable, make_loss, make_model_fn, split_model, task_map
 from .inner_problem import InnerProblem
 
 __all__ = ["TaskBatch", "MetaStats", "MetaGradient", "MetaMethod", "check_positive"]
-
-
-# ----------------------------------------------------------------------------------- task batches
-@dataclass
-class TaskBatch:
-    """A meta-batch of T tasks: support and query sets, each tensor with a leading task dim.
-
-    x_support: (T, N_s, *x_shape)   y_support: (T, N_s, *y_shape)
-    x_query:   (T, N_q, *x_shape)   y_query:   (T, N_q, *y_shape)
-    """
-
-    x_support: torch.Tensor
-    y_support: torch.Tensor
-    x_query: torch.Tensor
-    y_query: torch.Tensor
-
-    def __post_init__(self):
-        names = ("x_support", "y_support", "x_query", "y_query")
-        for n in names:
-            if not isinstance(getattr(self, n), torch.Tensor):
-                raise TypeError(f"TaskBatch.{n} must be a tensor, got {type(getattr(self, n)).__name__}")
-        xs, ys, xq, yq = self.x_support, self.y_support, self.x_query, self.y_query
-        _check_support(xs, ys)
-        _check_support(xq, yq, what="query")
-        if xq.shape[0] != xs.shape[0]:
-            raise ValueError(f"support and query disagree on the number of tasks: x_support {tuple(xs.shape)} "
-                             f"vs x_query {tuple(xq.shape)}; expected the same leading task dim T")
-        if xq.shape[2:] != xs.shape[2:] or yq.shape[2:] != ys.shape[2:]:
-            raise ValueError(f"support and query samples differ in shape: x {tuple(xs.shape)} vs {tuple(xq.shape)}, "
-                             f"y {tuple(ys.shape)} vs {tuple(yq.shape)}; expected (T, N, *x_shape) and "
-                             f"(T, N, *y_shape) with the same x_shape and y_shape")
-
-    @classmethod
-    def coerce(cls, tasks) -> "TaskBatch":
-        """Accept a TaskBatch, a 4-tuple ``(xs, ys, xq, yq)`` or ``((xs, ys), (xq, yq))``."""
-        if isinstance(tasks, cls):
-            return tasks
-        if isinstance(tasks, (tuple, list)):
-            if len(tasks) == 4:
-                return cls(*tasks)
-            if len(tasks) == 2 and all(isinstance(t, (tuple, list)) and len(t) == 2 for t in tasks):
-                return cls(tasks[0][0], tasks[0][1], tasks[1][0], tasks[1][1])
-        raise TypeError("expected tasks as a TaskBatch, a 4-tuple (x_support, y_support, x_query, y_query) or "
-                        f"((x_support, y_support), (x_query, y_query)); got {type(tasks).__name__}")
-
-    @property
-    def num_tasks(self) -> int:
-        return self.x_support.shape[0]
-
-    def to(self, device=None, dtype=None) -> "TaskBatch":
-        """Move to ``device``; cast floating tensors (inputs, regression targets) to ``dtype``."""
-        return TaskBatch(*(_to(t, device, dtype) for t in (self.x_support, self.y_support,
-                                                            self.x_query, self.y_query)))
-
-    def task(self, i: int) -> "TaskBatch":
-        """Task ``i`` as a batch of one."""
-        return TaskBatch(self.x_support[i:i + 1], self.y_support[i:i + 1], self.x_query[i:i + 1], self.y_query[i:i + 1])
-
-
-def _to(t: torch.Tensor, device, dtype) -> torch.Tensor:
-    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-        t = t.to(dtype)
-    return t.to(device) if device is not None else t
-
-
-def _check_support(x, y, what="support"):
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(f"expected {what} inputs and targets as tensors, got {type(x).__name__}, {type(y).__name__}")
-    if x.dim() < 3 or y.dim() < 2:
-        raise ValueError(f"expected x_{what} of shape (tasks, shots, *x_shape) and y_{what} of shape "
-                         f"(tasks, shots, *y_shape) with a leading task dim; got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)} (add a task dim with .unsqueeze(0) for a single task)")
-    if x.shape[:2] != y.shape[:2]:
-        raise ValueError(f"x_{what} {tuple(x.shape)} and y_{what} {tuple(y.shape)} disagree on (tasks, shots); "
-                         f"expected x (T, N, *x_shape) and y (T, N, *y_shape)")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        # the mean losses would divide by zero (or index an empty batch) far from here
-        raise ValueError(f"empty {what} set: x_{what} has shape {tuple(x.shape)}; expected at least one task and "
-                         f"one example per task (T >= 1, N >= 1)")
 
 
 def check_prediction_target(pred: torch.Tensor, y: torch.Tensor) -> None:
@@ -535,8 +457,8 @@ class MetaMethod(GradientMethod, nn.Module):
         """Adapted parameters of a batch of tasks (the free inner solution; no query data): a dict
         name -> tensor with a leading task dim."""
         p = next(iter(split_model(self.model)[0].values()))
-        xs, ys = _to(x_support, p.device, p.dtype), _to(y_support, p.device, p.dtype)
-        _check_support(xs, ys)
+        xs, ys = cast_to(x_support, p.device, p.dtype), cast_to(y_support, p.device, p.dtype)
+        check_support(xs, ys)
         system, params = self._system()
         omega = tree_detach(params)
         phi, st = self._free(system, omega, self.lam_tree(params), xs, ys)
@@ -565,7 +487,7 @@ class MetaMethod(GradientMethod, nn.Module):
             tb = TaskBatch.coerce(tasks)
             xs, ys, xq = tb.x_support, tb.y_support, tb.x_query
         p = next(iter(split_model(self.model)[0].values()))
-        xq = _to(xq, p.device, p.dtype)
+        xq = cast_to(xq, p.device, p.dtype)
         if xq.dim() < 3 or xq.shape[0] != xs.shape[0]:
             raise ValueError(f"expected x_query of shape (tasks, queries, *x_shape) with {xs.shape[0]} tasks, "
                              f"got {tuple(xq.shape)}")
