@@ -6,11 +6,13 @@ Adapters for learn2learn, higher and torchmeta live in :mod:`lcp_meta.adapters` 
 """
 from .core import SOLVERS, DivergenceError, SolverStats, register_solver, solve
 from .core.system import EquilibriumModel
-from .meta import (FOMAML, IMAML, LCP, MAML, METHOD_NAMES, ContrastiveMeta, MetaMethod, MetaStats, Reptile,
-                   TaskBatch, make_method)
+from .core.registry import method_info, method_names, register_method
+from .meta import (FOMAML, IMAML, LCP, MAML, METHOD_NAMES, ContrastiveMeta, MetaGradient, MetaMethod, MetaStats,
+                   Reptile, TaskBatch, make_method, method_kwargs)
 from .utils import resolve_device
 
 __version__ = "0.1.0"
 __all__ = ["EquilibriumModel", "SOLVERS", "DivergenceError", "SolverStats", "register_solver", "solve", "resolve_device",
            "LCP", "MAML", "FOMAML", "Reptile", "IMAML", "ContrastiveMeta", "MetaMethod", "MetaStats", "TaskBatch",
-           "make_method", "METHOD_NAMES", "__version__"]
+           "MetaGradient", "make_method", "METHOD_NAMES", "method_kwargs", "method_info", "method_names",
+           "register_method", "__version__"]
