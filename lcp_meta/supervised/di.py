@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..core.control import CONTROL_SOLVERS, ControlProblem, OutputControl, resolve_control_solver
-from ..core.controllers import DI, OutputController
+from ..core.controllers import DI, KP, OutputController
 from ..core.solvers import SOLVERS
 from ..core.system import NetworkSystem, default_check_every, local_update, loss_grad_fn, output_loss_grad
 from .methods import Method, check_finite
@@ -67,10 +67,6 @@ class DynamicInversion(Method):
         """Control strength of the equilibrium reached: ``u* = -beta grad l(y*)``."""
         return self.output.beta
 
-    def _fb(self):
-        """Replacements for transposed forward weights in the VJPs (None: the true transposes)."""
-        return None
-
     def controlled_step(self, c, target):
         """One Euler step of the joint dynamics: the DI field on the network system, the output units, and the
         output controller (see the module docstring)."""
@@ -87,49 +83,6 @@ class DynamicInversion(Method):
 
         return step
 
-    def controlled_equilibrium(self, c, target):
-        """The controlled equilibrium ``(v*, y*, e*, u*)`` and the solver statistics.
-
-        ``solver`` 'euler' (or 'anderson') runs the joint dynamics from 0 (the faithful simulation, with ``dt``);
-        a name in :data:`~lcp_meta.core.control.CONTROL_SOLVERS` reaches the same fixed point with the
-        problem's structure; 'auto' picks the fastest exact one for the model."""
-        c = c.detach()
-        name = resolve_control_solver(self.solver, self.model, self.loss, self.beta, c.shape[0])
-        if name in CONTROL_SOLVERS:
-            out = OutputControl(target, self.model.num_classes, c.dtype, self.loss, self.beta)
-            prob = ControlProblem(self.model, c, out, self._fb(), self.tol, self.max_iter,
-                                  self.check_every or default_check_every(c.device), **self.control_options)
-            fallback = self.solver == "auto" and name == "reduced" and self.max_iter >= 2
-            if fallback:  # 'auto' keeps max_iter as its total budget: half for each attempt
-                prob.max_iter = self.max_iter // 2
-            with torch.no_grad():
-                z, stats = CONTROL_SOLVERS[name](prob)
-                if fallback and not stats.converged and not stats.diverged:
-                    prob.max_iter = self.max_iter - stats.iterations
-                    # (a choice of solver, not of acceptance: a fixed threshold, so that max_residual=inf, which
-                    # only says "apply whatever state is reached", does not send far-off solves to Anderson)
-                    if stats.residual <= min(self.max_residual, self.NEAR):
-                        # stalled close to an equilibrium the Euler dynamics (damped by the integral controller)
-                        # settle to, e.g. chattering ReLU nets: accelerate instead
-                        first, first_z = stats, z
-                        z, stats = CONTROL_SOLVERS["warm-anderson"](prob)
-                        name = f"{name}, then warm-anderson"
-                        if not stats.converged and not stats.diverged and stats.residual > first.residual:
-                            # Anderson (restarted from the free equilibrium) ended farther from settling than the
-                            # reduced iteration had got: report and use the better state
-                            used = first.iterations + stats.iterations
-                            z, stats = first_z, dataclasses.replace(first, iterations=used)
-                            first = dataclasses.replace(first, iterations=0)
-                            name = "reduced, better than the warm-anderson retry"
-                    else:  # far from settling (dynamics that oscillate): go on as one run with the full budget
-                        v, y, e, _ = z
-                        prob.start = (v, e, y)
-                        first, (z, stats) = stats, CONTROL_SOLVERS[name](prob)
-                    stats.iterations += first.iterations
-            self._check(stats, f"controlled dynamics ({name})")
-            return z, stats
-        return self._simulate(c, target, name)
-
     def _simulate(self, c, target, solver):
         """The joint Euler dynamics from 0 (see the module docstring)."""
         v0 = self.model.init_state(c)
@@ -141,6 +94,53 @@ class DynamicInversion(Method):
         with torch.no_grad():
             u = self.output.u(u_i, output_loss_grad(y, target, self.loss))
         return (v, y, e, u), stats
+
+
+@DI.drives("network")
+@KP.drives("network")
+def _network(ctrl, method, system, target):
+    """The DI (and KP) controller on the network: the controlled equilibrium ``(v*, y*, e*, u*)`` and the
+    solver statistics.
+
+    ``solver`` 'euler' (or 'anderson') runs the joint dynamics from 0 (the faithful simulation, with ``dt``);
+    a name in :data:`~lcp_meta.core.control.CONTROL_SOLVERS` reaches the same fixed point with the
+    problem's structure; 'auto' picks the fastest exact one for the model (``system.fb``: KP's feedback weights)."""
+    c = system.c
+    name = resolve_control_solver(method.solver, method.model, method.loss, method.beta, c.shape[0])
+    if name in CONTROL_SOLVERS:
+        out = OutputControl(target, method.model.num_classes, c.dtype, method.loss, method.beta)
+        prob = ControlProblem(method.model, c, out, system.fb, method.tol, method.max_iter,
+                              method.check_every or default_check_every(c.device), **method.control_options)
+        fallback = method.solver == "auto" and name == "reduced" and method.max_iter >= 2
+        if fallback:  # 'auto' keeps max_iter as its total budget: half for each attempt
+            prob.max_iter = method.max_iter // 2
+        with torch.no_grad():
+            z, stats = CONTROL_SOLVERS[name](prob)
+            if fallback and not stats.converged and not stats.diverged:
+                prob.max_iter = method.max_iter - stats.iterations
+                # (a choice of solver, not of acceptance: a fixed threshold, so that max_residual=inf, which
+                # only says "apply whatever state is reached", does not send far-off solves to Anderson)
+                if stats.residual <= min(method.max_residual, method.NEAR):
+                    # stalled close to an equilibrium the Euler dynamics (damped by the integral controller)
+                    # settle to, e.g. chattering ReLU nets: accelerate instead
+                    first, first_z = stats, z
+                    z, stats = CONTROL_SOLVERS["warm-anderson"](prob)
+                    name = f"{name}, then warm-anderson"
+                    if not stats.converged and not stats.diverged and stats.residual > first.residual:
+                        # Anderson (restarted from the free equilibrium) ended farther from settling than the
+                        # reduced iteration had got: report and use the better state
+                        used = first.iterations + stats.iterations
+                        z, stats = first_z, dataclasses.replace(first, iterations=used)
+                        first = dataclasses.replace(first, iterations=0)
+                        name = "reduced, better than the warm-anderson retry"
+                else:  # far from settling (dynamics that oscillate): go on as one run with the full budget
+                    v, y, e, _ = z
+                    prob.start = (v, e, y)
+                    first, (z, stats) = stats, CONTROL_SOLVERS[name](prob)
+                stats.iterations += first.iterations
+        method._check(stats, f"controlled dynamics ({name})")
+        return z, stats
+    return method._simulate(c, target, name)
 
 
 class KolenPollack(DynamicInversion):

@@ -59,36 +59,40 @@ class EnergyBased(Method):
         t = NetworkSystem(self.model, c).terms(v)
         return EBD.energy(t.f, self.beta, output_loss(y, target, self.loss), y - t.h)
 
-    @torch.no_grad()
-    def controlled_equilibrium(self, c, target):
-        c = c.detach()
-        if self.init == "free":
-            v, _ = self.model.free_equilibrium(c, solver=self.solver, tol=self.tol, max_iter=self.max_iter,
-                                               check_every=self.check_every)
-        else:
-            v = self.model.init_state(c)
-        y = self.model.h(v) if self.init == "free" else torch.zeros_like(self.model.h(v))
-        opt = adam(self.lr, *self.betas)  # torch.optim.Adam's arithmetic, on the states
-        state = opt.init((v, y))
-        stats = SolverStats(iterations=0, residual=math.inf, converged=False)
-        rel = math.inf
-        for t in range(1, self.steps + 1):
-            gv, gy, _, _ = self.energy_grad(c, target, v, y)
-            delta, state = opt.update((-gv, -gy), state)  # the force is -dE
-            new = apply((v, y), delta)
-            rel = float(tree_norm(tree_map(torch.sub, new, (v, y))) / tree_norm(new).clamp_min(1e-12))
-            v, y = new
-            stats.iterations = t
-            if not math.isfinite(rel):
-                stats.diverged = True
-                break
-            if self.stop_tol is not None and rel < self.stop_tol:
-                break
-        stats.residual = rel
-        stats.converged = not stats.diverged
-        check_divergence("energy minimisation (Adam on the states)", stats, who=self.name)
-        g, h, _, _ = self.model.step_terms(c, v, None, None)
-        return (v, y, v - g, y - h), stats
-
     def _extra_stats(self, c, target, v, yc):
         return {"energy": float(self.energy(c, target, v, yc))}
+
+
+@EBD.drives("network")
+@torch.no_grad()
+def _network(ctrl, method, system, target):
+    """EBD on the network: Adam on the states ``(v, y)`` from 0 or the free equilibrium; returns
+    ``((v*, y*, e* = -f, u* = y* - h), SolverStats)``."""
+    c = system.c
+    if method.init == "free":
+        v, _ = method.model.free_equilibrium(c, solver=method.solver, tol=method.tol, max_iter=method.max_iter,
+                                             check_every=method.check_every)
+    else:
+        v = method.model.init_state(c)
+    y = method.model.h(v) if method.init == "free" else torch.zeros_like(method.model.h(v))
+    opt = adam(method.lr, *method.betas)  # torch.optim.Adam's arithmetic, on the states
+    state = opt.init((v, y))
+    stats = SolverStats(iterations=0, residual=math.inf, converged=False)
+    rel = math.inf
+    for t in range(1, method.steps + 1):
+        gv, gy, _, _ = method.energy_grad(c, target, v, y)
+        delta, state = opt.update((-gv, -gy), state)  # the force is -dE
+        new = apply((v, y), delta)
+        rel = float(tree_norm(tree_map(torch.sub, new, (v, y))) / tree_norm(new).clamp_min(1e-12))
+        v, y = new
+        stats.iterations = t
+        if not math.isfinite(rel):
+            stats.diverged = True
+            break
+        if method.stop_tol is not None and rel < method.stop_tol:
+            break
+    stats.residual = rel
+    stats.converged = not stats.diverged
+    check_divergence("energy minimisation (Adam on the states)", stats, who=method.name)
+    g, h, _, _ = method.model.step_terms(c, v, None, None)
+    return (v, y, v - g, y - h), stats

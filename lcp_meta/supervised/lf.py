@@ -73,28 +73,6 @@ class LinearFeedback(Method):
     def beta(self) -> float:
         return self.output.beta
 
-    def controlled_equilibrium(self, c, target):
-        m, dt, Q, out = self.model, self.dt, self.Q, self.output
-        c = c.detach()
-        system = NetworkSystem(m, c)
-        grad_l = loss_grad_fn(target, m.num_classes, c.dtype, self.loss)
-
-        def step(z):
-            v, y, u_i = z
-            gl = grad_l(y)
-            u = out.u(u_i, gl)
-            t = system.terms(v)
-            v = v + dt * LF.drive(t.f, LF.feedback(u, Q))
-            return v, out.output_step(y, t.h, u, dt), out.integrate(u_i, gl, dt)
-
-        v0 = m.init_state(c)
-        with torch.no_grad():
-            y0 = torch.zeros_like(m.h(v0))
-        (v, y, u_i), stats = self._solve(step, (v0, y0, torch.zeros_like(y0)), "controlled dynamics")
-        with torch.no_grad():
-            u = out.u(u_i, output_loss_grad(y, target, self.loss))
-        return (v, y, u_i, u), stats
-
     @torch.no_grad()
     def noisy_phase(self, c, target, v, y, u_i, u_ref, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Run the noisy phase from a controlled equilibrium; return the proposed new Q (not assigned)."""
@@ -137,3 +115,27 @@ class LinearFeedback(Method):
         # Q changes only once the update is accepted (the template accumulates it, then runs on_accept)
         return Gradients(params, grads, self._control_stats(target, v, yc, e, u, stats),
                          on_accept=None if new_q is None else (lambda: self.Q.copy_(new_q)))
+
+
+@LF.drives("network")
+def _network(ctrl, method, system, target):
+    """LF on the network: the joint Euler dynamics of ``(v, y, u_I)`` with ``e = Q u``; returns
+    ``((v*, y*, u_I*, u*), SolverStats)``."""
+    m, dt, Q, out, c = method.model, method.dt, method.Q, method.output, system.c
+    grad_l = loss_grad_fn(target, m.num_classes, c.dtype, method.loss)
+
+    def step(z):
+        v, y, u_i = z
+        gl = grad_l(y)
+        u = out.u(u_i, gl)
+        t = system.terms(v)
+        v = v + dt * LF.drive(t.f, LF.feedback(u, Q))
+        return v, out.output_step(y, t.h, u, dt), out.integrate(u_i, gl, dt)
+
+    v0 = m.init_state(c)
+    with torch.no_grad():
+        y0 = torch.zeros_like(m.h(v0))
+    (v, y, u_i), stats = method._solve(step, (v0, y0, torch.zeros_like(y0)), "controlled dynamics")
+    with torch.no_grad():
+        u = out.u(u_i, output_loss_grad(y, target, method.loss))
+    return (v, y, u_i, u), stats

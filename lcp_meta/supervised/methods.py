@@ -22,10 +22,11 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ..core.controllers import make_controller
 from ..core.method import GradientMethod, Gradients, StepStats
 from ..core.solvers import SolverStats, check_divergence, solve
-from ..core.system import LOSSES, EquilibriumModel, check_target, default_check_every, local_update, output_loss, \
-    output_loss_grad
+from ..core.system import (LOSSES, EquilibriumModel, NetworkSystem, check_target, default_check_every, local_update,
+                           output_loss, output_loss_grad)
 
 __all__ = ["Method", "Backprop", "RecurrentBackprop", "check_finite"]
 
@@ -96,6 +97,18 @@ class Method(GradientMethod):
         return self._controlled_gradients(*batch)
 
     # ---- the controllers' shared path: controlled equilibrium -> local update -> statistics
+    controller: Optional[str] = None  # the registered controller (core.controllers) whose dynamics this method runs
+
+    def controlled_equilibrium(self, c, target):
+        """The controlled equilibrium and its solver statistics, from the network driver of the registered
+        controller :attr:`controller` (no graph: ``c`` is detached)."""
+        system = NetworkSystem(self.model, c.detach(), self._fb())
+        return make_controller(self.controller).equilibrium(self, system, target)
+
+    def _fb(self):
+        """Replacements for transposed forward weights in the VJPs (None: the true transposes; KP: its B)."""
+        return None
+
     def _update(self, c, v, e, u, params):
         """The local update ``-(dg/dtheta)^T e* - (dh/dtheta)^T u*`` (KP routes it through feedback weights)."""
         return local_update(self.model, c, v, e, u, params)
