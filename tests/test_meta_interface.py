@@ -1,6 +1,5 @@
 """The meta-learning interface: vmap vs per-task loop, BatchNorm conv-4, memory, divergence, errors."""
 import math
-import warnings
 
 import pytest
 import torch

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from ..core.registry import build, method_names, register_method
-from .config import METHOD_NAMES, SUPPORTED, TRAINER_KEYS, default_hparams
+from .config import METHOD_NAMES, TRAINER_KEYS, default_hparams
 from .di import DynamicInversion, KolenPollack
 from .ebd import EnergyBased
 from .lf import LinearFeedback

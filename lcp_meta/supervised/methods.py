@@ -17,7 +17,7 @@ naming the residual, leaving ``.grad`` and the parameters as they were.  A metho
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
