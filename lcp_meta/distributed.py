@@ -491,14 +491,19 @@ def _shard_rule(method):
     from .supervised.di import DynamicInversion
     from .supervised.methods import Backprop, RecurrentBackprop
     if isinstance(method, DynamicInversion):
+        # the method's gains are its output controller's (core.controllers.OutputGain): one copy to scale
+        holders = [method]
+
         @contextlib.contextmanager
         def gains(scale):
-            k_i, k_p = method.k_i, method.k_p
-            method.k_i, method.k_p = k_i * scale, k_p * scale
+            saved = [(h, h.k_i, h.k_p) for h in holders]
+            for h, k_i, k_p in saved:
+                h.k_i, h.k_p = k_i * scale, k_p * scale
             try:
                 yield
             finally:
-                method.k_i, method.k_p = k_i, k_p
+                for h, k_i, k_p in saved:
+                    h.k_i, h.k_p = k_i, k_p
         return gains, False
     if isinstance(method, RecurrentBackprop):
         warnings.warn("rbp stops its dynamics when the whole batch has converged (the authors' rule), so a shard "
@@ -544,7 +549,11 @@ class DistributedSupervised:
         scale = count / total
         params = [p for p in self._params if p.requires_grad]
         fingerprint = _fingerprint(params)
+        # backward accumulates into .grad (like loss.backward()): start the shard from zero, so that what was
+        # there before is added once after the all-reduce, not once per rank
         saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
         stats, failed, error, local_exc, residual, div = None, False, None, None, float("nan"), None
         try:
             if count > 0:
@@ -578,9 +587,10 @@ class DistributedSupervised:
         _check_fingerprints(infos)
         with torch.no_grad():
             i = 0
-            for p in params:
+            for p, g in zip(params, saved):
                 n = p.numel()
-                p.grad = total_grad[i:i + n].view_as(p).clone()
+                add = total_grad[i:i + n].view_as(p)
+                p.grad = add.clone() if g is None else g + add
                 i += n
         return self._merge(infos)
 

@@ -240,3 +240,47 @@ def test_published_trainer_settings_are_the_spec_s():
             assert {k: v for k, v in default_hparams(model, method).items() if k in TRAINER_KEYS} == want
     # a model on the other data set keeps its own settings
     assert trainer_defaults("cifar10", "ff", "bp") == trainer_defaults("mnist", "ff", "bp")
+
+
+@pytest.mark.parametrize("method_name", ["bp", "lcp-di"])
+def test_distributed_wrapper_accumulates_like_the_method(method_name):
+    """DistributedSupervised.backward adds to .grad as the method's own backward does (one process here: the
+    shard is the batch); what was in .grad before is added once, and a second call doubles the gradient."""
+    from lcp_meta.distributed import DistributedSupervised
+    from lcp_meta.models.supervised import build_model
+    from lcp_meta.supervised import default_hparams, make_method
+    x, y, _, _ = _blobs(n=12)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model("ff", in_shape=(6,), num_classes=3, hidden=(5,)).double()
+        return make_method(method_name, model, **{**default_hparams("ff", method_name), "tol": 1e-10})
+
+    plain, wrapped = fresh(), DistributedSupervised(fresh(), broadcast=False)
+    for method in (plain, wrapped):
+        for p in method.parameters():
+            p.grad = torch.full_like(p, 0.5)
+        method.backward(x.double(), y)
+        method.backward(x.double(), y)
+    for p, q in zip(plain.parameters(), wrapped.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    ref = fresh()
+    ref.backward(x.double(), y)
+    for p, r in zip(wrapped.parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, 0.5 + 2 * r.grad, rtol=1e-10, atol=1e-12)
+
+    # two ranks that both hold the whole batch (the all-reduce sums two equal shards): the gradient counts twice,
+    # what was in .grad before the call only once
+    import lcp_meta.distributed as D
+    mp = pytest.MonkeyPatch()
+    mp.setattr(D, "all_reduce_sum", lambda t: t.mul_(2))
+    mp.setattr(D, "_gather", lambda info: [info, info])
+    try:
+        twice = DistributedSupervised(fresh(), broadcast=False)
+        for p in twice.parameters():
+            p.grad = torch.full_like(p, 0.5)
+        twice.backward(x.double(), y)
+    finally:
+        mp.undo()
+    for p, r in zip(twice.parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, 0.5 + 2 * r.grad, rtol=1e-10, atol=1e-12)
