@@ -34,7 +34,7 @@ import torch
 from .tree import tree_dot, tree_map
 
 __all__ = ["Terms", "Controller", "CONTROLLERS", "register_controller", "make_controller", "OutputController",
-           "DI", "KP", "LF", "Direct", "Leaky", "EBD"]
+           "OutputGain", "DI", "KP", "LF", "Direct", "Leaky", "EBD"]
 
 
 class Terms(NamedTuple):
@@ -146,6 +146,20 @@ class OutputController:
     def output_step(y, h, u, dt):
         """One Euler step of the controlled output units ``dy/dt = h(z) - y + u``."""
         return y + dt * (h - y + u)
+
+
+class OutputGain:
+    """A method attribute (``k_i``, ``k_p``, ``alpha``) that IS its output controller's: one copy of each gain,
+    so that changing it on the method (e.g. the distributed shard rule scaling the gains) changes the dynamics."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj.output, self.name)
+
+    def __set__(self, obj, value):
+        setattr(obj.output, self.name, float(value))
 
 
 # ----------------------------------------------------------------------------------------- controllers

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..core.control import CONTROL_SOLVERS, ControlProblem, OutputControl, resolve_control_solver
-from ..core.controllers import DI, KP, OutputController
+from ..core.controllers import DI, KP, OutputController, OutputGain
 from ..core.solvers import SOLVERS
 from ..core.system import NetworkSystem, default_check_every, local_update, loss_grad_fn, output_loss_grad
 from .methods import Method, check_finite
@@ -40,6 +40,7 @@ class DynamicInversion(Method):
 
     name = "lcp-di"
     controller = "di"  # the registered controller whose field the joint dynamics integrate
+    k_i, k_p, alpha = OutputGain(), OutputGain(), OutputGain()  # the output controller's gains (one copy)
     NEAR = 1e-2  # 'auto': a stalled reduced solve this close to settling is finished by warm-anderson
 
     def __init__(self, model, alpha: float = 0.1, k_i: float = 1.0, k_p: float = 0.0, dt: float = 1.0,
@@ -52,8 +53,7 @@ class DynamicInversion(Method):
                              f"k_i={k_i}, k_p={k_p}, dt={dt}")
         if k_i == 0 and k_p == 0:
             raise ValueError("k_i and k_p are both 0: the output controller would exert no control")
-        self.alpha, self.k_i, self.k_p, self.dt = float(alpha), float(k_i), float(k_p), float(dt)
-        self.output = OutputController(k_i, k_p, alpha)
+        self.output, self.dt = OutputController(k_i, k_p, alpha), float(dt)
         self.control_options = {}  # ControlProblem fields (inner, warm_tol, inner_kw) for the structured solvers
         known = set(SOLVERS) | set(CONTROL_SOLVERS) | {"auto"}
         if solver not in known:

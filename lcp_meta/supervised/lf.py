@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ..core.controllers import LF, OutputController
+from ..core.controllers import LF, OutputController, OutputGain
 from ..core.solvers import check_divergence
 from ..core.method import Gradients
 from ..core.system import NetworkSystem, local_update, loss_grad_fn, output_loss_grad
@@ -40,6 +40,7 @@ class LinearFeedback(Method):
 
     name = "lcp-lf"
     controller = "lf"
+    k_i, k_p, alpha = OutputGain(), OutputGain(), OutputGain()  # the output controller's gains (one copy)
 
     def __init__(self, model, alpha: float = 0.1, k_i: float = 1.0, k_p: float = 0.0, dt: float = 1.0,
                  sigma: float = 0.01, wd_Q: float = 0.01, tau_Q: float = 1e5, timescale: float = 5.0,
@@ -55,8 +56,7 @@ class LinearFeedback(Method):
                              f"conv-ff): {exc}") from None
         if min(sigma, tau_Q, timescale, tau_eps) <= 0 or wd_Q < 0 or alpha < 0 or not 0 < dt <= 1:
             raise ValueError("expected sigma, tau_Q, timescale, tau_eps > 0, wd_Q >= 0, alpha >= 0, 0 < dt <= 1")
-        self.alpha, self.k_i, self.k_p, self.dt = float(alpha), float(k_i), float(k_p), float(dt)
-        self.output = OutputController(k_i, k_p, alpha)
+        self.output, self.dt = OutputController(k_i, k_p, alpha), float(dt)
         self.sigma, self.wd_Q, self.tau_Q, self.timescale, self.tau_eps = sigma, wd_Q, tau_Q, timescale, tau_eps
         self.noise_steps = int(noise_steps if noise_steps is not None else self.max_iter)
         self.learn_Q = learn_Q
