@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..core.method import grads_finite
 from ..core.solvers import DivergenceError
 from ..data.episodes import mean_ci95
 from ..data.omniglot import score_one_shot_runs
@@ -316,10 +317,6 @@ def _evaluate(method, batches, score, desc: str, progress: bool, total: Optional
     return torch.cat(values)
 
 
-def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-
-
 # -------------------------------------------------------------------------------------------- one method
 class _MethodRun:
     """Meta-training of one method, with its checkpoint."""
@@ -333,13 +330,9 @@ class _MethodRun:
         kwargs = common_kwargs(name, cfg, factory)
         kwargs.update(cfg.method_options.get(name, {}))
         self.kwargs = kwargs
-        try:
+        with harness.settings_refused(bool(cfg.method_options.get(name)),
+                                      f"--set {name}.*: the method refused its settings {_jsonable(kwargs)}"):
             self.method = factory(name, self.model, source.loss_fn, **kwargs)
-        except (ValueError, TypeError) as exc:
-            if not cfg.method_options.get(name) or isinstance(exc, UserInputError):
-                raise  # not caused by the user's --set options: a bug, keep its traceback
-            raise UserInputError(f"--set {name}.*: the method refused its settings {_jsonable(kwargs)}: "
-                                 f"{' '.join(str(exc).split())}") from exc
         self.method = distributed.wrap_meta(self.method)  # under torchrun: this rank's slice, all-reduced
         self.params = list(self.method.parameters())
         self.opt = torch.optim.Adam(self.params, lr=cfg.outer_lr)
@@ -388,7 +381,7 @@ class _MethodRun:
             self.divergences.append({"step": self.step, "residual": residual, "message": str(exc)})
             self.opt.zero_grad(set_to_none=True)
             return None, time.perf_counter() - t0
-        if not _grads_finite(self.params):
+        if not grads_finite([p.grad for p in self.params if p.grad is not None]):
             self.divergences.append({"step": self.step, "residual": float("nan"),
                                      "message": "non-finite meta-gradient; update skipped"})
             self.opt.zero_grad(set_to_none=True)

@@ -29,6 +29,7 @@ import torch
 
 from .. import distributed
 from ..core import DivergenceError
+from ..core.method import grads_finite
 from ..utils import harness, resolve_device, set_rng_state
 from ..utils.errors import UserInputError
 from ..utils.cliargs import option
@@ -219,11 +220,6 @@ def _split_clip(params: List[torch.nn.Parameter], model: torch.nn.Module, max_no
             torch.nn.utils.clip_grad_norm_(group, max_norm=max_norm)
 
 
-def _grads_finite(params) -> bool:
-    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    return bool(torch.stack(flags).all()) if flags else True
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -307,17 +303,14 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     _, preset_model_kwargs, preset_eval = preset_overrides(cfg.dataset, cfg.model, cfg.method, cfg.preset)
     if model is None:
         from ..models.supervised import build_model
-        try:
+        given = bool(cfg.model_kwargs or cfg.method_kwargs or cfg.tol is not None or cfg.max_iter is not None
+                     or cfg.solver)
+        with harness.settings_refused(given, "the model or method refused the given settings (--set/--model-set/"
+                                             "--tol/--max-iter/--solver)"):
             model = build_model(cfg.model, in_shape=tuple(x_train.shape[1:]), num_classes=10,
                                 **{**preset_model_kwargs, **cfg.model_kwargs})
             model = model.to(device)
             method = _method_api()[2](cfg.method, model, **method_kwargs)
-        except (ValueError, TypeError) as exc:
-            if isinstance(exc, UserInputError) or not (cfg.model_kwargs or cfg.method_kwargs or cfg.tol is not None
-                                                       or cfg.max_iter is not None or cfg.solver):
-                raise  # not caused by the user's overrides: a bug, keep its traceback
-            raise UserInputError(f"the model or method refused the given settings (--set/--model-set/--tol/"
-                                 f"--max-iter/--solver): {' '.join(str(exc).split())}") from exc
     method = distributed.wrap_supervised(method)  # under torchrun: this rank's shard, all-reduced
     params = list(method.parameters())
     if not params:
@@ -388,7 +381,7 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
             stats, reason = None, None
             try:
                 stats = method.backward(x, y)
-                if not (math.isfinite(float(stats["loss"])) and _grads_finite(params)):
+                if not (math.isfinite(float(stats["loss"])) and grads_finite([p.grad for p in params if p.grad is not None])):
                     reason = f"non-finite loss/gradient (loss {float(stats['loss']):.3e})"
             except DivergenceError as exc:
                 res = exc.stats.residual if exc.stats is not None else float("nan")

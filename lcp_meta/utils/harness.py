@@ -14,6 +14,7 @@ One copy of what every run folder needs:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -27,8 +28,23 @@ import torch
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from .errors import CheckpointError, RunFolderError, UserInputError, ensure_writable_folder
 
-__all__ = ["check_resume_flags", "prepare_run_folder", "save_checkpoint", "load_run_checkpoint", "settings_diff",
+__all__ = ["check_resume_flags", "settings_refused", "prepare_run_folder", "save_checkpoint", "load_run_checkpoint", "settings_diff",
            "provenance", "provenance_lines", "utc_now", "write_json", "write_results"]
+
+
+@contextlib.contextmanager
+def settings_refused(given: bool, what: str):
+    """Building a model or method from settings the user gave (``given``): a ValueError/TypeError it raises
+    becomes one line, ``what: <reason>`` (a UserInputError).  Without user settings it is a bug and keeps its
+    traceback."""
+    try:
+        yield
+    except UserInputError:
+        raise
+    except (ValueError, TypeError) as exc:
+        if not given:
+            raise
+        raise UserInputError(f"{what}: {' '.join(str(exc).split())}") from exc
 
 
 def _is_main() -> bool:
