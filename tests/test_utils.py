@@ -99,7 +99,7 @@ def test_flags_reach_the_config_and_absent_flags_keep_the_one_source_of_defaults
     import dataclasses
     from lcp_meta.fewshot import defaults
     from lcp_meta.fewshot.cli import config_from_args
-    from lcp_meta.fewshot.runner import FewShotConfig
+    from lcp_meta.fewshot.config import FewShotConfig
     from lcp_meta.supervised.trainer import RunConfig
     from lcp_meta.utils.cliargs import config_kwargs
     parsers = _subparsers()

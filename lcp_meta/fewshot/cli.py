@@ -7,7 +7,8 @@ import sys
 from typing import Dict, Optional
 
 from . import defaults
-from .runner import FewShotConfig, run_fewshot
+from .config import FewShotConfig
+from .runner import run_fewshot
 from .. import distributed
 from ..cli import EXIT_STOPPED, EXIT_TOO_MANY_SKIPPED
 from ..utils.cliargs import add_arguments, config_kwargs
