@@ -293,14 +293,23 @@ def _di(ctrl, lcp, system, batch):
     return _di_rounds(lcp, system, omega, lam, tb, tol)
 
 
-def _di_heavy_ball(lcp, system, omega, lam, tb, tol):
-    """Relax (gradients only), then the joint DI dynamics from (phi*, 0) with heavy-ball steps."""
-    phi0, st1, info = lcp._relax(system, omega, lam, tb.x_support, tb.y_support)
-    lcp._info = {"inner_iterations": st1.iterations, "hvps": info["hvps"], "step": float(info["a"].mean())}
+def _relax_first(lcp, system, omega, lam, tb, scale=None):
+    """The DI drivers' first phase: relax phi with gradients only (u = 0), recording the step in ``lcp._info``.
+    Returns ``(phi, stats, info, failed)``; a failed relaxation is reported as the inner dynamics'."""
+    phi, st, info = lcp._relax(system, omega, lam, tb.x_support, tb.y_support, scale=scale)
+    lcp._info = {"inner_iterations": st.iterations, "hvps": info["hvps"], "step": float(info["a"].mean())}
     if info["lmax"] is not None:
         lcp._info["lam_max"] = float(info["lmax"].max())
-    if st1.diverged or not st1.converged:
-        st1.phase = "inner"
+    failed = st.diverged or not st.converged
+    if failed:
+        st.phase = "inner"
+    return phi, st, info, failed
+
+
+def _di_heavy_ball(lcp, system, omega, lam, tb, tol):
+    """Relax (gradients only), then the joint DI dynamics from (phi*, 0) with heavy-ball steps."""
+    phi0, st1, info, failed = _relax_first(lcp, system, omega, lam, tb)
+    if failed:
         return phi0, None, st1, None
     a = info["a"]
     m = momentum_for(a, lcp._mu(lam))
@@ -322,12 +331,8 @@ def _di_rounds(lcp, system, omega, lam, tb, tol):
         (phi += f + beta u, u += -(Hess l_in + lam) u - grad l_out, heavy-ball with the step of (1)):
         phi moves by O(beta), so this starts close to the joint equilibrium."""
     scale_in = lcp._force_scale(system, omega, lam, tb)
-    phi, st1, info = lcp._relax(system, omega, lam, tb.x_support, tb.y_support, scale=scale_in)
-    lcp._info = {"step": float(info["a"].mean()), "inner_iterations": st1.iterations}
-    if info["lmax"] is not None:
-        lcp._info["lam_max"] = float(info["lmax"].max())
-    if st1.diverged or not st1.converged:
-        st1.phase = "inner"
+    phi, st1, info, failed = _relax_first(lcp, system, omega, lam, tb, scale=scale_in)
+    if failed:
         return phi, None, st1, None
     u, stc, indefinite = lcp._cg_control(system, lam, tb, phi, tree_zeros_like(phi), tol, lcp.inner_steps)
     hvps = info["hvps"] + stc.iterations + 1
