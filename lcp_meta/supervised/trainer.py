@@ -125,21 +125,24 @@ def resolve_hparams(cfg: RunConfig) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``(trainer settings, method kwargs)`` for a config: published defaults, then the config's overrides."""
     method_names, default_hparams, _ = _method_api()
     _check_choice("method", cfg.method, method_names)
-    trainer = trainer_defaults(cfg.dataset, cfg.model, cfg.method)
     published = dict(default_hparams(cfg.model, cfg.method))
     # the method registry knows the method settings; the trainer table is authoritative for the data set
     method_kwargs = {k: v for k, v in published.items() if k not in TRAINER_KEYS}
     from .faithful import preset_overrides  # the preset goes between the published defaults and the user's own
     method_kwargs.update(preset_overrides(cfg.dataset, cfg.model, cfg.method, cfg.preset)[0])
-    for key in TRAINER_KEYS:
-        if getattr(cfg, key, None) is not None:
-            trainer[key] = getattr(cfg, key)
     for key in ("solver", "tol", "max_iter"):
         if getattr(cfg, key) is not None:
             method_kwargs[key] = getattr(cfg, key)
     method_kwargs.update(cfg.method_kwargs)
+    return trainer_settings(cfg), method_kwargs
+
+
+def trainer_settings(cfg: RunConfig) -> Dict[str, Any]:
+    """The published optimizer settings of the run (``config.trainer_defaults``), then the config's own; checked."""
+    trainer = trainer_defaults(cfg.dataset, cfg.model, cfg.method)
+    trainer.update({k: getattr(cfg, k) for k in TRAINER_KEYS if getattr(cfg, k, None) is not None})
     _validate_trainer(trainer)
-    return trainer, method_kwargs
+    return trainer
 
 
 def _validate_trainer(t: Dict[str, Any]) -> None:
@@ -253,11 +256,8 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     _check_choice("model", cfg.model, MODEL_NAMES)
     if model is None or method is None:
         trainer_hp, method_kwargs = resolve_hparams(cfg)
-    else:
-        trainer_hp = trainer_defaults(cfg.dataset, cfg.model, cfg.method)
-        trainer_hp.update({k: getattr(cfg, k) for k in TRAINER_KEYS if getattr(cfg, k, None) is not None})
-        _validate_trainer(trainer_hp)
-        method_kwargs = dict(cfg.method_kwargs)
+    else:  # built outside the registry: the names are labels, the config's method settings are the method's
+        trainer_hp, method_kwargs = trainer_settings(cfg), dict(cfg.method_kwargs)
     for key in ("max_batches", "test_subset"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise UserInputError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
