@@ -59,8 +59,12 @@ def heavy_ball(lr, momentum) -> Integrator:
     def init(x):
         return tree_zeros_like(x)
 
+    # a momentum of (Python) zero skips the product: the same numbers, and no graph node per leaf for autograd
+    # through an unrolled loop (MAML) to record and walk
+    plain = isinstance(momentum, (int, float)) and momentum == 0
+
     def update(force, vel):
-        vel = tree_map(lambda v, f: momentum * v + f, vel, force)
+        vel = force if plain else tree_map(lambda v, f: momentum * v + f, vel, force)
         return tree_map(lambda v: lr * v, vel), vel
 
     return Integrator(init, update)

@@ -10,12 +10,23 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Tuple
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from torch.utils import _pytree
+from torch.utils._pytree import tree_leaves
 
 Tree = Dict[str, torch.Tensor]
 
 __all__ = ["Tree", "tree_map", "tree_leaves", "tree_zeros_like", "tree_detach", "tree_dot", "tree_norm",
            "tree_finite", "tree_expand", "tree_pack"]
+
+
+def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
+    """``fn`` leaf by leaf over one or several trees of the same structure (``torch.utils._pytree.tree_map``).
+
+    Parameter dicts, by far the most frequent trees and mapped in every inner step, take a direct path: the
+    general pytree walk costs ~30 microseconds a call, which adds up over thousands of steps."""
+    if type(tree) is dict and all(type(r) is dict for r in rest):
+        return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
+    return _pytree.tree_map(fn, tree, *rest)
 
 
 def tree_zeros_like(a: Any) -> Any:
@@ -56,5 +67,22 @@ def tree_pack(state: Any) -> Tuple[Tuple[torch.Tensor, ...], Callable[[Any], Any
     The step-map solvers iterate on flat tuples of tensors; methods think in trees.  ``rebuild(z)`` puts a
     flat tuple (e.g. the solver's result) back into the structure of ``state``.
     """
-    leaves, spec = tree_flatten(state)
-    return tuple(leaves), lambda z: tree_unflatten(list(z), spec)
+    if isinstance(state, (list, tuple)) and all(type(t) is dict or isinstance(t, torch.Tensor) for t in state):
+        # the usual state, a sequence of parameter dicts and tensors: a direct path (called every step)
+        layout = [list(t) if type(t) is dict else None for t in state]
+        flat = tuple(v for t in state for v in (t.values() if type(t) is dict else (t,)))
+
+        def rebuild(z):
+            out, i = [], 0
+            for names in layout:
+                if names is None:
+                    out.append(z[i])
+                    i += 1
+                else:
+                    out.append(dict(zip(names, z[i:i + len(names)])))
+                    i += len(names)
+            return out if isinstance(state, list) else tuple(out)
+
+        return flat, rebuild
+    leaves, spec = _pytree.tree_flatten(state)
+    return tuple(leaves), lambda z: _pytree.tree_unflatten(list(z), spec)
