@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lcp_meta.core.system import EquilibriumModel, output_loss
-from lcp_meta.models.supervised import build_model
+from lcp_meta.models import build_model
 from lcp_meta.supervised import make_method
 
 DT = torch.float64

@@ -12,7 +12,7 @@ import torch
 
 from lcp_meta.core.control import CONTROL_SOLVERS, OutputControl, resolve_control_solver
 from lcp_meta.core.system import output_loss
-from lcp_meta.models.supervised import build_model
+from lcp_meta.models import build_model
 from lcp_meta.supervised import make_method
 
 DT = torch.float64
