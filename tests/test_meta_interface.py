@@ -266,7 +266,7 @@ def test_nan_meta_gradient_is_reported_and_not_accumulated():
 # ------------------------------------------------------------------ one integrator, one tree toolkit
 def test_integrators_equal_torch_optim_and_carry_their_state():
     """heavy_ball is torch.optim.SGD(momentum) and adam is torch.optim.Adam, on the force -grad E; momentum 0
-    is Euler bit for bit (the velocity is carried all the same)."""
+    is Euler bit for bit, and a per-task (tensor) momentum of zero gives the same numbers with a velocity."""
     from lcp_meta.core.integrators import adam, apply, euler, heavy_ball
     torch.manual_seed(0)
     x0 = {"a": torch.randn(3, dtype=DT), "b": torch.randn(2, 2, dtype=DT)}
@@ -287,13 +287,14 @@ def test_integrators_equal_torch_optim_and_carry_their_state():
             x = apply(x, delta)
         for p, v in zip(params, x.values()):
             torch.testing.assert_close(v, p.detach(), rtol=1e-13, atol=1e-15)
-    hb, eu = heavy_ball(0.1, 0.0), euler(0.1)
-    xs, ys, vel = dict(x0), dict(x0), hb.init(x0)
-    for _ in range(5):
-        d1, vel = hb.update({k: -4 * v ** 3 for k, v in xs.items()}, vel)
-        d2, _ = eu.update({k: -4 * v ** 3 for k, v in ys.items()}, ())
-        xs, ys = apply(xs, d1), apply(ys, d2)
-    assert all(torch.equal(xs[k], ys[k]) for k in xs)
+    for hb in (heavy_ball(0.1, 0.0), heavy_ball(0.1, torch.zeros((), dtype=DT))):
+        eu = euler(0.1)
+        xs, ys, vel, none = dict(x0), dict(x0), hb.init(x0), eu.init(x0)
+        for _ in range(5):
+            d1, vel = hb.update({k: -4 * v ** 3 for k, v in xs.items()}, vel)
+            d2, none = eu.update({k: -4 * v ** 3 for k, v in ys.items()}, none)
+            xs, ys = apply(xs, d1), apply(ys, d2)
+        assert all(torch.equal(xs[k], ys[k]) for k in xs)
 
 
 def test_integrator_under_vmap_with_a_step_per_task():

@@ -50,21 +50,21 @@ def euler(lr) -> Integrator:
 
 
 def heavy_ball(lr, momentum) -> Integrator:
-    """Polyak's heavy ball: ``v <- momentum v + F;  delta = lr v`` (``momentum = 0``: Euler).
+    """Polyak's heavy ball: ``v <- momentum v + F;  delta = lr v``.
 
-    The velocity is carried whatever the momentum, so callers have one code path; ``0 * v + F`` is ``F``
-    exactly, so momentum 0 gives the Euler numbers bit for bit.
+    Callers carry the state whatever the momentum (one code path).  With a momentum of Python zero the
+    heavy ball IS Euler, and its state is empty: the same numbers, no velocity entering a solver's stop rule
+    (the relative change of the whole state) and no graph node per leaf when autograd records an unrolled
+    loop (MAML).  A tensor momentum (e.g. one per task) always keeps a velocity.
     """
+    if isinstance(momentum, (int, float)) and momentum == 0:
+        return euler(lr)
 
     def init(x):
         return tree_zeros_like(x)
 
-    # a momentum of (Python) zero skips the product: the same numbers, and no graph node per leaf for autograd
-    # through an unrolled loop (MAML) to record and walk
-    plain = isinstance(momentum, (int, float)) and momentum == 0
-
     def update(force, vel):
-        vel = force if plain else tree_map(lambda v, f: momentum * v + f, vel, force)
+        vel = tree_map(lambda v, f: momentum * v + f, vel, force)
         return tree_map(lambda v: lr * v, vel), vel
 
     return Integrator(init, update)

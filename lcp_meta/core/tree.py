@@ -67,10 +67,12 @@ def tree_pack(state: Any) -> Tuple[Tuple[torch.Tensor, ...], Callable[[Any], Any
     The step-map solvers iterate on flat tuples of tensors; methods think in trees.  ``rebuild(z)`` puts a
     flat tuple (e.g. the solver's result) back into the structure of ``state``.
     """
-    if isinstance(state, (list, tuple)) and all(type(t) is dict or isinstance(t, torch.Tensor) for t in state):
-        # the usual state, a sequence of parameter dicts and tensors: a direct path (called every step)
-        layout = [list(t) if type(t) is dict else None for t in state]
-        flat = tuple(v for t in state for v in (t.values() if type(t) is dict else (t,)))
+    if isinstance(state, (list, tuple)) and all(type(t) is dict or isinstance(t, torch.Tensor) or t == ()
+                                                 for t in state):
+        # the usual state, a sequence of parameter dicts, tensors and empty integrator states: a direct path
+        # (called every step)
+        layout = [list(t) if type(t) is dict else () if type(t) is tuple else None for t in state]
+        flat = tuple(v for t in state for v in (t.values() if type(t) is dict else t if type(t) is tuple else (t,)))
 
         def rebuild(z):
             out, i = [], 0
@@ -78,6 +80,8 @@ def tree_pack(state: Any) -> Tuple[Tuple[torch.Tensor, ...], Callable[[Any], Any
                 if names is None:
                     out.append(z[i])
                     i += 1
+                elif names == ():
+                    out.append(())
                 else:
                     out.append(dict(zip(names, z[i:i + len(names)])))
                     i += len(names)
