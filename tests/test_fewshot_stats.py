@@ -1,5 +1,6 @@
 """lcp_meta.fewshot.stats against scipy.stats (float64): t distribution, intervals, paired tests, Holm."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +100,41 @@ def test_bad_input_is_refused_with_the_value():
         stats.t_ppf(1.5, 3)
     out = stats.compare({"ok": [[1.0, 2.0]], "diverged": [[math.nan, 1.0]]}, lower_is_better=True)
     assert out["excluded"] == ["diverged"] and out["best"] == "ok"
+
+
+def _tune_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_fewshot.py"
+    spec = importlib.util.spec_from_file_location("tune_fewshot", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tuning_draws_stay_in_the_protocols_range():
+    tune = _tune_module()
+    start = tune.start_setting("sinusoid", "imaml")
+    assert start["lam"] == 2.0 and start["cg_steps"] == 5  # the published iMAML start
+    rng = tune.trial_rng("imaml", 100)
+    for _ in range(200):
+        d = tune.draw(start, "imaml", rng)
+        for k in tune.SPACES["imaml"]:
+            if k in ("inner_steps", "cg_steps"):
+                assert isinstance(d[k], int) and 1 <= d[k] <= tune.INT_CAP
+                assert d[k] <= round(start[k] * tune.SPREAD) + 1 and d[k] >= max(1, round(start[k] / tune.SPREAD) - 1)
+            else:  # 3 significant digits of start * factor, factor in [1/SPREAD, SPREAD]
+                assert start[k] / tune.SPREAD * (1 - 1e-2) <= d[k] <= start[k] * tune.SPREAD * (1 + 1e-2)
+    # the same (tune seed, method) gives the same draws: a resumed tuning run repeats its trials
+    a, b = tune.trial_rng("maml", 100), tune.trial_rng("maml", 100)
+    s = tune.start_setting("sinusoid", "maml")
+    assert [tune.draw(s, "maml", a) for _ in range(3)] == [tune.draw(s, "maml", b) for _ in range(3)]
+
+
+def test_tuning_trials_hold_their_settings_and_lcp_its_equilibrium():
+    tune = _tune_module()
+    cfg = tune.config("sinusoid", "lcp", {"lam": 7.0, "beta": 0.02, "outer_lr": 3e-3}, {"test_episodes": 1}, 100,
+                      Path("/nonexistent"), resume=False)
+    assert cfg.outer_lr == 3e-3 and cfg.method_options == {"lcp": {"lam": 7.0, "beta": 0.02}}
+    assert cfg.test_episodes == 1 and cfg.seed == 100
+    assert "inner_lr" not in tune.SPACES["lcp"]  # lcp keeps its automatic step and residual stop
