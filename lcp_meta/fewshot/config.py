@@ -19,7 +19,7 @@ from ..utils.options import parse_assignments
 from .defaults import DEFAULT_METHODS, task_defaults
 from .tasks import SOURCES
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # fields that define what is trained: a checkpoint written under other values cannot be resumed
 _TRAINING_FIELDS = ("task", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr", "lam", "beta",
                     "outer_lr", "seed", "split_seed", "val_fraction", "test_fraction", "dtype", "hidden",
@@ -81,7 +81,7 @@ class FewShotConfig:
     hidden: Optional[int] = option(None, "hidden width (MLP units / conv-4 channels)")
     activation: Optional[str] = option(None, "nonlinearity of the sinusoid MLP (relu, tanh, ...)", group=_TASK)
     device: str = option("auto", "auto | cpu | cuda")
-    dtype: str = option("float32", "", choices=tuple(_DTYPES), show_default=False)
+    dtype: str = option("float32", "", choices=tuple(DTYPES), show_default=False)
     data_root: Optional[str] = option(None, "folder holding omniglot/ (default: $LCP_META_DATA)", group=_TASK)
     cache_dir: Optional[str] = option(None, "where decoded images are cached (default: $LCP_META_CACHE or "
                                             "~/.cache/lcp_meta)", group=_TASK)
@@ -141,7 +141,7 @@ class FewShotConfig:
         if not (isinstance(self.max_skipped, (int, float)) and 0 <= self.max_skipped <= 1):
             raise UserInputError(f"max_skipped must be a share between 0 and 1, got {self.max_skipped!r}")
         harness.check_resume_flags(self.resume, self.overwrite)
-        if self.dtype not in _DTYPES:
+        if self.dtype not in DTYPES:
             raise UserInputError(f"unknown dtype {self.dtype!r}; expected float32 or float64")
         for method, options in self.method_options.items():
             for name, value in options.items():
@@ -153,7 +153,7 @@ class FewShotConfig:
         return self
 
     def training_dict(self) -> Dict[str, object]:
-        return {k: _jsonable(getattr(self, k)) for k in _TRAINING_FIELDS}
+        return {k: jsonable(getattr(self, k)) for k in _TRAINING_FIELDS}
 
 
 def _is_int(value) -> bool:
@@ -177,9 +177,10 @@ def _check_option(name: str, value, what: str) -> None:
         raise UserInputError(f"{what} must be a finite number, got {value!r}")
 
 
-def _jsonable(value):
+def jsonable(value):
+    """Tuples as lists, recursively: what JSON and a checkpoint give back, so that stored settings compare equal."""
     if isinstance(value, tuple):
         return list(value)
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     return value

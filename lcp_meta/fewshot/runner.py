@@ -35,7 +35,7 @@ from ..data.omniglot import score_one_shot_runs
 from ..utils import atomic_write_text, harness, resolve_device
 from ..utils.errors import UserInputError
 from . import report
-from .config import _DTYPES, FewShotConfig, _jsonable
+from .config import DTYPES, FewShotConfig, jsonable
 from .defaults import EQUILIBRIUM_CAP, EQUILIBRIUM_METHODS, method_defaults
 from .tasks import SOURCES
 
@@ -156,14 +156,14 @@ class _MethodRun:
     def __init__(self, name: str, cfg: FewShotConfig, source, device: torch.device, out: Path,
                  factory: Callable):
         self.name, self.cfg, self.source, self.device, self.out = name, cfg, source, device, out
-        dtype = _DTYPES[cfg.dtype]
+        dtype = DTYPES[cfg.dtype]
         torch.manual_seed(cfg.seed)  # same initial meta-parameters for every method
         self.model = source.build_model().to(device=device, dtype=dtype)
         kwargs = common_kwargs(name, cfg, factory)
         kwargs.update(cfg.method_options.get(name, {}))
         self.kwargs = kwargs
         with harness.settings_refused(bool(cfg.method_options.get(name)),
-                                      f"--set {name}.*: the method refused its settings {_jsonable(kwargs)}"):
+                                      f"--set {name}.*: the method refused its settings {jsonable(kwargs)}"):
             self.method = factory(name, self.model, source.loss_fn, **kwargs)
         self.method = distributed.wrap_meta(self.method)  # under torchrun: this rank's slice, all-reduced
         self.params = list(self.method.parameters())
@@ -326,13 +326,13 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
                 raise UserInputError(f"--set {name}.{wrong[0]}: {name} has no option {wrong[0]!r}; it accepts "
                                      f"{', '.join(sorted(accepted))}")
     device = distributed.setup(resolve_device(cfg.device))  # under torchrun: join the group (gloo/nccl)
-    distributed.check_agreement(_jsonable(dataclasses.asdict(cfg)), "configuration")
-    dtype = _DTYPES[cfg.dtype]
+    distributed.check_agreement(jsonable(dataclasses.asdict(cfg)), "configuration")
+    dtype = DTYPES[cfg.dtype]
     out = distributed.on_main(lambda: prepare_run_folder(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite),
                               Path(cfg.out))
     source = SOURCES[cfg.task].from_config(cfg, device, dtype)
     where = harness.provenance(device)
-    config_record = {**{k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()},
+    config_record = {**{k: jsonable(v) for k, v in dataclasses.asdict(cfg).items()},
                      "resolved_device": where.pop("device"), **where, "protocol": source.protocol}
     distributed.check_agreement({"protocol": source.protocol}, "data protocol (same data on every rank)")
     harness.write_json(config_record, out / "config.json")
@@ -351,7 +351,7 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
                   "test_episodes": int(values.numel()), "sec_per_step": run.sec_per_step(),
                   "peak_memory_mib": run.peak_mib, "memory_kind": memory_kind(device),
                   "meta_steps": run.step, "skipped_meta_steps": len(run.divergences),
-                  "method_kwargs": _jsonable(run.kwargs), "divergences": run.divergences, "curve": run.curve,
+                  "method_kwargs": jsonable(run.kwargs), "divergences": run.divergences, "curve": run.curve,
                   "final_residuals": report.final_residuals(run.curve),
                   # per test episode, in episode order (the same episodes for every method of this seed): what
                   # the paired tests over seeds and episodes need (fewshot.stats)
