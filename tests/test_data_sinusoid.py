@@ -76,3 +76,30 @@ def test_bad_arguments_are_named(kwargs, match):
 def test_bad_task_count():
     with pytest.raises(ValueError, match="num_tasks"):
         SinusoidTasks(shots=2).sample(0)
+
+
+def test_one_task_type_from_the_sources_to_the_methods():
+    """The sources produce the one task type (lcp_meta.TaskBatch); it unpacks like the 4-tuple, and a method
+    given it, its 4-tuple or its ((xs, ys), (xq, yq)) form computes the same meta-gradient."""
+    import torch.nn.functional as F
+
+    import lcp_meta
+    from lcp_meta.data import TaskBatch, TaskTensors
+    from lcp_meta.fewshot.tasks import SinusoidSource
+    from conftest import gaussian_tasks, sine_tasks, tanh_mlp
+    assert lcp_meta.TaskBatch is TaskBatch is TaskTensors
+    source = SinusoidSource(4, 6, 3, 0, 2, 2, torch.device("cpu"), torch.float64)
+    batch = source.train_batch(0)
+    assert type(batch) is TaskBatch and batch.num_tasks == 3 and batch[2] is batch.x_query
+    assert [t.shape for t in batch] == [(3, 4, 1), (3, 4, 1), (3, 6, 1), (3, 6, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(batch.slice(1, 3), (t[1:3] for t in batch)))
+    grads = []
+    for form in (batch, tuple(batch), ((batch[0], batch[1]), (batch[2], batch[3]))):
+        model = tanh_mlp((8,))
+        lcp_meta.make_method("maml", model, F.mse_loss, inner_lr=0.05, inner_steps=3).meta_backward(form)
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for g in grads[1:] for a, b in zip(grads[0], g))
+    # the shared test builders give reproducible batches of the same type
+    for build in (sine_tasks, gaussian_tasks):
+        a, b = build(seed=4), build(seed=4)
+        assert type(a) is TaskBatch and all(torch.equal(s, t) for s, t in zip(a, b))
