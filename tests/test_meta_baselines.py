@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from lcp_meta.meta import FOMAML, MAML, ContrastiveMeta, Reptile
-from lcp_meta.meta.reference import flat_loss, flatten_params, inner_solution, unflatten
+from lcp_meta.meta.reference import flat_loss, flatten_params, inner_solution
 from lcp_meta.models.fewshot import MetaMLP
 
 DT = torch.float64

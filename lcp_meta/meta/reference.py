@@ -31,12 +31,9 @@ def flatten_params(model: nn.Module) -> Tuple[torch.Tensor, List[str], List[torc
 
 
 def unflatten(vec: torch.Tensor, names: List[str], shapes: List[torch.Size]) -> Dict[str, torch.Tensor]:
-    out, i = {}, 0
-    for k, s in zip(names, shapes):
-        n = int(torch.Size(s).numel())
-        out[k] = vec[i:i + n].reshape(s)
-        i += n
-    return out
+    """The inverse of :func:`flatten_params`: a parameter dict from the vector."""
+    chunks = vec.split([torch.Size(s).numel() for s in shapes])
+    return {k: c.reshape(s) for k, c, s in zip(names, chunks, shapes)}
 
 
 def flat_loss(model: nn.Module, loss_fn: Callable) -> Callable:
