@@ -249,6 +249,37 @@ def _check_fingerprints(infos: List[dict]) -> None:
                                f"differently; expected identical parameters on every rank")
 
 
+def _exchange(params: Sequence[torch.Tensor], local: torch.Tensor, failed: bool, info: dict, saved: list,
+              local_exc: Optional[BaseException]):
+    """The step's one collective, after this rank's work whatever happened: ``(summed gradient, per-rank infos,
+    failure)``.  A non-finite local gradient counts as a failure.  When any rank failed, ``.grad`` is put back as it
+    was (``saved``) on every rank, an error other than a divergence is raised on every rank, and ``failure`` is
+    ``(failed ranks with their infos, worst finite residual)``; otherwise it is None."""
+    if failed or not bool(torch.isfinite(local).all()):
+        failed, local = True, torch.zeros_like(local)
+    total, any_failed, infos = _reduce_step(params, local, failed, {**info, "failed": failed})
+    if not any_failed:
+        _check_fingerprints(infos)
+        return total, infos, None
+    for p, g in zip(params, saved):
+        p.grad = g
+    _raise_remote(infos, local_exc)
+    bad = [(r, inf) for r, inf in enumerate(infos) if inf["failed"]]
+    res = max((inf["residual"] for _, inf in bad if math.isfinite(inf["residual"])), default=float("nan"))
+    return total, infos, (bad, res)
+
+
+def _add_to_grads(params: Sequence[torch.Tensor], saved: list, flat: torch.Tensor) -> None:
+    """``p.grad = saved + this step's gradient`` (``flat`` in parameter order), as autograd accumulates."""
+    with torch.no_grad():
+        i = 0
+        for p, g in zip(params, saved):
+            n = p.numel()
+            add = flat[i:i + n].view_as(p).to(p.dtype)
+            p.grad = add.clone() if g is None else g + add
+            i += n
+
+
 def _raise_remote(infos: List[dict], local_exc: Optional[BaseException]) -> None:
     """A rank raised something other than a divergence: every rank raises (the failing one its own error)."""
     errors = [(r, inf["error"]) for r, inf in enumerate(infos) if inf.get("error")]
@@ -314,12 +345,6 @@ def _stats_dict(stats) -> Optional[dict]:
     return asdict(stats) if is_dataclass(stats) else dict(stats)
 
 
-def _slice_tasks(tb, start: int, stop: int):
-    from .meta.base import TaskBatch
-    return TaskBatch(tb.x_support[start:stop], tb.y_support[start:stop], tb.x_query[start:stop],
-                     tb.y_query[start:stop])
-
-
 def _inner_method(obj):
     """The MetaMethod behind ``obj`` (itself, or the one an adapter such as LCPLearner holds)."""
     return getattr(obj, "method", obj)
@@ -376,7 +401,7 @@ class DistributedMeta(nn.Module):
         return self.method(*args, **kwargs)
 
     def meta_backward(self, tasks):
-        from .meta.base import TaskBatch
+        from .data.tasks import TaskBatch
         tb = TaskBatch.coerce(tasks)
         total = tb.num_tasks
         start, stop = shard_bounds(total)
@@ -389,7 +414,7 @@ class DistributedMeta(nn.Module):
         stats, failed, error, local_exc, residual, local_div = None, False, None, None, float("nan"), None
         try:
             if count > 0:
-                stats = self.method.meta_backward(_slice_tasks(tb, start, stop))
+                stats = self.method.meta_backward(tb.slice(start, stop))
                 # nothing accumulated without an error: the method warned (on_divergence="warn") and skipped.
                 # (``converged=False`` alone is no failure: fixed-step runs report it and do accumulate.)
                 failed = all(p.grad is None for p in params)
@@ -403,18 +428,11 @@ class DistributedMeta(nn.Module):
         p0 = params[0] if params else torch.zeros(())
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else p0.dtype
         local = _grads_flat(params, dtype, p0.device) * count  # mean over the slice -> sum over its tasks
-        if failed or not bool(torch.isfinite(local).all()):
-            failed = True
-            local = torch.zeros_like(local)
-        info = {"count": count, "stats": _stats_dict(stats), "failed": failed, "error": error,
-                "divergence": local_div, "residual": residual, "fingerprint": fingerprint}
-        total_grad, any_failed, infos = _reduce_step(params, local, failed, info)
-        if any_failed:
-            for p, g in zip(params, saved):
-                p.grad = g
-            _raise_remote(infos, local_exc)
-            bad = [(r, inf) for r, inf in enumerate(infos) if inf["failed"]]
-            res = max((inf["residual"] for _, inf in bad if math.isfinite(inf["residual"])), default=float("nan"))
+        info = {"count": count, "stats": _stats_dict(stats), "error": error, "divergence": local_div,
+                "residual": residual, "fingerprint": fingerprint}
+        total_grad, infos, failure = _exchange(params, local, failed, info, saved, local_exc)
+        if failure is not None:
+            bad, res = failure
             msg = (f"meta-step skipped on every rank: rank(s) {', '.join(str(r) for r, _ in bad)} diverged "
                    f"(relative residual {res:.3e}); .grad was left untouched. "
                    + (bad[0][1]["divergence"] or "non-finite meta-gradient"))
@@ -426,15 +444,8 @@ class DistributedMeta(nn.Module):
                 return merged
             raise DivergenceError(msg, SolverStats(iterations=int(merged.iterations), residual=res,
                                                    converged=False, diverged=True))
-        _check_fingerprints(infos)
         mean = total_grad / total
-        with torch.no_grad():
-            i = 0
-            for p, g in zip(params, saved):
-                n = p.numel()
-                add = mean[i:i + n].view_as(p).to(p.dtype)
-                p.grad = add.clone() if g is None else g + add
-                i += n
+        _add_to_grads(params, saved, mean)
         merged = _merge_meta_stats(infos)
         inner = _inner_method(self.method)
         model_ids = {id(p) for p in inner.model.parameters()} if hasattr(inner, "model") else None
@@ -455,20 +466,12 @@ class DistributedMeta(nn.Module):
         params = _params_of(self.method)
         p0 = params[0]
         local = _grads_flat(params, p0.dtype, p0.device)
-        bad = failed or not bool(torch.isfinite(local).all())
-        if bad:
-            local = torch.zeros_like(local)
-        total, any_failed, _ = _reduce_step(params, local, bad, {"fingerprint": _fingerprint(params)})
-        if any_failed:
-            for p in params:
-                p.grad = None
+        cleared = [None] * len(params)
+        info = {"residual": float("nan"), "error": None, "fingerprint": _fingerprint(params)}
+        total, _, failure = _exchange(params, local, failed, info, cleared, None)
+        if failure is not None:
             return False
-        with torch.no_grad():
-            i = 0
-            for p in params:
-                n = p.numel()
-                p.grad = total[i:i + n].view_as(p).to(p.dtype).clone()
-                i += n
+        _add_to_grads(params, cleared, total)
         return True
 
 
@@ -569,29 +572,16 @@ class DistributedSupervised:
             torch.zeros(sum(p.numel() for p in params), dtype=p0.dtype, device=p0.device)
         if self._weighted:
             local = local * scale
-        if not bool(torch.isfinite(local).all()):
-            failed, local = True, torch.zeros_like(local)
-        info = {"count": count, "stats": stats, "failed": failed, "error": error, "divergence": div,
-                "residual": residual, "fingerprint": fingerprint}
-        total_grad, any_failed, infos = _reduce_step(params, local, failed, info)
-        if any_failed:  # .grad as before this call, on every rank
-            for p, g in zip(params, saved):
-                p.grad = g
-            _raise_remote(infos, local_exc)
-            bad = [(r, inf) for r, inf in enumerate(infos) if inf["failed"]]
-            res = max((inf["residual"] for _, inf in bad if math.isfinite(inf["residual"])), default=float("nan"))
+        info = {"count": count, "stats": stats, "error": error, "divergence": div, "residual": residual,
+                "fingerprint": fingerprint}
+        total_grad, infos, failure = _exchange(params, local, failed, info, saved, local_exc)
+        if failure is not None:
+            bad, res = failure
             raise DivergenceError(f"batch skipped on every rank: rank(s) {', '.join(str(r) for r, _ in bad)} "
                                   f"failed (relative residual {res:.3e}): "
                                   f"{bad[0][1]['divergence'] or 'non-finite gradient'}",
                                   SolverStats(iterations=0, residual=res, converged=False, diverged=True))
-        _check_fingerprints(infos)
-        with torch.no_grad():
-            i = 0
-            for p, g in zip(params, saved):
-                n = p.numel()
-                add = total_grad[i:i + n].view_as(p)
-                p.grad = add.clone() if g is None else g + add
-                i += n
+        _add_to_grads(params, saved, total_grad)
         return self._merge(infos)
 
     def _merge(self, infos: List[dict]) -> Dict[str, float]:
