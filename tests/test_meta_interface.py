@@ -386,7 +386,7 @@ def test_one_registry_with_qualified_names():
     """'lcp-ebd' names a different method on each side: the qualified names say which."""
     from lcp_meta import make_method as top_make_method
     from lcp_meta.core.registry import method_info, method_names
-    from lcp_meta.models.supervised import build_model
+    from lcp_meta.models import build_model
     from lcp_meta.supervised import EnergyBased
     from lcp_meta.supervised import make_method as sup_make_method
     model, _ = _mlp_tasks()

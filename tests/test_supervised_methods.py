@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lcp_meta.core.solvers import DivergenceError
-from lcp_meta.models.supervised import MODEL_NAMES, build_model
+from lcp_meta.models import MODEL_NAMES, build_model
 from lcp_meta.supervised import METHOD_NAMES, default_hparams, make_method
 from lcp_meta.supervised.config import SUPPORTED
 

@@ -1,6 +1,6 @@
 """Supervised LCP: controllers (DI, DI-KP, LF, EBD) and baselines (BP, RBP) for equilibrium networks.
 
-    from lcp_meta.models.supervised import build_model
+    from lcp_meta.models import build_model
     from lcp_meta.supervised import make_method, default_hparams
     model = build_model("ff")
     method = make_method("lcp-di", model, **default_hparams("ff", "lcp-di"))
