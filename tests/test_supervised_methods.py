@@ -197,3 +197,30 @@ def test_backward_accumulates_like_loss_backward(method_name):
     method.backward(x, y)
     for p, g in zip(method.parameters(), first):
         torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=1e-15)
+
+
+def test_method_template_refuses_non_finite_updates_under_both_policies():
+    """core.method.GradientMethod: a non-finite gradient is refused (raise, or warn) before any .grad is
+    touched and before on_accept runs; a finite one is added to .grad, then on_accept runs."""
+    from lcp_meta.core.method import GradientMethod, Gradients, StepStats
+
+    class Toy(GradientMethod):
+        name = "toy"
+
+        def __init__(self, params, policy):
+            self.params, self.on_divergence, self.accepted = params, policy, 0
+
+        def _gradients(self, batch):
+            return Gradients(self.params, [batch * torch.ones_like(p) for p in self.params], StepStats(loss=1.0),
+                             on_accept=lambda: setattr(self, "accepted", self.accepted + 1))
+
+    p = torch.nn.Parameter(torch.zeros(3, dtype=DT))
+    p.grad = torch.full_like(p, 7.0)
+    with pytest.raises(DivergenceError, match="toy: update turned NaN/inf"):
+        Toy([p], "raise")._backward(float("nan"))
+    with pytest.warns(RuntimeWarning, match="toy: update turned NaN/inf"):
+        toy = Toy([p], "warn")
+        assert toy._backward(float("inf")).loss == 1.0 and not toy.accumulated
+    assert torch.equal(p.grad, torch.full_like(p, 7.0)) and toy.accepted == 0
+    toy._backward(2.0)
+    assert torch.equal(p.grad, torch.full_like(p, 9.0)) and toy.accepted == 1 and toy.accumulated
