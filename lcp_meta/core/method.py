@@ -17,6 +17,7 @@ also have attributes.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -25,10 +26,30 @@ import torch
 
 from .solvers import SolverStats, check_divergence
 
-__all__ = ["Gradients", "GradientMethod", "Stats", "StepStats", "accumulate_grads", "grads_finite", "ON_DIVERGENCE"]
+__all__ = ["Gradients", "GradientMethod", "Stats", "StepStats", "accumulate_grads", "grads_finite", "check_number",
+           "ON_DIVERGENCE"]
 
 
 ON_DIVERGENCE = ("raise", "warn")
+
+
+def check_number(name: str, value, *, who: str = "", sign: Optional[str] = None, allow_none: bool = False,
+                 allow_inf: bool = False) -> None:
+    """The one check of a numeric setting of a method: a one-line ValueError naming it and the bad value
+    unless ``value`` is a finite real number (NaN slips through every ``<``/``>`` test; bools are refused).
+
+    sign: None (any), "positive" (> 0) or "nonnegative" (>= 0); allow_none: None passes (an automatic
+    choice); allow_inf: +inf passes (e.g. "no limit"); who: the method's name, prefixed to the message.
+    """
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        (math.isfinite(value) or (allow_inf and value == math.inf))
+    ok = ok and (sign is None or (value > 0 if sign == "positive" else value >= 0))
+    if not ok:
+        cond = {None: "", "positive": " > 0", "nonnegative": " >= 0"}[sign]
+        alts = (" or inf" if allow_inf else "") + (" or None" if allow_none else "")
+        raise ValueError(f"{who + ': ' if who else ''}{name} must be a finite number{cond}{alts}, got {value!r}")
 
 
 class Stats(Mapping):

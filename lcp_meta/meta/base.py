@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.method import ON_DIVERGENCE, GradientMethod, Gradients, Stats
+from ..core.method import ON_DIVERGENCE, GradientMethod, Gradients, Stats, check_number
 from ..core.solvers import SolverStats, check_divergence, solve
 from ..core.tree import Tree, tree_detach, tree_expand, tree_finite, tree_norm, tree_pack, tree_zeros_like
 from ..data.tasks import TaskBatch, cast_to, check_support
@@ -121,13 +121,7 @@ def _softplus_inv(x: float) -> float:
 
 def check_positive(name: str, value, allow_none: bool = False, allow_zero: bool = False) -> None:
     """One-line ValueError unless ``value`` is a finite real number > 0 (>= 0 with allow_zero)."""
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        want = "a finite number >= 0" if allow_zero else "a finite number > 0"
-        raise ValueError(f"{name} must be {want}{' or None' if allow_none else ''}, got {value!r}")
+    check_number(name, value, sign="nonnegative" if allow_zero else "positive", allow_none=allow_none)
 
 
 AUTO = "auto"

@@ -16,14 +16,13 @@ naming the residual, leaving ``.grad`` and the parameters as they were.  A metho
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional
 
 import torch
 from torch import nn
 
 from ..core.controllers import make_controller
-from ..core.method import GradientMethod, Gradients, StepStats
+from ..core.method import GradientMethod, Gradients, StepStats, check_number
 from ..core.solvers import SolverStats, check_divergence, solve
 from ..core.system import (LOSSES, EquilibriumModel, NetworkSystem, check_target, default_check_every, local_update,
                            output_loss, output_loss_grad)
@@ -32,12 +31,8 @@ __all__ = ["Method", "Backprop", "RecurrentBackprop", "check_finite"]
 
 
 def check_finite(method: str, key: str, value, allow_inf: bool = False) -> None:
-    """A hyperparameter must be a finite real number (NaN slips through every ``<``/``>`` test);
-    ``allow_inf`` admits +inf where it means "no limit"."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        (math.isfinite(value) or (allow_inf and value == math.inf))
-    if not ok:
-        raise ValueError(f"{method}: {key} must be a finite number{' or inf' if allow_inf else ''}, got {value!r}")
+    """A hyperparameter must be a finite real number; ``allow_inf`` admits +inf where it means "no limit"."""
+    check_number(key, value, who=method, allow_inf=allow_inf)
 
 
 class Method(GradientMethod):
