@@ -67,10 +67,15 @@ def make_controller(name: str, **settings) -> "Controller":
     return CONTROLLERS[name](**settings)
 
 
+def _map(fn, *trees):
+    """``fn`` leaf by leaf; a plain tensor directly (the network's hot loop: no pytree walk per step)."""
+    return fn(*trees) if isinstance(trees[0], torch.Tensor) else tree_map(fn, *trees)
+
+
 def _add(a, b, gain: float = 1.0):
     if gain == 1.0:
-        return tree_map(torch.add, a, b)
-    return tree_map(lambda x, y: x + gain * y, a, b)
+        return _map(torch.add, a, b)
+    return _map(lambda x, y: x + gain * y, a, b)
 
 
 class Controller:
@@ -135,12 +140,12 @@ class OutputController:
     def u(self, u_i, grad_l):
         """The control on the output units."""
         if self.k_p:
-            return tree_map(lambda a, g: self.k_i * a - self.k_p * g, u_i, grad_l)
-        return tree_map(lambda a: self.k_i * a, u_i)
+            return _map(lambda a, g: self.k_i * a - self.k_p * g, u_i, grad_l)
+        return _map(lambda a: self.k_i * a, u_i)
 
     def integrate(self, u_i, grad_l, dt):
         """One Euler step of the integral state."""
-        return tree_map(lambda a, g: a + dt * (-g - self.alpha * a), u_i, grad_l)
+        return _map(lambda a, g: a + dt * (-g - self.alpha * a), u_i, grad_l)
 
     @staticmethod
     def output_step(y, h, u, dt):
@@ -230,4 +235,4 @@ class EBD(Controller):
     @staticmethod
     def state_grad(t: Terms):
         """``dE/dz = -(J_f^T e + J_h^T u)`` from terms taken at ``e = -f``, ``u = y - h``."""
-        return tree_map(lambda a, b: -(a + b), t.jf, t.jh)
+        return _map(lambda a, b: -(a + b), t.jf, t.jh)
