@@ -15,6 +15,7 @@ import torch.nn.functional as F
 pytest.importorskip("lcp_meta.meta", reason="lcp_meta.meta (the meta-learning methods) is not available")
 from lcp_meta.adapters.l2l import LCPLearner  # noqa: E402  (needs no learn2learn)
 from lcp_meta.meta import DivergenceError, TaskBatch  # noqa: E402
+from conftest import gaussian_tasks, tanh_mlp  # noqa: E402
 
 D = torch.float64
 
@@ -40,20 +41,9 @@ def test_install_recipe_is_valid_bash():
         assert needle in text, needle
 
 
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(2, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)).to(D)
-
-
-def _tasks(T=2, seed=1):
-    # small inputs and targets keep the inner Hessian's negative curvature below lam: the inner
-    # problems are strongly convex and their dynamics converge in tens of steps
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=D)  # noqa: E731
-    return TaskBatch(0.5 * r(T, 5, 2), 0.3 * r(T, 5, 1), 0.5 * r(T, 7, 2), 0.3 * r(T, 7, 1))
-
-
-# lam = 3 exceeds the most negative inner curvature (~ -2) of these tasks; inner_lr (lam + h_max) < 2
+# the learner: tanh_mlp((6,), 2), a 2-6-1 tanh net; the tasks: gaussian_tasks(), whose small inputs and targets
+# keep the inner Hessian's negative curvature below lam (strongly convex inner problems, converging in tens of
+# steps). lam = 3 exceeds the most negative inner curvature (~ -2) of these tasks; inner_lr (lam + h_max) < 2
 STABLE = dict(lam=3.0, inner_lr=0.2, inner_steps=500, tol=1e-12)
 
 
@@ -72,7 +62,7 @@ def _routed_mean(learner, tb):
     ("maml", dict(inner_lr=0.1, inner_steps=3)),
 ])
 def test_routed_loop_equals_meta_backward(method, kw):
-    model, tb = _mlp(), _tasks()
+    model, tb = tanh_mlp((6,), 2), gaussian_tasks()
     learner = LCPLearner(model, F.mse_loss, method=method, **kw)
     routed = _routed_mean(learner, tb)
     model.zero_grad()
@@ -85,7 +75,7 @@ def test_routed_loop_equals_meta_backward(method, kw):
 
 def test_routed_lcp_matches_dense_implicit_gradient():
     """beta -> 0: the routed LCP gradient is lam (Hess l_in + lam)^-1 grad l_out(phi*) (dense solve)."""
-    model, tb = _mlp(3), _tasks(T=1, seed=4)
+    model, tb = tanh_mlp((6,), 2, seed=3), gaussian_tasks(1, seed=4)
     lam, beta = STABLE["lam"], 1e-6
     learner = LCPLearner(model, F.mse_loss, **dict(STABLE, beta=beta, tol=1e-13))
     task = learner.clone().adapt(tb.x_support[0], tb.y_support[0])
@@ -115,7 +105,7 @@ def test_routed_lcp_matches_dense_implicit_gradient():
 
 
 def test_diverging_task_leaves_grad_and_params_untouched():
-    model, tb = _mlp(), _tasks()
+    model, tb = tanh_mlp((6,), 2), gaussian_tasks()
     learner = LCPLearner(model, F.mse_loss, **dict(STABLE, beta=1e-2))
     _routed_mean(learner, tb)  # a healthy accumulation first
     before = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -132,7 +122,7 @@ def test_diverging_task_leaves_grad_and_params_untouched():
 
 
 def test_misuse_gives_clear_errors():
-    model, tb = _mlp(), _tasks()
+    model, tb = tanh_mlp((6,), 2), gaussian_tasks()
     learner = LCPLearner(model, F.mse_loss, **dict(STABLE, beta=1e-2))
     task = learner.clone()
     with pytest.raises(RuntimeError, match="adapt"):
