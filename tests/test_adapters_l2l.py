@@ -17,6 +17,7 @@ pytest.importorskip("lcp_meta.meta", reason="lcp_meta.meta (the meta-learning me
 
 from lcp_meta.adapters.l2l import LCPLearner, require_learn2learn, task_batch  # noqa: E402
 from lcp_meta.meta import make_method  # noqa: E402
+from conftest import tanh_mlp  # noqa: E402
 
 pytestmark = pytest.mark.adapters
 D = torch.float64
@@ -34,11 +35,6 @@ def taskset():
     t = l2l.data.transforms
     return l2l.data.Taskset(ds, task_transforms=[
         t.NWays(ds, WAYS), t.KShots(ds, SHOTS + QUERIES), t.LoadData(ds), t.RemapLabels(ds)], num_tasks=20)
-
-
-def _net(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, WAYS)).to(D)
 
 
 def test_learn2learn_build_works_on_this_python(taskset):
@@ -66,7 +62,7 @@ def test_task_batch_from_taskdataset(taskset):
 
 def test_lcp_meta_training_step_equals_meta_backward(taskset):
     """The learn2learn loop with LCP: .grad equals LCP.meta_backward on the same tasks; Adam steps."""
-    model = _net()
+    model = tanh_mlp((5,), 4, WAYS)
     samples = [taskset.sample() for _ in range(3)]
     tb = task_batch(samples, 3, SHOTS)
     kw = dict(lam=3.0, beta=1e-2, inner_lr=0.2, inner_steps=400, tol=1e-10)
@@ -85,7 +81,7 @@ def test_lcp_meta_training_step_equals_meta_backward(taskset):
         p.grad.mul_(1.0 / len(samples))
     routed = [p.grad.clone() for p in model.parameters()]
 
-    reference = _net()  # same initial weights, our method called directly on the batch
+    reference = tanh_mlp((5,), 4, WAYS)  # same initial weights, our method called directly on the batch
     make_method("lcp", reference, F.cross_entropy, **kw).meta_backward(tb)
     for a, b in zip(routed, reference.parameters()):
         torch.testing.assert_close(a, b.grad, rtol=1e-9, atol=1e-13)
@@ -98,7 +94,7 @@ def test_maml_through_the_adapter_equals_learn2learn_maml(taskset):
     """method='maml' behind the same loop reproduces learn2learn's own second-order MAML gradient."""
     samples = [taskset.sample() for _ in range(2)]
     parts = [l2l.data.partition_task(x, y, shots=SHOTS) for x, y in samples]
-    ours, theirs = _net(), _net()
+    ours, theirs = tanh_mlp((5,), 4, WAYS), tanh_mlp((5,), 4, WAYS)
     maml = LCPLearner(ours, F.cross_entropy, method="maml", inner_lr=0.5, inner_steps=3)
     ref = l2l.algorithms.MAML(theirs, lr=0.5, first_order=False)
     for (xs, ys), (xq, yq) in parts:
