@@ -5,17 +5,8 @@ import torch.nn.functional as F
 
 from lcp_meta.meta import FOMAML, MAML, ContrastiveMeta, Reptile
 from lcp_meta.meta.reference import flat_loss, flatten_params, inner_solution
-from lcp_meta.models.fewshot import MetaMLP
 
-DT = torch.float64
-
-
-def _problem(seed=0, T=3, n=5):
-    torch.manual_seed(seed)
-    model = MetaMLP(1, (8,), 1, activation="tanh").to(DT)
-    xs, xq = 4 * torch.rand(T, n, 1, dtype=DT) - 2, 4 * torch.rand(T, n, 1, dtype=DT) - 2
-    phase = 3 * torch.rand(T, 1, 1, dtype=DT)
-    return model, (xs, torch.sin(xs + phase), xq, torch.sin(xq + phase))
+from conftest import sine_tasks, tanh_mlp
 
 
 def _grads(model):
@@ -44,7 +35,7 @@ def _unroll(model, x, y, lr, K, create_graph, momentum=0.0):
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 def test_maml_equals_unrolled_autograd(momentum):
-    model, (xs, ys, xq, yq) = _problem()
+    model, (xs, ys, xq, yq) = tanh_mlp(), sine_tasks(3, 5)
     lr, K = 0.1, 4
     total = 0
     for t in range(xs.shape[0]):
@@ -61,7 +52,7 @@ def test_maml_equals_unrolled_autograd(momentum):
 
 
 def test_fomaml_and_reptile_formulas():
-    model, (xs, ys, xq, yq) = _problem(1)
+    model, (xs, ys, xq, yq) = tanh_mlp(seed=1), sine_tasks(3, 5, seed=1)
     lr, K = 0.1, 6
     phis = [_unroll(model, xs[t], ys[t], lr, K, False) for t in range(xs.shape[0])]
     names = [k for k, _ in model.named_parameters()]
@@ -80,7 +71,7 @@ def test_fomaml_and_reptile_formulas():
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_cml_formula_against_newton_equilibria(symmetric):
     """grad = lam (phi_0 - phi_beta) / beta with both equilibria solved independently by Newton."""
-    model, (xs, ys, xq, yq) = _problem(2, T=2)
+    model, (xs, ys, xq, yq) = tanh_mlp(seed=2), sine_tasks(2, 5, seed=2)
     lam, beta = 2.0, 0.3
     loss = flat_loss(model, F.mse_loss)
     omega, names, shapes = flatten_params(model)
