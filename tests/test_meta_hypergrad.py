@@ -7,19 +7,8 @@ import torch.nn.functional as F
 
 from lcp_meta.meta import IMAML, LCP, ContrastiveMeta
 from lcp_meta.meta.reference import exact_hypergradient, f_beta, flat_loss, flatten_params, inner_solution
-from lcp_meta.models.fewshot import MetaMLP
 
-DT = torch.float64
-
-
-def _problem(seed=0, T=2, n=6):
-    torch.manual_seed(seed)
-    model = MetaMLP(1, (10,), 1, activation="tanh").double()
-    amp = 0.5 + 0.5 * torch.rand(T, 1, 1, dtype=DT)
-    phase = 3 * torch.rand(T, 1, 1, dtype=DT)
-    xs = 4 * torch.rand(T, n, 1, dtype=DT) - 2
-    xq = 4 * torch.rand(T, n, 1, dtype=DT) - 2
-    return model, (xs, amp * torch.sin(xs + phase), xq, amp * torch.sin(xq + phase))
+from conftest import DT, sine_tasks, tanh_mlp
 
 
 def _grad_vec(model):
@@ -33,7 +22,7 @@ def _compare(a, b):
 
 
 def test_lcp_di_matches_exact_hypergradient_at_small_beta():
-    model, tasks = _problem()
+    model, tasks = tanh_mlp((10,)), sine_tasks(amplitude=(0.5, 1.0))
     ref = exact_hypergradient(model, F.mse_loss, *tasks, lam=2.0)
     lcp = LCP(model, F.mse_loss, lam=2.0, beta=1e-5, controller="di", inner_lr=0.15, inner_steps=1000, tol=1e-12)
     stats = lcp.meta_backward(tasks)
@@ -48,7 +37,7 @@ def test_lcp_di_matches_exact_hypergradient_at_small_beta():
 
 
 def test_imaml_cg_matches_exact_hypergradient():
-    model, tasks = _problem(1)
+    model, tasks = tanh_mlp((10,), seed=1), sine_tasks(amplitude=(0.5, 1.0), seed=1)
     ref = exact_hypergradient(model, F.mse_loss, *tasks, lam=2.0)
     n = sum(p.numel() for p in model.parameters())
     IMAML(model, F.mse_loss, lam=2.0, cg_steps=2 * n, inner_lr=0.15, inner_steps=1000, tol=1e-12).meta_backward(tasks)
@@ -61,7 +50,7 @@ def test_imaml_cg_matches_exact_hypergradient():
 
 
 def test_cml_small_beta_approaches_exact_hypergradient():
-    model, tasks = _problem(2)
+    model, tasks = tanh_mlp((10,), seed=2), sine_tasks(amplitude=(0.5, 1.0), seed=2)
     ref = exact_hypergradient(model, F.mse_loss, *tasks, lam=2.0)
     ContrastiveMeta(model, F.mse_loss, lam=2.0, beta=1e-4, symmetric=True, inner_lr=0.15, inner_steps=1000,
                     tol=1e-14).meta_backward(tasks)
@@ -72,7 +61,7 @@ def test_cml_small_beta_approaches_exact_hypergradient():
 @pytest.mark.parametrize("controller", ["di", "ebd"])
 def test_lcp_update_is_gradient_of_f_beta(controller):
     """-lam psi (the meta-gradient times beta) is the exact gradient of F_beta at finite beta."""
-    model, tasks = _problem(3)
+    model, tasks = tanh_mlp((10,), seed=3), sine_tasks(amplitude=(0.5, 1.0), seed=3)
     lam, beta = 2.0, 0.5
     kw = dict(ebd_lr=0.01, ebd_steps=3000, ebd_momentum=0.8) if controller == "ebd" else {}
     lcp = LCP(model, F.mse_loss, lam=lam, beta=beta, controller=controller, inner_lr=0.15, inner_steps=1000,
@@ -105,7 +94,7 @@ def _outer(model, tasks, lam_vec):
 @pytest.mark.parametrize("method, mode", [("lcp", "scalar"), ("lcp", "per_param"), ("imaml", "per_param"),
                                           ("cml", "scalar")])
 def test_lam_gradient_matches_finite_differences(method, mode):
-    model, tasks = _problem(4)
+    model, tasks = tanh_mlp((10,), seed=4), sine_tasks(amplitude=(0.5, 1.0), seed=4)
     lam = 1.5
     common = dict(lam=lam, learn_lam=mode, inner_lr=0.15, inner_steps=1000, tol=1e-12)
     if method == "lcp":
