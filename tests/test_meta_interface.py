@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from lcp_meta.core.solvers import DivergenceError
 from lcp_meta.meta import (FOMAML, IMAML, LCP, MAML, METHOD_NAMES, ContrastiveMeta, MetaMethod, MetaStats, Reptile,
                            TaskBatch, make_method)
-from lcp_meta.models.fewshot import Conv4, MetaMLP
+from lcp_meta.models.fewshot import Conv4
 
-DT = torch.float64
+from conftest import DT, sine_tasks, tanh_mlp
 KW = {"lcp": {}, "lcp-direct": {}, "lcp-ebd": {"ebd_lr": 0.01, "ebd_steps": 5}, "imaml": {"cg_steps": 3},
       "maml": {}, "fomaml": {}, "reptile": {}, "cml": {}, "lcp-truncated": {}}
 # interface tests run the equilibrium methods for a fixed number of steps (tol=None: reported unconverged);
@@ -19,13 +19,6 @@ def _steps(name, k):
     if name == "lcp":
         return {"inner_steps": 400}
     return {"inner_steps": k, "tol": None} if name not in ("maml", "fomaml", "reptile") else {"inner_steps": k}
-
-
-def _mlp_tasks(seed=0, T=3, n=5):
-    torch.manual_seed(seed)
-    model = MetaMLP(1, (8,), 1, activation="tanh").to(DT)
-    xs, xq = torch.randn(T, n, 1, dtype=DT), torch.randn(T, n + 2, 1, dtype=DT)
-    return model, TaskBatch(xs, torch.sin(xs), xq, torch.sin(xq))
 
 
 def _conv_tasks(seed=0, T=2, ways=3, shots=2):
@@ -42,7 +35,7 @@ def _grads(model):
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_vmap_equals_per_task_loop(name):
-    model, tasks = _mlp_tasks()
+    model, tasks = tanh_mlp(), sine_tasks(3, 5, n_query=7)
     out = []
     for use_vmap in (True, False):
         model.zero_grad()
@@ -101,14 +94,14 @@ def test_maml_conv4_batchnorm_matches_unrolled_autograd():
 
 def test_batchnorm_with_running_stats_is_rejected():
     model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1)).to(DT)
-    _, tasks = _mlp_tasks()
+    tasks = sine_tasks(3, 5, n_query=7)
     with pytest.raises(ValueError, match="track_running_stats=False"):
         LCP(model, F.mse_loss, inner_steps=2).meta_backward(tasks)
 
 
 def test_lcp_memory_constant_in_inner_steps_maml_grows():
     """Bytes saved for backward in the autograd graph alive when the meta-gradient is taken."""
-    model, tasks = _mlp_tasks(T=2)
+    model, tasks = tanh_mlp(), sine_tasks(2, 5, n_query=7)
     lcp = [LCP(model, F.mse_loss, inner_lr=0.05, inner_steps=k, truncated=True).meta_backward(tasks).extra["graph_bytes"]
            for k in (10, 200)]
     maml = [MAML(model, F.mse_loss, inner_lr=0.05, inner_steps=k).meta_backward(tasks).extra["graph_bytes"]
@@ -123,7 +116,7 @@ def test_lcp_memory_constant_in_inner_steps_maml_grows():
 
 @pytest.mark.parametrize("name", ["lcp", "imaml", "maml", "cml"])
 def test_divergence_raises_and_leaves_grad_untouched(name):
-    model, tasks = _mlp_tasks()
+    model, tasks = tanh_mlp(), sine_tasks(3, 5, n_query=7)
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.5)
     before = _grads(model)
@@ -145,14 +138,14 @@ def test_divergence_raises_and_leaves_grad_untouched(name):
 
 
 def test_unconverged_with_tol_raises():
-    model, tasks = _mlp_tasks()
+    model, tasks = tanh_mlp(), sine_tasks(3, 5, n_query=7)
     with pytest.raises(DivergenceError, match="did not converge"):
         LCP(model, F.mse_loss, inner_lr=0.01, inner_steps=3, tol=1e-10).meta_backward(tasks)
     assert all(p.grad is None for p in model.parameters())
 
 
 def test_grad_accumulates_like_backward_and_optimizer_steps():
-    model, tasks = _mlp_tasks()
+    model, tasks = tanh_mlp(), sine_tasks(3, 5, n_query=7)
     m = LCP(model, F.mse_loss, inner_lr=0.1, inner_steps=1000, learn_lam="scalar")
     m.meta_backward(tasks)
     once = _grads(model) + [m.lam_raw.grad.clone()]
@@ -168,7 +161,7 @@ def test_grad_accumulates_like_backward_and_optimizer_steps():
 
 
 def test_adapt_predict_leave_model_untouched():
-    model, tasks = _mlp_tasks()
+    model, tasks = tanh_mlp(), sine_tasks(3, 5, n_query=7)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     m = IMAML(model, F.mse_loss, inner_lr=0.1, inner_steps=1000)
     phi = m.adapt_params(tasks.x_support, tasks.y_support)
@@ -186,7 +179,7 @@ def test_adapt_predict_leave_model_untouched():
 
 
 def test_taskbatch_forms_and_shape_errors():
-    model, tb = _mlp_tasks()
+    model, tb = tanh_mlp(), sine_tasks(3, 5, n_query=7)
     xs, ys, xq, yq = tb.x_support, tb.y_support, tb.x_query, tb.y_query
     assert TaskBatch.coerce(((xs, ys), (xq, yq))).num_tasks == 3
     assert TaskBatch.coerce([xs, ys, xq, yq]).x_query is xq
@@ -206,7 +199,7 @@ def test_taskbatch_forms_and_shape_errors():
 
 
 def test_make_method_errors_and_names():
-    model, _ = _mlp_tasks()
+    model = tanh_mlp()
     assert METHOD_NAMES == ("lcp", "lcp-direct", "lcp-ebd", "imaml", "maml", "fomaml", "reptile", "cml",
                             "lcp-truncated")
     kinds = {n: type(make_method(n, model, F.mse_loss)) for n in METHOD_NAMES}
@@ -226,7 +219,7 @@ def test_make_method_errors_and_names():
 
 
 def test_leaky_direct_control_reaches_the_direct_equilibrium():
-    model, tasks = _mlp_tasks()
+    model, tasks = tanh_mlp(), sine_tasks(3, 5, n_query=7)
     grads = []
     for leaky in (False, True):
         model.zero_grad()
@@ -240,7 +233,7 @@ def test_leaky_direct_control_reaches_the_direct_equilibrium():
 
 
 def test_anderson_solver_reaches_the_same_lcp_fixed_point():
-    model, tasks = _mlp_tasks()
+    model, tasks = tanh_mlp(), sine_tasks(3, 5, n_query=7)
     grads, iters = [], []
     for solver in ("euler", "anderson"):
         model.zero_grad()
@@ -254,7 +247,7 @@ def test_anderson_solver_reaches_the_same_lcp_fixed_point():
 
 
 def test_nan_meta_gradient_is_reported_and_not_accumulated():
-    model, tb = _mlp_tasks()
+    model, tb = tanh_mlp(), sine_tasks(3, 5, n_query=7)
     bad = TaskBatch(tb.x_support, tb.y_support, tb.x_query, torch.full_like(tb.y_query, float("nan")))
     with pytest.raises(DivergenceError, match="meta-gradient turned NaN"):
         FOMAML(model, F.mse_loss, inner_steps=3).meta_backward(bad)
@@ -389,7 +382,7 @@ def test_one_registry_with_qualified_names():
     from lcp_meta.models import build_model
     from lcp_meta.supervised import EnergyBased
     from lcp_meta.supervised import make_method as sup_make_method
-    model, _ = _mlp_tasks()
+    model = tanh_mlp()
     assert type(top_make_method("meta:lcp-ebd", model, F.mse_loss)) is LCP
     assert top_make_method("lcp-ebd", model, F.mse_loss).controller == "ebd"
     assert type(sup_make_method("supervised:lcp-ebd", build_model("ff", in_shape=(4,), num_classes=3))) is EnergyBased
