@@ -49,7 +49,7 @@ from lcp_meta.fewshot.defaults import method_defaults, task_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 SPREAD = 3.0
-INT_CAP = 64  # inner_steps / cg_steps drawn above this are capped (cost, not accuracy, grows past it)
+INT_CAP = 32  # inner_steps / cg_steps drawn above this are capped (the cost grows with them; CPU budget)
 
 # the settings each method has; cfg-level ones (outer_lr) are set on the run, the rest through --set
 SPACES: Dict[str, tuple] = {
@@ -267,11 +267,14 @@ def main(argv=None) -> int:
             out = runs / "trials" / method / setting_key(setting)
             t0 = time.perf_counter()
             result = _finished(out) if args.resume else None
-            if result is None:
+            stopped = out / "stopped.json"  # a trial stopped early stays stopped when the tuning is resumed
+            if result is None and not (args.resume and stopped.is_file()):
                 cfg = config(args.task, method, setting,
                              {**base, "test_episodes": 1},  # trials never look at the test episodes
                              args.tune_seed, out, args.resume)
                 result = run_one(cfg, args.trial_seconds)
+                if result is None:
+                    stopped.write_text(json.dumps({"setting": setting, "wall_s": time.perf_counter() - t0}))
             val = None if result is None else _final_val(result)
             rows.append({"trial": i, "setting": setting, "val_metric": val, "stopped": result is None,
                          "sec_per_step": None if result is None else result["sec_per_step"],

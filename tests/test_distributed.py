@@ -205,7 +205,7 @@ def two_ranks(tmp_path_factory):
     logs = []
     try:
         for p in procs:  # a hang anywhere (a rank left alone in a collective) fails here, it does not block
-            logs.append(p.communicate(timeout=150)[0])
+            logs.append(p.communicate(timeout=600)[0])
     finally:
         for p in procs:
             if p.poll() is None:
