@@ -4,6 +4,9 @@
     python benchmarks/reproduce_fewshot.py --data-root ../shared/data --quick         # tiny CPU check (minutes)
     python benchmarks/reproduce_fewshot.py --only 20way --resume                      # continue a cut-off run
 
+Each comparison runs every seed of ``--seeds`` (default 0,1,2) and reports mean ± 95% CI over seeds and episodes
+with a paired test of every method against the best one (``lcp_meta.fewshot.stats``).
+
 Two comparisons on the offline Omniglot background subsets (242 distinct characters, each at 4 rotations;
 seeded character split into train / validation / test): 5-way 1-shot and 20-way 1-shot, methods lcp, imaml,
 maml, fomaml, reptile, cml, each meta-trained with the same budget on the same task stream and tested on the
@@ -26,30 +29,16 @@ from pathlib import Path
 
 import torch
 
-from lcp_meta.fewshot import FewShotConfig, run_fewshot
-from lcp_meta.fewshot.report import parse_results_table
+from lcp_meta.fewshot import FewShotConfig, run_fewshot, stats
+from lcp_meta.fewshot.defaults import OMNIGLOT_PROTOCOLS, OMNIGLOT_QUICK
+from lcp_meta.fewshot.report import parse_results_table, seed_rows, seeds_table
 from lcp_meta.utils import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lcp", "imaml", "maml", "fomaml", "reptile", "cml")
 
-# The protocol.  One budget for every method: meta-steps, meta-batch, inner steps and step size, outer Adam.
-# lam / beta follow contrastive meta-learning's Omniglot settings (lam 0.5, beta 0.1; 0.03 for 20-way); the
-# inner loop is shorter than its 200 steps and the meta-training shorter than the literature's tens of thousands
-# of steps, so that 2 x 6 methods fit a GPU session (time one method first: --methods lcp --meta-steps 20).
-FULL = {
-    "5way": dict(ways=5, shots=1, queries=5, meta_steps=1000, meta_batch=16, inner_steps=10, inner_lr=0.1,
-                 lam=0.5, beta=0.1, outer_lr=1e-3, test_episodes=600, val_episodes=100, hidden=64),
-    "20way": dict(ways=20, shots=1, queries=5, meta_steps=1000, meta_batch=8, inner_steps=10, inner_lr=0.1,
-                  lam=0.5, beta=0.03, outer_lr=1e-3, test_episodes=600, val_episodes=100, hidden=64),
-}
-# --quick: the same code path at a size a 2-core CPU runs in minutes (numbers are meaningless)
-QUICK = {
-    "5way": dict(ways=5, shots=1, queries=1, meta_steps=3, meta_batch=2, inner_steps=2, inner_lr=0.1,
-                 lam=0.5, beta=0.1, outer_lr=1e-3, test_episodes=10, val_episodes=4, hidden=8),
-    "20way": dict(ways=20, shots=1, queries=1, meta_steps=3, meta_batch=2, inner_steps=2, inner_lr=0.1,
-                  lam=0.5, beta=0.03, outer_lr=1e-3, test_episodes=10, val_episodes=4, hidden=8),
-}
+# The protocols (one budget for every method) live in the package's one source of few-shot defaults.
+FULL, QUICK = OMNIGLOT_PROTOCOLS, OMNIGLOT_QUICK
 
 
 def main(argv=None) -> int:
@@ -60,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=tuple(FULL), action="append", help="run only this comparison (repeatable)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--meta-steps", type=int, help="override the protocol's meta-steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the runs (at least 3 for a table with CIs and tests)")
     p.add_argument("--resume", action="store_true", help="continue each method from its checkpoint")
     p.add_argument("--stop-after", type=int, help="stop each method after N meta-steps (resume later)")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "reproduce_fewshot"))
@@ -84,26 +73,42 @@ def main(argv=None) -> int:
         if previous.get("quick") == args.quick:
             results["comparisons"].update(previous.get("comparisons", {}))
 
+    seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
     for key in args.only or list(protocol):
         settings = dict(protocol[key])
         if args.meta_steps:
             settings["meta_steps"] = args.meta_steps
-        cfg = FewShotConfig(task="omniglot", methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                            seed=args.seed, device=args.device, data_root=args.data_root,
-                            out=str(Path(args.runs_dir) / tag / f"omniglot_{key}1shot"), resume=args.resume,
-                            stop_after=args.stop_after, progress=not args.no_progress, **settings)
-        summary = run_fewshot(cfg)
-        if summary.get("message"):
-            print(summary["message"], file=sys.stderr)
-        folder = Path(summary["out"]).resolve()
-        folder = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
-        entry = {"settings": settings, "protocol": summary["config"]["protocol"], "run_folder": str(folder),
-                 "unfinished": summary["unfinished"], "table": summary.get("table"),
-                 "rows": parse_results_table(summary["table"]) if summary.get("table") else [],
-                 "results": [{k: v for k, v in r.items() if k != "curve"} for r in summary["results"]]}
+        per_seed, entry = {}, {"settings": settings, "seeds": seeds, "runs": {}}
+        for seed in seeds:
+            cfg = FewShotConfig(task="omniglot", methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                                seed=seed, device=args.device, data_root=args.data_root,
+                                out=str(Path(args.runs_dir) / tag / f"omniglot_{key}1shot" / f"seed{seed}"),
+                                resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
+                                **settings)
+            summary = run_fewshot(cfg)
+            if summary.get("message"):
+                print(summary["message"], file=sys.stderr)
+            folder = Path(summary["out"]).resolve()
+            folder = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+            entry["protocol"] = summary["config"]["protocol"]
+            entry["runs"][seed] = {"run_folder": str(folder), "unfinished": summary["unfinished"],
+                                   "table": summary.get("table"),
+                                   "rows": parse_results_table(summary["table"]) if summary.get("table") else [],
+                                   "results": [{k: v for k, v in r.items() if k != "curve"}
+                                               for r in summary["results"]]}
+            for r in summary["results"]:
+                per_seed.setdefault(r["method"], []).append(r)
+        entry["unfinished"] = sorted({m for run in entry["runs"].values() for m in run["unfinished"]})
+        entry["rows"] = entry["runs"][seeds[0]]["rows"]  # the first seed's table (with the one-shot runs column)
+        complete = {m: rs for m, rs in per_seed.items() if len(rs) == len(seeds)}
+        entry["table"] = None
+        if complete:  # mean ± CI over seeds and episodes, paired tests against the best method
+            values, rows = seed_rows(complete, {m: ", ".join(f"{k}={v}" for k, v in rs[0]["method_kwargs"].items())
+                                                for m, rs in complete.items()})
+            entry["comparison"] = stats.compare(values, lower_is_better=False)
+            entry["table"] = seeds_table(entry["comparison"], rows, "accuracy")
+            print(f"\nOmniglot {settings['ways']}-way 1-shot, seeds {seeds}\n{entry['table']}")
         results["comparisons"][f"omniglot {settings['ways']}-way 1-shot"] = entry
-        if summary.get("table"):
-            print(f"\nOmniglot {settings['ways']}-way 1-shot\n{summary['table']}")
 
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2))
@@ -134,19 +139,24 @@ def render_markdown(results) -> str:
                   f"- budget (every method): {st['meta_steps']} meta-steps, meta-batch {st['meta_batch']}, outer "
                   f"Adam lr {st['outer_lr']}; inner {st['inner_steps']} steps of size {st['inner_lr']}; "
                   f"lam {st['lam']} (lcp, imaml, cml; MAML/FOMAML/Reptile lam 0), beta {st['beta']} (lcp, cml)",
-                  f"- run folder: {entry['run_folder']}", ""]
+                  f"- seeds {entry['seeds']}; run folders: "
+                  + ", ".join(run["run_folder"] for run in entry["runs"].values()),
+                  "- CI: Student t over the per-seed means (df = seeds - 1); p: two-sided Wilcoxon signed-rank over "
+                  "the shared (seed, episode) pairs against the best method, Holm-corrected; 'significant': p < 0.05 "
+                  "and the same sign in every seed (lcp_meta.fewshot.stats)", ""]
         if entry["unfinished"]:
             lines.append(f"Unfinished (resume to complete): {', '.join(entry['unfinished'])}\n")
         if entry["table"]:
             lines.append(entry["table"])
-        runs = [r for r in entry["results"] if r.get("one_shot_runs")]
-        if runs:
-            lines += ["", "Official one-shot runs (accuracy % per run):", "",
-                      "| method | " + " | ".join(runs[0]["one_shot_runs"]["per_run"]) + " |",
-                      "|---|" + "---|" * len(runs[0]["one_shot_runs"]["per_run"])]
-            for r in runs:
-                lines.append(f"| {r['method']} | " + " | ".join(f"{100 * v:.0f}" for v in
-                                                             r["one_shot_runs"]["per_run"].values()) + " |")
+        for seed, run in entry["runs"].items():
+            shots = [r for r in run["results"] if r.get("one_shot_runs")]
+            if shots:
+                lines += ["", f"Official one-shot runs, seed {seed} (accuracy % per run):", "",
+                          "| method | " + " | ".join(shots[0]["one_shot_runs"]["per_run"]) + " |",
+                          "|---|" + "---|" * len(shots[0]["one_shot_runs"]["per_run"])]
+                for r in shots:
+                    lines.append(f"| {r['method']} | " + " | ".join(f"{100 * v:.0f}" for v in
+                                                                 r["one_shot_runs"]["per_run"].values()) + " |")
     return "\n".join(lines) + "\n"
 
 
