@@ -50,6 +50,16 @@ def test_table_round_trip(metric, runs):
             assert row["one-shot runs accuracy (%) mean ± CI95"] == pytest.approx(100 * res["one_shot_runs"]["mean"])
 
 
+def test_table_shows_each_methods_settings():
+    results = _results("mse", False)
+    results[0]["method_kwargs"] = {"inner_steps": 1000, "lam": 10.0, "beta": 0.01, "tol": None}
+    results[1]["method_kwargs"] = {"inner_lr": 0.00837, "inner_steps": 19, "tol": None}
+    results[2].pop("method_kwargs", None)
+    rows = report.parse_results_table(report.results_table(results, "x"))
+    assert [r["settings"] for r in rows] == ["inner_steps=1000, lam=10, beta=0.01", "inner_lr=0.00837, inner_steps=19",
+                                             "-"]
+
+
 def test_parse_rejects_non_tables():
     with pytest.raises(ValueError, match="no markdown table"):
         report.parse_results_table("just text\n")

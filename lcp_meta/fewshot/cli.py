@@ -19,7 +19,7 @@ EXIT_CODES = ("Exit codes: 0 done; 2 bad input (nothing written); 3 stopped by -
 
 
 def _listing(values: Dict[str, object]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+    return ", ".join(f"{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in values.items() if v is not None)
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
                                            "fixed test episodes, and write tables and plots to --out.",
                                epilog="defaults per task: " + "; ".join(
                                    f"{task}: {_listing(d)}" for task, d in defaults.TASKS.items())
-                               + f"; methods: {','.join(defaults.DEFAULT_METHODS)}. " + EXIT_CODES)
+                               + ". " + EXIT_CODES)
     add_arguments(fs, FewShotConfig)
     _add_threads(fs)
     fs.set_defaults(func=run_fewshot_command)
@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
     demo_defaults = {**defaults.TASKS["sinusoid"], **defaults.DEMO}
     demo = subparsers.add_parser("demo", help="sinusoid comparison of LCP and the baselines (minutes on a CPU)",
                                  description="The sinusoid regression comparison (" + ", ".join(
-                                     defaults.DEFAULT_METHODS) + ") with defaults sized for a laptop CPU.",
+                                     defaults.SINUSOID_METHODS) + ") with defaults sized for a laptop CPU.",
                                  epilog=f"defaults: {_listing(demo_defaults)}. " + EXIT_CODES)
     add_arguments(demo, FewShotConfig, groups=(None,), defaults=demo_defaults)
     _add_threads(demo)

@@ -16,7 +16,7 @@ from ..utils import harness
 from ..utils.cliargs import option
 from ..utils.errors import UserInputError
 from ..utils.options import parse_assignments
-from .defaults import DEFAULT_METHODS, task_defaults
+from .defaults import OMNIGLOT_METHODS, SINUSOID_METHODS, task_defaults
 from .tasks import SOURCES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -58,8 +58,10 @@ class FewShotConfig:
     """
 
     task: str = option("sinusoid", "sinusoid | omniglot", group=_TASK)
-    methods: Tuple[str, ...] = option(DEFAULT_METHODS, "comma-separated methods (default: "
-                                      + ",".join(DEFAULT_METHODS) + ")", convert=_methods, show_default=False)
+    methods: Optional[Tuple[str, ...]] = option(None, "comma-separated methods (default per task: sinusoid "
+                                                + ",".join(SINUSOID_METHODS) + "; omniglot "
+                                                + ",".join(OMNIGLOT_METHODS) + ")", convert=_methods,
+                                                show_default=False)
     ways: Optional[int] = option(None, "N classes per episode (omniglot)", group=_TASK)
     shots: Optional[int] = option(None, "K support examples per class (sinusoid: points per task)", group=_TASK)
     queries: Optional[int] = option(None, "query examples per class (sinusoid: points per task)", group=_TASK)

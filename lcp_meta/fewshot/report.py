@@ -53,14 +53,22 @@ def format_residuals(result: Mapping) -> str:
     return " / ".join(cells) + ("" if f.get("converged") else " (unconverged)")
 
 
+def format_settings(result: Mapping) -> str:
+    """The settings the method ran with (``method_kwargs`` of its result), e.g. ``lam=10, beta=0.01``; settings
+    left unset (``None``, e.g. no tolerance for a fixed budget) are not shown.  Numbers to 3 digits."""
+    kw = result.get("method_kwargs") or {}
+    shown = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items() if v is not None]
+    return ", ".join(shown) or "-"
+
+
 def results_table(results: Sequence[Mapping], memory_kind: str) -> str:
     """The markdown table: one row per method, ``method | metric mean ± CI95 | sec/meta-step | peak memory |
-    skipped meta-steps | final residual (inner / control)``.
+    skipped meta-steps | final residual (inner / control) | settings``.
 
     ``skipped meta-steps`` counts the meta-steps whose update was dropped because the method diverged (a method
     that skipped many shows a barely trained model); the residual column shows where the last logged meta-step
     stopped (see :func:`format_residuals`).  An extra column holds the accuracy on the 20 official one-shot
-    runs when it was measured.
+    runs when it was measured; the last column holds the settings the method ran with (:func:`format_settings`).
     """
     if not results:
         raise UserInputError("results_table needs at least one method's results")
@@ -70,6 +78,7 @@ def results_table(results: Sequence[Mapping], memory_kind: str) -> str:
             "skipped meta-steps", "final residual (inner / control)"]
     if runs:
         head.append("one-shot runs accuracy (%) mean ± CI95")
+    head.append("settings")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in results:
         row = [r["method"], format_metric(metric, r["test_mean"], r["test_ci95"]), f"{r['sec_per_step']:.4g}",
@@ -77,6 +86,7 @@ def results_table(results: Sequence[Mapping], memory_kind: str) -> str:
         if runs:
             o = r.get("one_shot_runs")
             row.append(format_metric("accuracy", o["mean"], o["ci95"]) if o else "n/a")
+        row.append(format_settings(r))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
