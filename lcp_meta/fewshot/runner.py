@@ -54,13 +54,6 @@ def default_method_factory(name: str, model: torch.nn.Module, loss_fn: Callable,
     return make_method(name, model, loss_fn, **kwargs)
 
 
-def takes_shared_lam(name: str) -> bool:
-    """Whether the method's inner problem has the proximal term lam/2 |phi - omega|^2 (LCP, iMAML, CML), so that it
-    gets the shared ``lam``; MAML, FOMAML and Reptile keep their lam = 0.  The method registry knows."""
-    from ..meta import is_proximal
-    return bool(is_proximal(name))
-
-
 def common_kwargs(name: str, cfg: FewShotConfig, factory: Callable) -> Dict[str, object]:
     """The keyword arguments a method gets before its ``--set`` options: the shared budget (inner_lr,
     inner_steps), lam and beta where the method has them, then its own defaults (``defaults.METHODS``).
@@ -76,8 +69,9 @@ def common_kwargs(name: str, cfg: FewShotConfig, factory: Callable) -> Dict[str,
     kwargs: Dict[str, object] = dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps)
     if factory is not default_method_factory:
         return {**kwargs, "lam": cfg.lam, "beta": cfg.beta}
+    from ..meta import is_proximal
     accepted = method_kwargs_of(name)
-    if takes_shared_lam(name):
+    if is_proximal(name):  # lam/2 |phi - omega|^2 in the inner problem (MAML, FOMAML, Reptile keep lam = 0)
         kwargs["lam"] = cfg.lam
     if name in EQUILIBRIUM_METHODS:
         kwargs = {"inner_steps": max(cfg.inner_steps, EQUILIBRIUM_CAP), "lam": cfg.lam}
