@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .solvers import SolverStats, check_divergence
+from .tree import tree_finite
 
 __all__ = ["Gradients", "GradientMethod", "Stats", "StepStats", "accumulate_grads", "grads_finite", "check_number",
            "ON_DIVERGENCE"]
@@ -104,10 +105,8 @@ class Gradients:
 
 
 def grads_finite(grads: Sequence[torch.Tensor]) -> bool:
-    """True when every gradient entry is finite (one host synchronisation)."""
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    """True when every gradient entry is finite (one host synchronisation): :func:`~lcp_meta.core.tree.tree_finite`."""
+    return tree_finite(list(grads))
 
 
 def accumulate_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
