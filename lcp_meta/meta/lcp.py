@@ -48,7 +48,7 @@ from torch.func import grad
 
 from ..core.controllers import CONTROLLERS, DI, EBD, Direct, Leaky, make_controller
 from ..core.integrators import apply, heavy_ball
-from ..core.tree import tree_expand, tree_norm, tree_pack, tree_zeros_like
+from ..core.tree import tree_dot, tree_expand, tree_norm, tree_pack, tree_zeros_like
 from .base import MetaGradient, MetaMethod, MetaStats, check_positive
 from .dynamics import cg_map, control_map, iterate, momentum_for
 
@@ -184,9 +184,7 @@ class LCP(MetaMethod):
         def start(p, u, x, y, xq, yq):
             g = system.grad(p, xq, yq)
             r = DI.inversion(system.terms(p, u, _neg(g), None, lam, x, y))  # the force on u
-            rs = sum((v * v).sum() for v in r.values())
-            gn = sum((v * v).sum() for v in g.values()).sqrt()
-            return r, rs, gn
+            return r, tree_dot(r, r), tree_norm(g)
 
         with torch.no_grad():
             r, rs, gn = self._tmap(start, (0,) * 6)(phi, u0, xs, ys, tb.x_query, tb.y_query)
