@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..core.tree import tree_dot
 from .base import MetaGradient, MetaMethod, MetaStats, check_positive
 from .dynamics import cg_step
 from .functional import grad_and_hvp
@@ -61,7 +62,7 @@ class IMAML(MetaMethod):
 
             y = {k: torch.zeros_like(v) for k, v in b.items()}
             r, p = dict(b), dict(b)
-            rs = sum((v * v).sum() for v in r.values())
+            rs = tree_dot(r, r)
             bnorm = rs.sqrt()
             active = bnorm > 0
             indefinite = torch.zeros_like(active)
