@@ -67,6 +67,11 @@ def trainer_defaults(dataset: str, model: str, method: str) -> Dict[str, Any]:
     did not run, e.g. ``ff`` on CIFAR-10, take the settings of that model's usual data set)."""
     _check_choice("dataset", dataset, DATASETS)
     _check_choice("model", model, MODEL_NAMES)
+    return _trainer(model, method)
+
+
+def _trainer(model: str, method: str) -> Dict[str, Any]:
+    """The trainer settings of ``model``, then ``method``'s own (a fresh dict)."""
     return {**_TRAINER[model], **_TRAINER_METHOD.get((model, method), {})}
 
 
@@ -79,7 +84,7 @@ def default_hparams(model_name: str, method_name: str) -> Dict[str, Any]:
     if method_name not in SUPPORTED[model_name]:
         raise UserInputError(f"method {method_name!r} is not available for model {model_name!r}; "
                          f"choose one of {SUPPORTED[model_name]}")
-    hp: Dict[str, Any] = {**_TRAINER[model_name], **_TRAINER_METHOD.get((model_name, method_name), {})}
+    hp = _trainer(model_name, method_name)
     hp["loss"] = "ce"  # the official code trains with nn.CrossEntropyLoss (batch mean)
     if method_name == "rbp":
         hp.update(tol=1e-4, max_iter=200)
