@@ -21,19 +21,3 @@ class CheckpointError(UserInputError):
 
 class RunFolderError(UserInputError):
     """An output folder that cannot be used: a file, unwritable, or holding another run."""
-
-
-def ensure_writable_folder(out) -> None:
-    """Create the run folder ``out`` and prove it writable now (a probe file), so that a bad ``--out`` fails
-    before any data is read or any step is run."""
-    import os
-    from pathlib import Path
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test.{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise RunFolderError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") \
-            from None

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence
 import torch
 
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
-from .errors import CheckpointError, RunFolderError, UserInputError, ensure_writable_folder
+from .errors import CheckpointError, RunFolderError, UserInputError
 
 __all__ = ["check_resume_flags", "settings_refused", "prepare_run_folder", "save_checkpoint", "load_run_checkpoint", "settings_diff",
            "provenance", "provenance_lines", "utc_now", "write_json", "write_results"]
@@ -58,6 +58,20 @@ def check_resume_flags(resume: bool, overwrite: bool) -> None:
                              "replace it")
 
 
+def _ensure_writable_folder(out: Path) -> None:
+    """Create the run folder ``out`` and prove it writable now (a probe file), so that a bad ``--out`` fails
+    before any data is read or any step is run."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RunFolderError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") \
+            from None
+
+
 def prepare_run_folder(out: Path, held: Sequence[Path], *, resume: bool, overwrite: bool) -> Path:
     """Check that ``out`` can take this run, then create it; ``held`` are the files of a run already there.
 
@@ -72,7 +86,7 @@ def prepare_run_folder(out: Path, held: Sequence[Path], *, resume: bool, overwri
         names = ", ".join(str(p.relative_to(out)) for p in held[:3]) + (", ..." if len(held) > 3 else "")
         raise RunFolderError(f"--out {out} already holds a run ({names}); pass --resume to continue it, "
                              f"--overwrite to replace it, or choose another --out")
-    ensure_writable_folder(out)  # an unwritable folder is found now, not after an epoch
+    _ensure_writable_folder(out)  # an unwritable folder is found now, not after an epoch
     if overwrite:
         for p in held:
             p.unlink(missing_ok=True)
