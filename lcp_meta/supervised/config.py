@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from ..models.networks import MODEL_NAMES  # the models name themselves, once
 from ..utils.errors import UserInputError
 
 __all__ = ["METHOD_NAMES", "TRAINER_KEYS", "DATASETS", "MODEL_NAMES", "default_hparams", "trainer_defaults",
            "SUPPORTED", "INVENTED"]
 
 DATASETS = ("mnist", "cifar10")
-MODEL_NAMES = ("ff", "rnn", "conv-ff", "conv-rnn")
 METHOD_NAMES = ("bp", "rbp", "lcp-di", "lcp-di-kp", "lcp-lf", "lcp-ebd")
 TRAINER_KEYS = frozenset({"optimizer", "lr", "lr_final", "weight_decay", "grad_clip", "epochs", "batch_size",
                           "momentum"})
