@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=tuple(FULL), action="append", help="run only this comparison (repeatable)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--meta-steps", type=int, help="override the protocol's meta-steps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one protocol setting for a stated smaller budget, e.g. --set meta_batch=4 "
+                        "(repeatable; keys: " + ", ".join(sorted(FULL["5way"])) + ")")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the runs (at least 3 for a table with CIs and tests)")
     p.add_argument("--resume", action="store_true", help="continue each method from its checkpoint")
     p.add_argument("--stop-after", type=int, help="stop each method after N meta-steps (resume later)")
@@ -74,10 +77,12 @@ def main(argv=None) -> int:
             results["comparisons"].update(previous.get("comparisons", {}))
 
     seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    overrides = parse_overrides(args.set, FULL["5way"])
     for key in args.only or list(protocol):
         settings = dict(protocol[key])
         if args.meta_steps:
             settings["meta_steps"] = args.meta_steps
+        settings.update(overrides)
         per_seed, entry = {}, {"settings": settings, "seeds": seeds, "runs": {}}
         for seed in seeds:
             cfg = FewShotConfig(task="omniglot", methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
@@ -115,6 +120,22 @@ def main(argv=None) -> int:
     json_path.with_suffix(".md").write_text(render_markdown(results))
     print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     return 0
+
+
+def parse_overrides(items, template) -> dict:
+    """``["meta_batch=4", "inner_lr=0.05"]`` -> typed values (each key must be a protocol setting)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in template:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(template))}")
+        kind = type(template[key])
+        try:
+            out[key] = kind(float(raw)) if kind is int and float(raw).is_integer() else kind(raw)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {key} takes a {kind.__name__}, got {raw!r}") from None
+    return out
 
 
 def render_markdown(results) -> str:

@@ -162,6 +162,23 @@ def test_reproduce_fewshot_quick(tmp_path):
     assert "Official one-shot runs" in (tmp_path / "res" / "fewshot_cpu.md").read_text()
 
 
+def test_reproduce_fewshot_set_overrides_are_typed_and_checked():
+    """--set KEY=VALUE keeps each protocol setting's type and refuses unknown keys and bad values."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "reproduce_fewshot", Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_fewshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    template = module.FULL["5way"]
+    got = module.parse_overrides(["meta_batch=4", "inner_lr=0.05", "test-episodes=300"], template)
+    assert got == {"meta_batch": 4, "inner_lr": 0.05, "test_episodes": 300}
+    assert type(got["meta_batch"]) is int and type(got["inner_lr"]) is float
+    for bad, says in (("nope=1", "KEY one of"), ("meta_batch", "KEY one of"), ("meta_batch=x", "takes a int"),
+                      ("meta_batch=2.5", "takes a int")):
+        with pytest.raises(SystemExit, match=says):
+            module.parse_overrides([bad], template)
+
+
 def test_threads_option_is_restored_after_the_command(tmp_path):
     before = torch.get_num_threads()
     assert main(["fewshot", "--methods", "fomaml", "--meta-steps", "1", "--threads", "1", "--no-plots",
