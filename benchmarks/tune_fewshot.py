@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPREAD = 3.0
 INT_CAP = 32  # inner_steps / cg_steps drawn above this are capped (the cost grows with them; CPU budget)
 
-# the settings each method has; cfg-level ones (outer_lr) are set on the run, the rest through --set
+# the settings each method has (all passed as --set METHOD.KEY; outer_lr is the run's, per method)
 SPACES: Dict[str, tuple] = {
     "lcp": ("lam", "beta", "outer_lr"),  # inner steps / step size: to its residual tolerance, automatic step
     "lcp-truncated": ("lam", "beta", "inner_lr", "inner_steps", "outer_lr"),
@@ -112,11 +112,11 @@ def setting_key(setting: Dict[str, object]) -> str:
 
 def config(task: str, method: str, setting: Dict[str, object], base: Dict[str, object], seed: int, out: Path,
            resume: bool) -> FewShotConfig:
-    run = {k: v for k, v in setting.items() if k == "outer_lr"}
-    options = {k: v for k, v in setting.items() if k != "outer_lr"}
+    # every setting, outer_lr included, as per-method options: they take precedence over the package's
+    # per-method defaults, as a trial must
     return FewShotConfig(task=task, methods=(method,), seed=seed, out=str(out), resume=resume,
-                         overwrite=not resume, progress=False, plots=False, method_options={method: options},
-                         **run, **base)
+                         overwrite=not resume, progress=False, plots=False, method_options={method: dict(setting)},
+                         **base)
 
 
 def run_one(cfg: FewShotConfig, seconds: Optional[float], chunk: int = 50) -> Optional[dict]:

@@ -139,3 +139,31 @@ def test_final_residuals_reach_the_json_and_the_table(tmp_path):
     assert cell == f"{final['inner_residual']:.1e} / {final['control_residual']:.1e} (unconverged)"
     maml = json.loads((out / "maml.json").read_text())["final_residuals"]
     assert rows["maml"]["final residual (inner / control)"] == report.format_residuals({"final_residuals": maml})
+
+
+def test_a_per_method_outer_lr_drives_that_methods_adam_only(tmp_path):
+    """--set METHOD.outer_lr is the Adam rate of that method's meta-parameters (the others keep --outer-lr).
+    Undoing each method's single Adam step with the rate it should have used must give back one and the same
+    initial point (every method starts from the same meta-parameters); a wrong rate would not."""
+    cfg = _cfg(tmp_path, methods=("maml", "fomaml"), meta_steps=1, outer_lr=1e-3,
+               method_options={"maml": {"outer_lr": 0.25}})
+    run_fewshot(cfg)
+    out, starts = tmp_path / "run", {}
+    for name, lr in (("maml", 0.25), ("fomaml", 1e-3)):
+        ckpt = torch.load(out / "checkpoints" / f"{name}.pt", weights_only=False)
+        group = ckpt["optimizer"]["param_groups"][0]
+        assert group["lr"] == lr
+        b1, b2 = group["betas"]
+        starts[name] = []
+        for i, p in enumerate(ckpt["params"]):
+            st = ckpt["optimizer"]["state"][i]
+            step = st["exp_avg"] / (1 - b1) / ((st["exp_avg_sq"] / (1 - b2)).sqrt() + group["eps"])
+            starts[name].append(p + lr * step)
+        assert json.loads((out / f"{name}.json").read_text())["method_kwargs"]["outer_lr"] == lr
+    for p, q in zip(starts["maml"], starts["fomaml"]):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-10)
+    # and the step taken was of the size of each rate (maml's parameters moved far more than fomaml's)
+    ckpts = {n: torch.load(out / "checkpoints" / f"{n}.pt", weights_only=False)["params"] for n in starts}
+    far = max(float((p - q).abs().max()) for p, q in zip(ckpts["maml"], starts["maml"]))
+    near = max(float((p - q).abs().max()) for p, q in zip(ckpts["fomaml"], starts["fomaml"]))
+    assert 0.2 < far <= 0.25 + 1e-9 and 0.5e-3 < near <= 1e-3 + 1e-9

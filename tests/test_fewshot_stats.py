@@ -135,6 +135,10 @@ def test_tuning_trials_hold_their_settings_and_lcp_its_equilibrium():
     tune = _tune_module()
     cfg = tune.config("sinusoid", "lcp", {"lam": 7.0, "beta": 0.02, "outer_lr": 3e-3}, {"test_episodes": 1}, 100,
                       Path("/nonexistent"), resume=False)
-    assert cfg.outer_lr == 3e-3 and cfg.method_options == {"lcp": {"lam": 7.0, "beta": 0.02}}
+    assert cfg.method_options == {"lcp": {"lam": 7.0, "beta": 0.02, "outer_lr": 3e-3}}
+    from lcp_meta.fewshot.runner import outer_lr_of
+    assert outer_lr_of("lcp", cfg) == 3e-3  # the trial's outer lr is the run's Adam rate for lcp
+    maml = tune.config("sinusoid", "maml", {"outer_lr": 3e-3}, {}, 100, Path("/nonexistent"), resume=False)
+    assert outer_lr_of("maml", maml) == 3e-3  # a trial's rate wins over maml's tuned per-method default
     assert cfg.test_episodes == 1 and cfg.seed == 100
     assert "inner_lr" not in tune.SPACES["lcp"]  # lcp keeps its automatic step and residual stop

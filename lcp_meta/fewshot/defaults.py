@@ -51,13 +51,13 @@ METHODS: Dict[str, Dict[str, Dict[str, object]]] = {
     # iMAML starts from its published setting (lam = 2, 5 CG steps), not the shared lam
     "*": {"imaml": dict(lam=2.0, cg_steps=5)},
     # the settings benchmarks/tune_fewshot.py chose on validation tasks (benchmarks/results/tune_sinusoid_cpu.md;
-    # 3 trials per method, 300 meta-steps; the outer lr stays the shared one: CML chose 4.2e-3, the others ~2e-3).
+    # 3 trials per method, 300 meta-steps; outer_lr is the run's Adam rate for that method's meta-parameters).
     # lcp at its equilibrium on the tanh learner: lam 10 converged on every meta-step measured (lam 1-2 often
     # meets an indefinite Hess l_in + lam); beta 0.01 keeps the joint phase after the CG control short
     "sinusoid": {"lcp": dict(lam=10.0, beta=0.01),
                  "imaml": dict(lam=2.0, cg_steps=5, inner_steps=16),
-                 "maml": dict(inner_lr=0.00837, inner_steps=19),
-                 "cml": dict(lam=0.427, beta=0.036, inner_lr=0.0191, inner_steps=6, symmetric=True)},
+                 "maml": dict(inner_lr=0.00837, inner_steps=19, outer_lr=0.00193),
+                 "cml": dict(lam=0.427, beta=0.036, inner_lr=0.0191, inner_steps=6, symmetric=True, outer_lr=0.00416)},
     "omniglot": {},
 }
 

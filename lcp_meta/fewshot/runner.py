@@ -79,8 +79,16 @@ def common_kwargs(name: str, cfg: FewShotConfig, factory: Callable) -> Dict[str,
         kwargs["tol"] = None
     if "beta" in accepted:
         kwargs["beta"] = cfg.beta
-    kwargs.update(method_defaults(cfg.task, name))
+    kwargs.update({k: v for k, v in method_defaults(cfg.task, name).items() if k != "outer_lr"})
     return kwargs
+
+
+def outer_lr_of(name: str, cfg: FewShotConfig) -> float:
+    """The Adam rate of ``name``'s meta-parameters: ``--set NAME.outer_lr``, else the task's per-method default
+    (``defaults.METHODS``), else the shared ``outer_lr``.  It belongs to the run, not to the method."""
+    cfg = cfg.resolved()
+    chosen = cfg.method_options.get(name, {}).get("outer_lr", method_defaults(cfg.task, name).get("outer_lr"))
+    return float(cfg.outer_lr if chosen is None else chosen)
 
 
 # -------------------------------------------------------------------------------------------- run folder
@@ -154,14 +162,15 @@ class _MethodRun:
         torch.manual_seed(cfg.seed)  # same initial meta-parameters for every method
         self.model = source.build_model().to(device=device, dtype=dtype)
         kwargs = common_kwargs(name, cfg, factory)
-        kwargs.update(cfg.method_options.get(name, {}))
-        self.kwargs = kwargs
+        kwargs.update({k: v for k, v in cfg.method_options.get(name, {}).items() if k != "outer_lr"})
+        outer_lr = outer_lr_of(name, cfg)
+        self.kwargs = {**kwargs, "outer_lr": outer_lr}  # shown with the method's settings in every table
         with harness.settings_refused(bool(cfg.method_options.get(name)),
                                       f"--set {name}.*: the method refused its settings {jsonable(kwargs)}"):
             self.method = factory(name, self.model, source.loss_fn, **kwargs)
         self.method = distributed.wrap_meta(self.method)  # under torchrun: this rank's slice, all-reduced
         self.params = list(self.method.parameters())
-        self.opt = torch.optim.Adam(self.params, lr=cfg.outer_lr)
+        self.opt = torch.optim.Adam(self.params, lr=outer_lr)
         self.step, self.curve, self.step_times, self.peak_mib, self.divergences = 0, [], [], None, []
         self.ckpt_path = out / "checkpoints" / f"{name}.pt"
 
@@ -314,7 +323,7 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
         if unknown:
             raise UserInputError(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
         for name, options in cfg.method_options.items():  # refused before anything is written
-            accepted = method_kwargs_of(name)
+            accepted = (*method_kwargs_of(name), "outer_lr")  # outer_lr: the run's, per method
             wrong = sorted(set(options) - set(accepted))
             if wrong:
                 raise UserInputError(f"--set {name}.{wrong[0]}: {name} has no option {wrong[0]!r}; it accepts "
