@@ -53,14 +53,17 @@ class OutputControl:
         """``u = -beta grad l(y)`` (finite beta)."""
         return -self.beta * self.grad_l(y)
 
-    def newton_step(self, y: torch.Tensor, h: torch.Tensor, p: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def newton_step(self, y: torch.Tensor, h: torch.Tensor, p: Optional[torch.Tensor] = None,
+                    onehot: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One Newton step towards the solution of ``y = h - beta grad l(y)`` (exact for MSE); ``p`` is
-        ``softmax(y)`` when the caller has it already."""
+        ``softmax(y)`` when the caller has it already; ``onehot`` the targets' rows when ``y`` holds a subset of
+        the batch (active-set iteration; the batch-mean scale ``b`` stays that of the whole batch)."""
+        onehot = self.onehot if onehot is None else onehot
         if self.loss == "mse":
-            return (h + self.b * self.onehot) / (1 + self.b)
+            return (h + self.b * onehot) / (1 + self.b)
         b = self.b
         p = torch.softmax(y, 1) if p is None else p
-        r = y - h + b * (p - self.onehot)
+        r = y - h + b * (p - onehot)
         d = 1 + b * p
         dr, dp = r / d, p / d
         return y - dr - dp * (b * (p * dr).sum(1, keepdim=True) / (1 - b * (p * dp).sum(1, keepdim=True)))
@@ -99,6 +102,7 @@ class ControlProblem:
     warm_tol: Optional[float] = None  # stop rule of a free phase before the joint solve (None: none)
     inner_kw: Optional[dict] = None  # options of the inner solver (e.g. Anderson's memory m)
     start: Optional[tuple] = None  # (v, e, y) to continue from ('reduced' only; no free phase then)
+    active_set: bool = False  # batch-independent model: plain iteration steps only the samples not yet converged
 
 
 CONTROL_SOLVERS: Dict[str, Callable] = {}
@@ -132,8 +136,10 @@ def resolve_control_solver(name: str, model, loss: str, beta: float, batch: int 
 def _finish(stats_list, iterations) -> SolverStats:
     """Merge the statistics of a strategy's phases (iterations add up, the last phase decides the rest)."""
     last = stats_list[-1]
+    mean = None if last.mean_iterations is None else last.mean_iterations + iterations - last.iterations
     return SolverStats(iterations=iterations, residual=last.residual, converged=last.converged,
-                       diverged=any(s.diverged for s in stats_list), per_sample=last.per_sample)
+                       diverged=any(s.diverged for s in stats_list), per_sample=last.per_sample,
+                       mean_iterations=mean, reason=last.reason)
 
 
 @register_control_solver("sweep")
@@ -175,8 +181,12 @@ def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw:
     if budget < 1:  # the free phase used it all without settling: report that state, control not yet started
         y, u = out.solve(m.h(v0))
         return (v0, y, torch.zeros_like(v0), u), s0
-    if inner == "euler":
-        inner_kw = {"freeze_converged": False, **inner_kw}  # samples may be coupled (batch norm): stop together
+    active = inner == "euler" and p.active_set  # (only the map below takes the rows of the active samples)
+    if inner == "euler" and not math.isinf(out.beta):
+        # samples may be coupled (batch norm): stop together, unless the model says they are independent
+        inner_kw = {"active_set": True, **inner_kw} if active else {"freeze_converged": False, **inner_kw}
+    elif inner == "euler":
+        inner_kw = {"freeze_converged": False, **inner_kw}
     if math.isinf(out.beta):  # exact control: u = onehot - h(v) needs h before the step
         def step(z):
             v, e = z
@@ -190,14 +200,15 @@ def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw:
         y, u = out.solve(m.h(v))
         return (v, y, e, u), _finish([s0, s1], s0.iterations + s1.iterations)
 
-    ce = out.loss == "ce"
+    ce, batch = out.loss == "ce", c.shape[0]
 
-    def step(z):
+    def step(z, rows=None):  # rows: the samples z holds (active-set iteration; None: the whole batch)
         v, e, y = z
+        cr, oh = (c, out.onehot) if rows is None else (c.index_select(0, rows), out.onehot.index_select(0, rows))
         sm = torch.softmax(y, 1) if ce else y
-        u = (-out.beta / y.shape[0]) * (sm - out.onehot)
-        g, h, jg, jh = m.step_terms(c, v, e, u, fb)
-        return g + e, jg + jh, out.newton_step(y, h, sm if ce else None)
+        u = (-out.beta / batch) * (sm - oh)  # the batch-mean loss: scaled by the whole batch's size
+        g, h, jg, jh = m.step_terms(cr, v, e, u, fb)
+        return g + e, jg + jh, out.newton_step(y, h, sm if ce else None, oh)
 
     e0, y0 = (torch.zeros_like(v0), out.solve(m.h(v0))[0]) if p.start is None else p.start[1:]
     (v, e, y), s1 = solve(step, (v0, e0, y0), solver=inner, tol=p.tol, max_iter=budget,

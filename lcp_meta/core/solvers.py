@@ -34,6 +34,7 @@ __all__ = [
     "register_solver",
     "solve",
     "relative_change",
+    "DivergenceGuard",
 ]
 
 
@@ -48,6 +49,9 @@ class SolverStats:
     per_sample: final relative change of each sample (a CPU tensor).
     fixed:      a fixed-steps run (``tol=None``): exactly ``max_iter`` steps, never "converged", since
                 nothing says its end is an equilibrium.
+    mean_iterations: the mean over samples of the step-map evaluations each sample took (set by the active-set
+                iteration, whose cost is their sum; ``iterations`` is then the maximum over samples).
+    reason:     why a solve was stopped as diverged when the state is still finite (the divergence guard).
     """
 
     iterations: int
@@ -56,14 +60,19 @@ class SolverStats:
     diverged: bool = False
     per_sample: Optional[torch.Tensor] = None
     fixed: bool = False
+    mean_iterations: Optional[float] = None
+    reason: str = ""
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "iterations": self.iterations,
             "residual": self.residual,
             "converged": self.converged,
             "diverged": self.diverged,
         }
+        if self.mean_iterations is not None:
+            out["mean_iterations"] = self.mean_iterations
+        return out
 
 
 class DivergenceError(RuntimeError):
@@ -175,7 +184,7 @@ def check_divergence(what: str, stats: Optional[SolverStats] = None, *, who: str
     before they write anything, so a refused batch never changes ``.grad`` or the parameters."""
     res = math.nan if stats is None else stats.residual
     if stats is not None and (stats.diverged or not math.isfinite(res)):
-        state = "turned NaN/inf"
+        state = f"diverged ({stats.reason})" if stats.reason else "turned NaN/inf"
     elif not finite:
         state = "turned NaN/inf"
     elif stats is not None and max_residual is not None and res > max_residual:
@@ -197,17 +206,90 @@ def check_divergence(what: str, stats: Optional[SolverStats] = None, *, who: str
     raise DivergenceError(msg, stats)
 
 
+def _norms(z: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-sample norm of a state over all its components (accumulated in float64)."""
+    sq = 0
+    for t in z:
+        sq = sq + torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=torch.float64).square()
+    return sq.sqrt()
+
+
+class DivergenceGuard:
+    """Stops a solve that is diverging while its state is still finite, instead of letting it run on to
+    ``max_iter`` (or to inf): a linear iteration whose Jacobian has spectral radius > 1 (an RBP adjoint on an
+    rnn that has left its contracting regime) grows geometrically, and its last iterate is garbage however it
+    is clipped.  A sample is diverging when its state norm exceeds ``growth`` times its reference norm (the
+    larger of the norms of its start and of its first iterate: an adjoint starts at ``b``, a controlled state
+    at 0), or when its relative change rose at ``rising`` consecutive checks (None: that test off).  Consulted
+    at the stop rule's checks (and after the first step, which sets the reference); the solve then ends with
+    ``stats.diverged`` and a ``stats.reason``, which the divergence policy reports with the residual."""
+
+    def __init__(self, growth: Optional[float] = 1e6, rising: Optional[int] = None):
+        if growth is not None and not (math.isfinite(growth) and growth > 1):
+            raise ValueError(f"DivergenceGuard growth must be a finite number > 1 (or None), got {growth}")
+        if rising is not None and (int(rising) != rising or rising < 1):
+            raise ValueError(f"DivergenceGuard rising must be an integer >= 1 (or None), got {rising}")
+        self.growth, self.rising = growth, None if rising is None else int(rising)
+
+    def start(self, z0: Sequence[torch.Tensor]) -> None:
+        b = z0[0].shape[0]
+        self.ref = _norms(z0)
+        self.prev = torch.full((b,), math.inf, dtype=torch.float64, device=z0[0].device)
+        self.ups = torch.zeros(b, dtype=torch.long, device=z0[0].device)
+
+    def check(self, it: int, z: Sequence[torch.Tensor], rel: torch.Tensor,
+              rows: Optional[torch.Tensor] = None) -> Optional[str]:
+        """``z``/``rel``: the state and relative change of the samples ``rows`` (None: all); returns why the
+        solve is diverging, or None."""
+        n = _norms(z)
+        if it == 1:  # rows is None at the first step: every sample iterates
+            self.ref = torch.maximum(self.ref, n)
+        bad = torch.zeros_like(rel, dtype=torch.bool)
+        if self.growth is not None:
+            ref = self.ref if rows is None else self.ref[rows]
+            ratio = n / ref.clamp_min(1e-300)
+            bad = bad | (ratio > self.growth)
+        if self.rising is not None:
+            prev = self.prev if rows is None else self.prev[rows]
+            ups = torch.where(rel > prev, (self.ups if rows is None else self.ups[rows]) + 1, 0)
+            if rows is None:
+                self.prev, self.ups = rel.clone(), ups
+            else:
+                self.prev.index_copy_(0, rows, rel)
+                self.ups.index_copy_(0, rows, ups)
+            bad = bad | (ups >= self.rising)
+        if not bool(bad.any()):  # one host synchronisation per check
+            return None
+        if self.growth is not None and bool((ratio > self.growth).any()):
+            return f"its norm grew to {float(ratio.max()):.1e} times its start, limit {self.growth:.0e}"
+        return f"its relative change rose at {self.rising} consecutive checks"
+
+
 @register_solver("euler")
-def euler(step: StepFn, z0: State, stop: StopRule, freeze_converged: bool = True) -> Tuple[State, SolverStats]:
+def euler(step: StepFn, z0: State, stop: StopRule, freeze_converged: bool = True, active_set: bool = False,
+          guard: Optional[DivergenceGuard] = None) -> Tuple[State, SolverStats]:
     """Plain iteration of the step map (forward Euler on the dynamics).
 
     With ``freeze_converged`` a sample whose relative change fell below ``tol`` keeps its state while
     the others go on, so a sample's result does not depend on the rest of its batch.
+
+    ``active_set`` (for step maps whose samples are independent, i.e. no batch norm in training mode):
+    the same per-sample stopping, computed on the samples still iterating only.  ``step(z, rows)`` is then
+    called with the state of those samples and ``rows``, their indices in the batch (None: all of them), so
+    that the map can pick its per-sample constants; a sample leaves at the check where its relative change is
+    below ``tol``.  The cost is the sum of the per-sample iteration counts instead of batch x slowest sample;
+    ``stats.iterations`` is the slowest sample's count and ``stats.mean_iterations`` the mean.
+
+    ``guard``: a :class:`DivergenceGuard` that ends the solve as diverged once it is growing.
     """
+    if active_set:
+        return _euler_active(step, z0, stop, guard)
     z = tuple(z0)
     done = torch.zeros(z[0].shape[0], dtype=torch.bool, device=z[0].device)
     rel = torch.full((z[0].shape[0],), math.inf, dtype=torch.float64, device=z[0].device)
     stats = stop.new_stats()
+    if guard is not None:
+        guard.start(z)
     for it in range(1, stop.max_iter + 1):
         z_new = step(z)
         if freeze_converged and it > 1:
@@ -220,6 +302,54 @@ def euler(step: StepFn, z0: State, stop: StopRule, freeze_converged: bool = True
             done = done | stop.done(rel)
         if stop(it, rel, stats):
             break
+        if guard is not None and (it == 1 or stop.due(it)):
+            stats.reason = guard.check(it, z, rel) or ""
+            if stats.reason:
+                stats.diverged = True
+                break
+    stats.per_sample = rel.detach().cpu()
+    stats.residual = float(stats.per_sample.max()) if stats.per_sample.numel() else 0.0
+    return z, stats
+
+
+def _euler_active(step, z0: State, stop: StopRule, guard: Optional[DivergenceGuard]) -> Tuple[State, SolverStats]:
+    """:func:`euler` with ``active_set``: gather the samples still iterating, step them, scatter them back."""
+    z = tuple(z0)
+    b, dev = z[0].shape[0], z[0].device
+    rows = None  # indices of the samples still iterating (None: all)
+    rel = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
+    count = torch.zeros(b, dtype=torch.long, device=dev)  # iterations each sample took
+    owned = False  # z's tensors are ours to write into (not the caller's z0 nor a step map's input)
+    stats = stop.new_stats()
+    if guard is not None:
+        guard.start(z)
+    for it in range(1, stop.max_iter + 1):
+        za = z if rows is None else tuple(t.index_select(0, rows) for t in z)
+        zn = tuple(step(za, rows))
+        rel_a = relative_change(zn, za)
+        if rows is None:
+            z, rel = zn, rel_a
+        else:
+            for t, n in zip(z, zn):
+                t.index_copy_(0, rows, n)
+            rel.index_copy_(0, rows, rel_a)
+        if stop(it, rel_a, stats):  # converged: every sample still iterating is below tol (the others were)
+            break
+        if guard is not None and (it == 1 or stop.due(it)):
+            stats.reason = guard.check(it, zn, rel_a, rows) or ""
+            if stats.reason:
+                stats.diverged = True
+                break
+        if stop.due(it):
+            keep = ~stop.done(rel_a)
+            if not bool(keep.all()):
+                idx = torch.arange(b, device=dev) if rows is None else rows
+                count.index_fill_(0, idx[~keep], it)
+                if not owned:
+                    z, rel, owned = tuple(t.clone() for t in z), rel.clone(), True
+                rows = idx[keep]
+    count.index_fill_(0, torch.arange(b, device=dev) if rows is None else rows, stats.iterations)
+    stats.mean_iterations = float(count.double().mean())
     stats.per_sample = rel.detach().cpu()
     stats.residual = float(stats.per_sample.max()) if stats.per_sample.numel() else 0.0
     return z, stats
@@ -305,6 +435,7 @@ def solve(step: StepFn, z0: Sequence[torch.Tensor], *, solver: str = "euler", to
         check_every: consult the stop rule every this many iterations (each check synchronises a GPU).
         raise_on_fail: apply :func:`check_divergence`: raise :class:`DivergenceError` when the solve diverges
             (NaN/inf) or (with a ``tol``) does not converge, instead of only flagging it in the statistics.
+        **kwargs: the solver's options, e.g. euler's ``active_set`` (then ``step(z, rows)``) and ``guard``.
     Returns:
         ``(z_star, stats)``.
     """

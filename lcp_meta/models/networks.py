@@ -93,6 +93,11 @@ class LayeredEquilibrium(EquilibriumModel):
     def _blocks(self, t: torch.Tensor):
         return [b.reshape(t.shape[0], *sh) for b, sh in zip(t.split(self.block_sizes, 1), self.block_shapes)]
 
+    @property
+    def batch_independent(self) -> bool:
+        """Samples are coupled only through batch norm in training mode (see EquilibriumModel)."""
+        return self._no_batch_coupling()
+
     def encode(self, x):
         b0 = self.encoder(x.reshape(x.shape[0], *self.in_shape)).flatten(1)
         return F.pad(b0, (0, self.state_shape[0] - b0.shape[1]))
@@ -212,6 +217,11 @@ class RecurrentEquilibrium(EquilibriumModel):
         self.state_shape = (hidden,)
         self.depth = 0
 
+    @property
+    def batch_independent(self) -> bool:
+        """Samples are coupled only through batch norm in training mode (see EquilibriumModel)."""
+        return self._no_batch_coupling()
+
     def encode(self, x):
         return self.U(x.reshape(x.shape[0], -1))
 
@@ -298,6 +308,11 @@ class ConvDEQ(EquilibriumModel):
         self.readout = nn.Linear(channels * (H // pool) * (W // pool), num_classes)
         self.state_shape = (channels, H, W)
         self.depth = 0
+
+    @property
+    def batch_independent(self) -> bool:
+        """Samples are coupled only through batch norm in training mode (see EquilibriumModel)."""
+        return self._no_batch_coupling()
 
     def encode(self, x):
         return self.enc_bn(self.enc_conv(x))
