@@ -28,7 +28,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .solvers import SolverStats, solve
+from .solvers import RowCache, SolverStats, solve
 from .losses import loss_grad_fn
 
 __all__ = ["OutputControl", "ControlProblem", "CONTROL_SOLVERS", "register_control_solver", "resolve_control_solver"]
@@ -202,9 +202,11 @@ def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw:
 
     ce, batch = out.loss == "ce", c.shape[0]
 
+    per_row = RowCache(c, out.onehot)
+
     def step(z, rows=None):  # rows: the samples z holds (active-set iteration; None: the whole batch)
         v, e, y = z
-        cr, oh = (c, out.onehot) if rows is None else (c.index_select(0, rows), out.onehot.index_select(0, rows))
+        cr, oh = per_row(rows)
         sm = torch.softmax(y, 1) if ce else y
         u = (-out.beta / batch) * (sm - oh)  # the batch-mean loss: scaled by the whole batch's size
         g, h, jg, jh = m.step_terms(cr, v, e, u, fb)

@@ -35,6 +35,7 @@ __all__ = [
     "solve",
     "relative_change",
     "DivergenceGuard",
+    "RowCache",
 ]
 
 
@@ -313,30 +314,27 @@ def euler(step: StepFn, z0: State, stop: StopRule, freeze_converged: bool = True
 
 
 def _euler_active(step, z0: State, stop: StopRule, guard: Optional[DivergenceGuard]) -> Tuple[State, SolverStats]:
-    """:func:`euler` with ``active_set``: gather the samples still iterating, step them, scatter them back."""
+    """:func:`euler` with ``active_set``: iterate the compacted state of the samples still iterating; a sample's
+    state is written back into the batch when it leaves (and the rest at the end), so that an iteration costs
+    the step map on the active rows and nothing else."""
     z = tuple(z0)
     b, dev = z[0].shape[0], z[0].device
     rows = None  # indices of the samples still iterating (None: all)
-    rel = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
+    za = z  # their state, compacted
+    rel = torch.full((b,), math.inf, dtype=torch.float64, device=dev)  # final relative change per sample
     count = torch.zeros(b, dtype=torch.long, device=dev)  # iterations each sample took
-    owned = False  # z's tensors are ours to write into (not the caller's z0 nor a step map's input)
+    rel_a = rel
     stats = stop.new_stats()
     if guard is not None:
         guard.start(z)
     for it in range(1, stop.max_iter + 1):
-        za = z if rows is None else tuple(t.index_select(0, rows) for t in z)
         zn = tuple(step(za, rows))
         rel_a = relative_change(zn, za)
-        if rows is None:
-            z, rel = zn, rel_a
-        else:
-            for t, n in zip(z, zn):
-                t.index_copy_(0, rows, n)
-            rel.index_copy_(0, rows, rel_a)
+        za = zn
         if stop(it, rel_a, stats):  # converged: every sample still iterating is below tol (the others were)
             break
         if guard is not None and (it == 1 or stop.due(it)):
-            stats.reason = guard.check(it, zn, rel_a, rows) or ""
+            stats.reason = guard.check(it, za, rel_a, rows) or ""
             if stats.reason:
                 stats.diverged = True
                 break
@@ -344,15 +342,40 @@ def _euler_active(step, z0: State, stop: StopRule, guard: Optional[DivergenceGua
             keep = ~stop.done(rel_a)
             if not bool(keep.all()):
                 idx = torch.arange(b, device=dev) if rows is None else rows
-                count.index_fill_(0, idx[~keep], it)
-                if not owned:
-                    z, rel, owned = tuple(t.clone() for t in z), rel.clone(), True
-                rows = idx[keep]
+                if rows is None:  # the first samples leave: from now on z holds the batch (our own copy)
+                    z = tuple(torch.empty_like(t) for t in za)
+                left = idx[~keep]
+                for t, n in zip(z, za):
+                    t.index_copy_(0, left, n[~keep])
+                rel.index_copy_(0, left, rel_a[~keep])
+                count.index_fill_(0, left, it)
+                rows, za, rel_a = idx[keep], tuple(t[keep] for t in za), rel_a[keep]
+    if rows is None:
+        z, rel = za, rel_a
+    else:
+        for t, n in zip(z, za):
+            t.index_copy_(0, rows, n)
+        rel.index_copy_(0, rows, rel_a)
     count.index_fill_(0, torch.arange(b, device=dev) if rows is None else rows, stats.iterations)
     stats.mean_iterations = float(count.double().mean())
     stats.per_sample = rel.detach().cpu()
     stats.residual = float(stats.per_sample.max()) if stats.per_sample.numel() else 0.0
     return z, stats
+
+
+class RowCache:
+    """Per-sample constants of a step map used with ``active_set``, gathered for the active rows once per change
+    of the active set (the solver passes the same ``rows`` tensor until a sample leaves), not at every step."""
+
+    def __init__(self, *full: torch.Tensor):
+        self.full, self.rows, self.cur = full, None, full
+
+    def __call__(self, rows: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        if rows is None:
+            return self.full
+        if rows is not self.rows:
+            self.rows, self.cur = rows, tuple(t.index_select(0, rows) for t in self.full)
+        return self.cur
 
 
 @register_solver("anderson")

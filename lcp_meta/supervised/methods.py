@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.controllers import make_controller
 from ..core.method import GradientMethod, Gradients, StepStats, check_number
-from ..core.solvers import DivergenceGuard, SolverStats, check_divergence, solve
+from ..core.solvers import DivergenceGuard, RowCache, SolverStats, check_divergence, solve
 from ..core.system import (LOSSES, EquilibriumModel, NetworkSystem, check_target, default_check_every, local_update,
                            output_loss, output_loss_grad)
 
@@ -211,17 +211,19 @@ class RecurrentBackprop(Method):
         active = euler and self.stop_rule == "per-sample" and m.batch_independent
         kw = {"active_set": True} if active else {"freeze_converged": False} if euler else {}
 
+        free_rows = RowCache(cd)
+
         def free(z, rows=None):  # rows: the samples z holds (active set; None: the whole batch)
-            return (m.g(cd if rows is None else cd.index_select(0, rows), z[0]),)
+            return (m.g(free_rows(rows)[0], z[0]),)
 
         (v,), s1 = self._solve(free, (m.init_state(cd),), "free dynamics", **kw)
         with torch.no_grad():
             b = m.h_vjp(v, output_loss_grad(m.h(v), y, self.loss))
+        adjoint_rows = RowCache(cd, v, b)
 
         def adjoint(z, rows=None):
-            if rows is None:
-                return (m.g_vjp(cd, v, z[0]) + b,)
-            return (m.g_vjp(cd.index_select(0, rows), v.index_select(0, rows), z[0]) + b.index_select(0, rows),)
+            cr, vr, br = adjoint_rows(rows)
+            return (m.g_vjp(cr, vr, z[0]) + br,)
 
         if euler and (self.guard_growth is not None or self.guard_rising is not None):
             kw["guard"] = DivergenceGuard(self.guard_growth, self.guard_rising)
