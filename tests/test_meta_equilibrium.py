@@ -80,6 +80,77 @@ def test_reported_residuals_are_those_of_the_returned_state():
     torch.testing.assert_close(_grad(model), -lam * u_mean, rtol=1e-12, atol=1e-14)
 
 
+def _dense_residuals(model, tb, lam, beta, state):
+    """Per task, recomputed with dense Hessians: |(H + lam) u + grad l_out| / |grad l_out| and
+    |f(phi) + beta u| / |f(omega)| at the returned state."""
+    loss = flat_loss(model, F.mse_loss)
+    omega, _, _ = flatten_params(model)
+    names = [k for k, _ in model.named_parameters()]
+    ctrl, inner = [], []
+    for t in range(tb.num_tasks):
+        phi = torch.cat([state["phi"][k][t].reshape(-1) for k in names])
+        u = torch.cat([state["u"][k][t].reshape(-1) for k in names])
+        xs, ys, xq, yq = (v[t] for v in _tasks(tb))
+        H = hessian(lambda p: loss(p, xs, ys), phi)
+        p = phi.clone().requires_grad_(True)
+        g_in, = torch.autograd.grad(loss(p, xs, ys), p)
+        g_out, = torch.autograd.grad(loss(p, xq, yq), p)
+        o = omega.clone().requires_grad_(True)
+        g0, = torch.autograd.grad(loss(o, xs, ys), o)
+        ctrl.append(float((H @ u + lam * u + g_out).norm() / g_out.norm()))
+        inner.append(float((-g_in - lam * (phi - omega) + beta * u).norm() / g0.norm()))
+    return ctrl, inner
+
+
+@pytest.mark.parametrize("control_tol", [None, 0.05])
+def test_cg_certified_control_is_exact_and_reports_true_residuals(monkeypatch, control_tol):
+    """The default path at small beta: relax, CG on the control, certified by CG's own (recursive) residual
+    and |f(phi) + beta u|; here beta u moves the inner equilibrium by more than tol, so one round relaxes phi
+    under beta u and checks/continues the control there, still without the joint DI dynamics.  The residuals
+    it reports are the true ones (dense Hessians), it costs exactly power_iters + CG steps + rounds
+    Hessian-vector products, and the meta-gradient is the exact hypergradient (tight tol) or as close as its
+    residuals allow (loose control_tol)."""
+    import lcp_meta.meta.inner_problem as ip
+    calls = {"hvp": 0}
+    real = ip.grad_and_hvp
+
+    def counted(*a, **k):
+        calls["hvp"] += 1  # once per (task-batched) call under vmap
+        return real(*a, **k)
+
+    monkeypatch.setattr(ip, "grad_and_hvp", counted)
+    model, tb = _problem(5, T=3)
+    lam = 1.0
+    ref = exact_hypergradient(model, F.mse_loss, *_tasks(tb), lam=lam)
+    lcp = LCP(model, F.mse_loss, lam=lam, tol=1e-3, control_tol=control_tol)
+    stats = lcp.meta_backward(tb)
+    # certified without the joint DI dynamics; Hessian-vector products: the step estimate, the CG steps and one
+    # per round of (relax under beta u, check the control at the moved phi)
+    assert stats.converged and stats.extra["joint_iterations"] == 0 and stats.extra["rounds"] >= 1
+    assert calls["hvp"] == lcp.power_iters + stats.extra["control_iterations"] + stats.extra["rounds"] \
+        == stats.extra["hvps"]
+    ctrl, inner = _dense_residuals(model, tb, lam, lcp.beta, lcp.last_state)
+    assert stats.control_residual == pytest.approx(max(ctrl), rel=1e-6)
+    assert stats.inner_residual == pytest.approx(max(inner), rel=1e-6)
+    assert max(inner) <= 1e-3 and max(ctrl) <= (control_tol or 1e-3)
+    names = [k for k, _ in model.named_parameters()]
+    u_mean = torch.cat([lcp.last_state["u"][k].mean(0).reshape(-1) for k in names])
+    torch.testing.assert_close(_grad(model), -lam * u_mean, rtol=1e-12, atol=1e-14)
+    cos = _cos(_grad(model), ref)
+    if control_tol is None:
+        assert cos >= 0.9999 and max(ctrl) > 1e-5  # a real residual, not round-off: the check above can fail
+    else:  # a looser control: fewer CG steps, residual between the two tolerances, still a good gradient
+        assert 1e-3 < max(ctrl) <= control_tol and cos >= 0.99
+
+
+def test_control_tol_is_checked():
+    model, _ = _problem()
+    with pytest.raises(ValueError, match="control_tol must be a finite number > 0 or None, got -0.1"):
+        LCP(model, F.mse_loss, control_tol=-0.1)
+    with pytest.raises(ValueError, match="control_tol=0.1 applies to the dynamic-inversion controller"):
+        LCP(model, F.mse_loss, controller="direct", control_tol=0.1)
+
+
 def _largest_curvature(model, tb, lam):
     loss = flat_loss(model, F.mse_loss)
     omega, _, _ = flatten_params(model)

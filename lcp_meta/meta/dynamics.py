@@ -21,7 +21,7 @@ updates.  The residual reported is therefore the residual of the state returned.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch.func import grad_and_value
@@ -30,13 +30,14 @@ from ..core.controllers import DI
 from ..core.solvers import SolverStats
 from ..core.tree import Tree, tree_dot, tree_norm
 
-__all__ = ["iterate", "power_iteration", "momentum_for", "relax_map", "control_map", "cg_step", "cg_map", "SAFETY"]
+__all__ = ["iterate", "safe_ratio", "power_iteration", "momentum_for", "relax_map", "control_map", "cg_step",
+           "cg_control", "SAFETY"]
 
 # the step is 1 / (SAFETY * estimated largest eigenvalue): power iteration estimates it from below
 SAFETY = 1.25
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den with 0 / 0 = 0 (a task that starts at its solution has nothing left to do)."""
     safe = torch.where(den > 0, den, torch.ones_like(den))
     return torch.where(den > 0, num / safe, torch.where(num > 0, torch.full_like(num, float("inf")), 0.0 * num))
@@ -48,12 +49,14 @@ def momentum_for(a: torch.Tensor, mu: float) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------- the loop
-def iterate(step: Callable, state: Tuple[torch.Tensor, ...], tol: Optional[float], max_iter: int
+def iterate(step: Callable, state: Tuple[torch.Tensor, ...], tol, max_iter: int
             ) -> Tuple[Tuple[torch.Tensor, ...], SolverStats, torch.Tensor]:
     """Run ``step(state) -> (new_state, residual (T,) or (T, k)[, stuck (T,)])`` until every task's
     residuals are <= tol (or it is stuck: it stops there, unconverged).
 
-    ``residual`` is the residual of the INPUT state.  Tasks that are done keep their state.  ``tol=None``
+    ``residual`` is the residual of the INPUT state.  Tasks that are done keep their state.  ``tol``: a
+    number, or one per residual column (a sequence of k numbers, e.g. LCP's control and inner tolerances).
+    ``tol=None``
     runs exactly ``max_iter`` updates (then ``converged`` is False: nothing says the run is at an
     equilibrium).  Returns (state, SolverStats, per-task residuals).  Stops early when a residual is not
     finite (``diverged``).
@@ -61,6 +64,7 @@ def iterate(step: Callable, state: Tuple[torch.Tensor, ...], tol: Optional[float
     T = state[0].shape[0]
     done = torch.zeros(T, dtype=torch.bool, device=state[0].device)
     res = torch.full((T,), float("nan"), dtype=torch.float64, device=state[0].device)
+    tolv = None if tol is None else torch.as_tensor(tol, dtype=torch.float64, device=state[0].device)
     k = 0
     with torch.no_grad():
         while True:
@@ -68,10 +72,11 @@ def iterate(step: Callable, state: Tuple[torch.Tensor, ...], tol: Optional[float
             new, r = out[0], out[1]
             stuck = out[2] if len(out) > 2 else None  # tasks that cannot move on (stop, not converged)
             res = r.detach().to(torch.float64)
-            worst = res if res.dim() == 1 else res.amax(1)  # several residuals: all must meet tol
+            worst = res if res.dim() == 1 else res.amax(1)
             finite = torch.isfinite(worst)
-            if tol is not None:
-                done = done | (finite & (worst <= tol))
+            if tolv is not None:  # several residuals: each must meet its tolerance
+                met = res <= tolv
+                done = done | (finite & (met if met.dim() == 1 else met.all(1)))
             halt = done if stuck is None else done | stuck
             flags = torch.stack([done.all(), ~finite.all(), halt.all()]).cpu()
             if bool(flags[0]) or bool(flags[1]) or bool(flags[2]) or k >= max_iter:
@@ -132,7 +137,7 @@ def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: f
         g, e = gv(phi, xs, ys, xq, yq, c)
         gn = tree_norm(g)
         scale = torch.where(torch.isnan(scale), gn, scale)
-        res = _ratio(gn, scale)
+        res = safe_ratio(gn, scale)
         if adaptive:
             bad = ~(torch.isfinite(e) & torch.isfinite(gn))
             rise = e > e_prev + rel * e_prev.abs()  # beyond round-off: the step overshot
@@ -168,8 +173,8 @@ def control_map(system, omega: Tree, lam: Tree, beta: float) -> Callable:
         go = system.grad(phi, xq, yq)
         # the DI controller's field on the inner problem: output control -grad l_out, fed back as beta u
         f_in, f_u = DI.field(system.terms(phi, u, {k: -v for k, v in go.items()}, omega, lam, xs, ys), u, beta)
-        r_u = _ratio(tree_norm(f_u), tree_norm(go))
-        r_in = _ratio(tree_norm(f_in), scale_in)
+        r_u = safe_ratio(tree_norm(f_u), tree_norm(go))
+        r_in = safe_ratio(tree_norm(f_in), scale_in)
         vphi = {k: m_phi * vphi[k] + a_phi * f_in[k] for k in vphi}
         vu = {k: m_u * vu[k] + a_u * f_u[k] for k in vu}
         new = ({k: phi[k] + vphi[k] for k in phi}, {k: u[k] + vu[k] for k in u}, vphi, vu,
@@ -184,7 +189,7 @@ def cg_step(A: Callable[[Tree], Tree], x: Tree, r: Tree, p: Tree, rs: torch.Tens
     """One conjugate-gradient step on ``A x = b`` (residual ``r = b - A x``, search direction ``p``,
     ``rs = r . r``), taken only where ``active``.  An active task whose curvature ``p^T A p`` is not positive
     (an indefinite system, or NaN) is flagged ``bad`` and does not move.  Returns
-    ``(x, r, p, rs, bad, moved)``; shared by LCP's control (:func:`cg_map`) and iMAML's CG."""
+    ``(x, r, p, rs, bad, moved)``; shared by LCP's control (:func:`cg_control`) and iMAML's CG."""
     Ap = A(p)
     pAp = tree_dot(p, Ap)
     bad = active & ~(pAp > 0)
@@ -198,27 +203,49 @@ def cg_step(A: Callable[[Tree], Tree], x: Tree, r: Tree, p: Tree, rs: torch.Tens
     return x, r, p, torch.where(go, rs_new, rs), bad, go
 
 
-def cg_map(system, lam: Tree) -> Callable:
-    """Per-task step of the control dynamics ``du/dt = -(Hess l_in(phi) + lam) u - grad l_out(phi)`` at a
-    fixed (solved) inner state phi, integrated by heavy-ball steps whose step and momentum come from an
-    exact line search each step: that is the conjugate-gradient method, so the control reaches its
-    equilibrium ``u* = -(Hess l_in + lam)^-1 grad l_out`` in at most dim(u) steps (far fewer for the
-    clustered spectra of few-shot problems) instead of ~sqrt(condition number) per digit.
+def cg_control(tmap: Callable, system, lam: Tree, phi: Tree, g: Tree, xs, ys, tol: float, max_iter: int,
+               u0: Tree = None, r0: Tree = None):
+    """The control dynamics ``du/dt = -(Hess l_in(phi) + lam) u - grad l_out(phi)`` at a fixed (solved) inner
+    state phi, from u = 0 (or from ``u0`` with its force ``r0 = -(A u0 + g)``), integrated by heavy-ball steps
+    whose step and momentum come from an exact line search each step: that is the conjugate-gradient method,
+    so the control reaches its equilibrium
+    ``u* = -(Hess l_in + lam)^-1 grad l_out`` in at most dim(u) steps (far fewer for the clustered spectra of
+    few-shot problems) instead of ~sqrt(condition number) per digit.
 
-    State per task: (phi, u, r, p, rs, gnorm, active, indefinite), with r = -(A u + g) the force on u.
-    A task whose curvature ``p^T A p`` is not positive (Hess l_in + lam indefinite at phi) stops at its
-    last iterate and is flagged; the residual ``|A u + g| / |g|`` then shows how far it is from u*.
+    Task-batched (``g = grad l_out(phi)`` per task); each task stops once its residual
+    ``|(Hess l_in + lam) u + g| / |g|`` is <= tol.  That residual is CG's recursive one (``r = -(A u + g)``
+    up to round-off), known after each step without a further product with A, so a step is never spent only
+    on certifying the last one; a task that is done is frozen by :func:`cg_step`'s mask.  A task whose
+    curvature ``p^T A p`` is not positive (Hess l_in + lam indefinite at phi) stops at its last iterate and
+    is flagged.  Returns (u, SolverStats (``stuck``: some task was flagged), residuals (T,), flagged (T,)).
     """
 
-    def one(phi, u, r, p, rs, gnorm, active, indefinite, xs, ys):
-        res = torch.where(gnorm > 0, rs.sqrt() / torch.where(gnorm > 0, gnorm, torch.ones_like(gnorm)), 0 * rs)
+    def one(phi, u, r, p, rs, active, xs, ys):
+        return cg_step(lambda v: system.curvature(phi, v, lam, xs, ys), u, r, p, rs, active)
 
-        def A(v):
-            return system.curvature(phi, v, lam, xs, ys)
-
-        u, r, p, rs, bad, go = cg_step(A, u, r, p, rs, active & (rs > 0))
-        # a flagged task reports an infinite-free but unmet residual; it will not move again
-        indefinite = indefinite | bad
-        return (phi, u, r, p, rs, gnorm, go, indefinite), res, indefinite
-
-    return one
+    mapped = tmap(one, (0,) * 8)
+    with torch.no_grad():
+        if u0 is None:
+            u = {k: torch.zeros_like(v) for k, v in g.items()}
+            r = {k: -v for k, v in g.items()}  # the force on u at u = 0, no product with A needed
+        else:
+            u, r = dict(u0), dict(r0)
+        p = dict(r)
+        rs = tree_dot(r, r, batched=True)
+        gn = tree_norm(g, batched=True)
+        res = safe_ratio(rs.sqrt(), gn)  # from 0: 1 (0 where grad l_out = 0, NaN for non-finite data)
+        active = res > tol
+        flagged = torch.zeros_like(active)
+        k = 0
+        while k < max_iter and bool(active.any()):
+            u, r, p, rs, bad, go = mapped(phi, u, r, p, rs, active, xs, ys)
+            flagged = flagged | bad
+            res = safe_ratio(rs.sqrt(), gn)
+            active = go & (res > tol)
+            k += 1
+    res = res.to(torch.float64)
+    finite = bool(torch.isfinite(res).all())
+    st = SolverStats(iterations=k, residual=float(res.max()) if finite else float("nan"),
+                     converged=finite and bool((res <= tol).all()), diverged=not finite, per_sample=res.cpu())
+    st.stuck = bool(flagged.any())
+    return u, st, res, flagged

@@ -48,14 +48,16 @@ from torch.func import grad
 
 from ..core.controllers import CONTROLLERS, DI, EBD, Direct, Leaky, make_controller
 from ..core.integrators import apply, heavy_ball
-from ..core.tree import tree_dot, tree_expand, tree_norm, tree_pack, tree_zeros_like
+from ..core.tree import tree_expand, tree_norm, tree_pack, tree_zeros_like
 from .base import MetaGradient, MetaMethod, MetaStats, check_positive
-from .dynamics import cg_map, control_map, iterate, momentum_for
+from .dynamics import cg_control, control_map, iterate, momentum_for, safe_ratio
 
 __all__ = ["LCP", "CONTROLLERS"]
 
 # the method's name for each controller (a controller registered later runs as "lcp-<name>")
 NAMES = {"di": "lcp", "direct": "lcp-direct", "leaky": "lcp-direct", "ebd": "lcp-ebd"}
+# rounds of (relax under beta u, correct the control) before the joint DI dynamics take over
+ROUNDS = 5
 
 
 def _neg(t):
@@ -86,6 +88,10 @@ class LCP(MetaMethod):
             smoother dynamics).
         truncated: DI only: exactly ``inner_steps`` joint Euler steps from (omega, 0), not an equilibrium
             (the method is then named ``lcp-truncated``).
+        control_tol: DI only: the tolerance of the control residual ``|(Hess l_in + lam) u + grad l_out| /
+            |grad l_out|`` (default None: ``tol``, the inner residual's).  The counterpart of iMAML's
+            ``cg_steps``/``cg_tol``: how exactly the linear system is solved, apart from how exactly the inner
+            problem is; the run is converged when each residual meets its own tolerance.
     """
 
     name = "lcp"
@@ -93,7 +99,7 @@ class LCP(MetaMethod):
     def __init__(self, model, loss_fn=None, *, beta: float = 1e-3, controller: str = "di",
                  psi_lr: Optional[float] = None, first_order: bool = False, ebd_lr: float = 0.01,
                  ebd_steps: int = 200, ebd_momentum: float = 0.0, leaky: bool = False, truncated: bool = False,
-                 **kwargs):
+                 control_tol: Optional[float] = None, **kwargs):
         if loss_fn is not None:
             kwargs["loss_fn"] = loss_fn
         if truncated:
@@ -111,6 +117,10 @@ class LCP(MetaMethod):
                                  f"{controller!r}")
             controller = "leaky" if controller == "leaky" else "direct"
         check_positive("beta", beta)
+        check_positive("control_tol", control_tol, allow_none=True)
+        if control_tol is not None and (controller != "di" or truncated):
+            raise ValueError(f"control_tol={control_tol} applies to the dynamic-inversion controller at its "
+                             f"equilibrium (lcp) only, not to {'lcp-truncated' if truncated else repr(controller)}")
         check_positive("psi_lr", psi_lr, allow_none=True)
         check_positive("ebd_lr", ebd_lr)
         if int(ebd_steps) < 1:
@@ -129,11 +139,19 @@ class LCP(MetaMethod):
             raise ValueError("leaky=True applies to the direct controller only")
         controller = "leaky" if leaky else controller
         self.beta, self.controller, self.truncated = float(beta), controller, bool(truncated)
+        self.control_tol = None if control_tol is None else float(control_tol)
         self.name = "lcp-truncated" if truncated else NAMES.get(controller, f"lcp-{controller}")
         self.psi_lr_given = float(psi_lr) if psi_lr is not None else None
         self.ebd_lr, self.ebd_steps, self.ebd_momentum = float(ebd_lr), int(ebd_steps), float(ebd_momentum)
         self.leaky = controller == "leaky"
         self.control = make_controller(controller)
+
+    def tols_for(self, dtype: torch.dtype):
+        """(control, inner) residual tolerances in effect (None: a fixed number of steps)."""
+        tol = self.tol_for(dtype)
+        if tol is None:
+            return None
+        return (tol if self.control_tol is None else self.control_tol, tol)
 
     @property
     def psi_lr(self) -> Optional[float]:
@@ -176,29 +194,32 @@ class LCP(MetaMethod):
         """|f(omega)| = |grad l_in(omega)| per task: the scale of the inner residual."""
         return tree_norm(system.tmap(system.grad, (None, 0, 0))(omega, tb.x_support, tb.y_support), batched=True)
 
-    def _cg_control(self, system, lam, tb, phi, u0, tol, steps):
-        """The control at a fixed inner state, from u0, by line-searched heavy-ball steps (CG)."""
-        T = tb.num_tasks
+    def _cg_control(self, system, omega, lam, tb, phi, tols, steps, scale_in, u0=None):
+        """The control at the inner state phi by CG (:func:`~lcp_meta.meta.dynamics.cg_control`) from u = 0
+        (or ``u0``) until its residual meets the control tolerance.  Returns (u, SolverStats, stuck,
+        residuals (T, 2)): the joint DI step's (control, inner) residuals at (phi, u).  From u = 0 they cost
+        no Hessian-vector product beyond CG's own: the control residual is CG's recursive one and the inner
+        one ``|f(phi) + beta u| / |f(omega)|`` needs f(phi) only.  From ``u0`` one product gives the true
+        residual of u0 (and CG's start): if it already meets the tolerance, no CG step is taken."""
         xs, ys = tb.x_support, tb.y_support
 
-        def start(p, u, x, y, xq, yq):
+        def start(p, x, y, xq, yq):  # grad l_out and f at phi: two gradients
+            return system.grad(p, xq, yq), system.force(p, omega, lam, x, y)
+
+        def restart(p, u, x, y, xq, yq):  # and the force on u, -(A u + grad l_out): one HVP with f
             g = system.grad(p, xq, yq)
-            r = DI.inversion(system.terms(p, u, _neg(g), None, lam, x, y))  # the force on u
-            return r, tree_dot(r, r), tree_norm(g)
+            t = system.terms(p, u, None, omega, lam, x, y)
+            return g, t.f, DI.inversion(t._replace(jh=_neg(g)))
 
         with torch.no_grad():
-            r, rs, gn = self._tmap(start, (0,) * 6)(phi, u0, xs, ys, tb.x_query, tb.y_query)
-        true = torch.ones(T, dtype=torch.bool, device=rs.device)
-        state, rebuild = tree_pack([phi, u0, r, dict(r), rs, gn, true, ~true])
-        mapped = self._tmap(cg_map(system, lam), (0,) * 10)
-
-        def step(z):
-            new, res, stuck = mapped(*rebuild(z), xs, ys)
-            return tree_pack(new)[0], res, stuck
-
-        z, st, res = iterate(step, state, tol, steps)
-        trees = rebuild(z)
-        return trees[1], st, st.stuck or bool(trees[7].any())
+            if u0 is None:
+                (g, f), r0 = self._tmap(start, (0,) * 5)(phi, xs, ys, tb.x_query, tb.y_query), None
+            else:
+                g, f, r0 = self._tmap(restart, (0,) * 6)(phi, u0, xs, ys, tb.x_query, tb.y_query)
+        u, st, res_u, flagged = cg_control(self._tmap, system, lam, phi, g, xs, ys, tols[0], steps, u0, r0)
+        with torch.no_grad():
+            res_in = safe_ratio(tree_norm({k: f[k] + self.beta * u[k] for k in f}, batched=True), scale_in)
+        return u, st, st.stuck, torch.stack([res_u, res_in.to(torch.float64)], 1)
 
     def _joint(self, system, omega, lam, tb, control, name, a_phi, a_u):
         """Joint Euler dynamics of (phi, u = psi/beta) from phi = omega, u = 0 through the core solvers:
@@ -274,7 +295,7 @@ class LCP(MetaMethod):
 def _di(ctrl, lcp, system, batch):
     """Dynamic inversion: at the equilibrium u* = -(Hess l_in(phi*) + lam)^-1 grad l_out(phi*)."""
     omega, lam, tb = batch
-    tol = lcp.tol_for(next(iter(omega.values())).dtype)
+    tol = lcp.tols_for(next(iter(omega.values())).dtype)
     if lcp.solver == "anderson":
         return _di_anderson(lcp, system, omega, lam, tb)
     if lcp.truncated or lcp.solver == "euler":
@@ -321,33 +342,59 @@ def _di_heavy_ball(lcp, system, omega, lam, tb, tol):
 
 
 def _di_rounds(lcp, system, omega, lam, tb, tol):
-    """The default, in three steps that all keep the DI controller's equilibrium:
+    """The default, in rounds that all keep the DI controller's equilibrium (``tol``: the pair (control,
+    inner)):
     (1) relax phi with gradients only (u = 0);
     (2) run the control at that phi by line-searched heavy-ball steps (CG) to its equilibrium
-        u = -(Hess l_in + lam)^-1 grad l_out: the controlled equilibrium in the limit beta -> 0;
-    (3) at finite beta, if the joint residuals are not yet below tol, the joint DI dynamics from there
-        (phi += f + beta u, u += -(Hess l_in + lam) u - grad l_out, heavy-ball with the step of (1)):
-        phi moves by O(beta), so this starts close to the joint equilibrium."""
-    scale_in = lcp._force_scale(system, omega, lam, tb)
-    phi, st1, info, failed = _relax_first(lcp, system, omega, lam, tb, scale=scale_in)
+        u = -(Hess l_in + lam)^-1 grad l_out: the controlled equilibrium in the limit beta -> 0.  Its last
+        step certifies itself: CG's recursive residual is the control residual, and the inner residual at
+        finite beta, |f(phi) + beta u|, needs f(phi) only (one support gradient, no Hessian product);
+    (3) while the inner residual is above tol (beta u moved the inner equilibrium by more than tol allows):
+        relax phi again under the constant control beta u (gradients only; phi moves by O(beta)), then
+        check the control at the new phi with one Hessian-vector product and continue CG from u where it
+        no longer meets its tolerance.  Usually one round; if rounds do not settle, the joint DI dynamics
+        (phi += f + beta u, u += -(Hess l_in + lam) u - grad l_out, heavy-ball with the step of (1)) take
+        over from there."""
+    phi, st1, info, failed = _relax_first(lcp, system, omega, lam, tb)
     if failed:
         return phi, None, st1, None
-    u, stc, indefinite = lcp._cg_control(system, lam, tb, phi, tree_zeros_like(phi), tol, lcp.inner_steps)
-    hvps = info["hvps"] + stc.iterations + 1
-    lcp._info.update(control_iterations=stc.iterations, joint_iterations=0)
+    scale_in = info["scale"]  # |grad E(omega)| = |f(omega)|: the relaxation started at omega
+    u, stc, indefinite, res = lcp._cg_control(system, omega, lam, tb, phi, tol, lcp.inner_steps, scale_in)
+    iters, hvps, cg_iters, rounds = st1.iterations + stc.iterations, info["hvps"] + stc.iterations, stc.iterations, 0
+    tols = torch.tensor(tol, dtype=res.dtype, device=res.device)
+    while not (stc.diverged or indefinite or not stc.converged) and not bool((res <= tols).all()) and rounds < ROUNDS:
+        phi, st1, _ = lcp._relax(system, omega, lam, tb.x_support, tb.y_support, phi0=phi, shift=_scaled(u, lcp.beta),
+                                 scale=scale_in, reuse=info)
+        iters += st1.iterations
+        if st1.diverged or not st1.converged:
+            st1.phase = "inner"
+            st1.iterations = iters
+            lcp._info.update(control_iterations=cg_iters, rounds=rounds + 1, joint_iterations=0, hvps=hvps)
+            return phi, None, st1, None
+        u, stc, indefinite, res = lcp._cg_control(system, omega, lam, tb, phi, tol, lcp.inner_steps, scale_in, u0=u)
+        iters, hvps, cg_iters, rounds = iters + stc.iterations, hvps + 1 + stc.iterations, cg_iters + stc.iterations, \
+            rounds + 1
+    lcp._info.update(control_iterations=cg_iters, rounds=rounds, joint_iterations=0, hvps=hvps)
     if stc.diverged or indefinite or not stc.converged:
         stc.phase, stc.indefinite = "control", indefinite
-        stc.iterations += st1.iterations
-        lcp._info["hvps"] = hvps
+        stc.iterations = iters
         return phi, u, stc, None
+    if bool((res <= tols).all()):  # certified: the joint equilibrium to tol
+        stc.phase, stc.iterations, stc.residual = "control", iters, float(res.max())
+        return phi, u, stc, res
     a = info["a"]
     m = momentum_for(a, lcp._mu(lam))
     phi, u, st3, res = lcp._control_loop(system, omega, lam, tb, phi, a, m, a, m, scale_in, tol, lcp.inner_steps,
                                          u0=u)
+    # the joint loop evaluates its residual before each update: one product more than it has updates
     lcp._info.update(joint_iterations=st3.iterations, hvps=hvps + st3.iterations + 1)
     st3.phase = "control"
-    st3.iterations += st1.iterations + stc.iterations
+    st3.iterations += iters
     return phi, u, st3, res
+
+
+def _scaled(t, c):
+    return {k: c * v for k, v in t.items()}
 
 
 def _di_anderson(lcp, system, omega, lam, tb):
