@@ -204,3 +204,25 @@ def test_guard_leaves_contracting_solves_alone_and_checks_its_settings():
     z, st = solve(lambda z: (1.5 * (z[0] - 100.0) + 100.0,), (torch.full((2, 3), 100.0 + 1e-6, dtype=DT),),
                   tol=1e-12, max_iter=500, guard=DivergenceGuard(growth=None, rising=5))
     assert st.diverged and "rose at 5 consecutive checks" in st.reason and st.iterations < 500
+
+
+def test_auto_fallback_continues_only_the_unsettled_samples(monkeypatch):
+    """'auto' after the reduced iteration's half budget: on a batch-independent model only the samples that
+    have not converged go on (Anderson from their free equilibrium), with the batch's output-control strength;
+    the update is still the tight Euler one, as it is with the whole batch going on."""
+    torch.manual_seed(0)  # the chattering tiny ReLU conv-ff of test_supervised_solvers
+    model = build_model("conv-ff", in_shape=(2, 20, 20), num_classes=3, channels=(3, 4, 5), fc=(6, 5)).to(DT)
+    x, y = torch.randn(8, 2, 20, 20, dtype=DT), torch.randint(0, 3, (8,))  # 4 of 8 settle in the first half
+    gains = dict(alpha=0.1, k_i=0.1)
+    ref, _ = _update(model, "lcp-di", x, y, solver="euler", tol=1e-14, max_iter=50000, **gains)
+    monkeypatch.setattr("lcp_meta.supervised.di.resolve_control_solver", lambda *a: "reduced")
+    got, st = _update(model, "lcp-di", x, y, tol=1e-11, max_iter=1000, **gains)
+    assert st["converged"] and 500 < st["iterations"] <= 1000
+    assert st["mean_iterations"] < st["iterations"]  # not every sample went on
+    assert _rel(got, ref) < 1e-5
+    method = make_method("lcp-di", model, tol=1e-11, max_iter=1000, **gains)
+    method.control_options["active_set"] = False
+    model.zero_grad(set_to_none=True)
+    method.backward(x, y)
+    wide = torch.cat([p.grad.reshape(-1) for p in method.parameters()])
+    assert _rel(got, wide) < 1e-6

@@ -122,6 +122,10 @@ def _network(ctrl, method, system, target):
             z, stats = CONTROL_SOLVERS[name](prob)
             if fallback and not stats.converged and not stats.diverged:
                 prob.max_iter = method.max_iter - stats.iterations
+                if prob.active_set:  # only the samples that have not converged go on (see _unsettled_rows)
+                    z, stats, name = _unsettled_rows(method, prob, target, z, stats, name)
+                    method._check(stats, f"controlled dynamics ({name})")
+                    return z, stats
                 # (a choice of solver, not of acceptance: a fixed threshold, so that max_residual=inf, which
                 # only says "apply whatever state is reached", does not send far-off solves to Anderson)
                 if stats.residual <= min(method.max_residual, method.NEAR):
@@ -147,6 +151,46 @@ def _network(ctrl, method, system, target):
         method._check(stats, f"controlled dynamics ({name})")
         return z, stats
     return method._simulate(c, target, name)
+
+
+def _subproblem(prob, target, rows, method):
+    """The controlled-equilibrium problem of the samples ``rows`` of a batch-independent model: their drive and
+    targets, and the output controller of the whole batch (``beta`` scaled by the subset's share, so that the
+    batch-mean loss keeps the per-sample strength ``beta / B``)."""
+    b, n = prob.c.shape[0], rows.numel()
+    out = OutputControl(target.index_select(0, rows), method.model.num_classes, prob.c.dtype, method.loss,
+                        method.beta * n / b)
+    return dataclasses.replace(prob, c=prob.c.index_select(0, rows), out=out, start=None, active_set=True)
+
+
+def _unsettled_rows(method, prob, target, z, first, name):
+    """'auto' on a batch-independent model, after the reduced iteration's half of the budget: the same
+    continuation as for a coupled batch (Anderson from the free equilibrium when close to settling, else the
+    reduced iteration goes on), run on the samples that have not converged only; the others keep their state."""
+    rows = torch.nonzero(~(first.per_sample < method.tol))[:, 0].to(prob.c.device)
+    if rows.numel() == 0:  # (every sample below tol at the last look: nothing to continue)
+        return z, first, name
+    sub = _subproblem(prob, target, rows, method)
+    zr = tuple(t.index_select(0, rows) for t in z)
+    if first.residual <= min(method.max_residual, method.NEAR):  # (see _network)
+        zs, st = CONTROL_SOLVERS["warm-anderson"](sub)
+        name = f"{name}, then warm-anderson on {rows.numel()} samples"
+        if not st.converged and not st.diverged and st.residual > first.residual:
+            zs, st = zr, dataclasses.replace(st, residual=first.residual, per_sample=first.per_sample[rows.cpu()])
+            name = f"reduced, better than the warm-anderson retry on {rows.numel()} samples"
+    else:
+        v, y, e, _ = zr
+        sub.start = (v, e, y)
+        zs, st = CONTROL_SOLVERS[name](sub)
+    z = tuple(t.clone().index_copy_(0, rows, r) for t, r in zip(z, zs))
+    per_sample = first.per_sample.clone()
+    per_sample[rows.cpu()] = st.per_sample
+    b = prob.c.shape[0]
+    stats = dataclasses.replace(
+        st, iterations=first.iterations + st.iterations, residual=float(per_sample.max()), per_sample=per_sample,
+        mean_iterations=(first.mean_iterations or first.iterations) + (st.mean_iterations or st.iterations)
+        * rows.numel() / b)
+    return z, stats, name
 
 
 class KolenPollack(DynamicInversion):
