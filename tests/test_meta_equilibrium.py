@@ -290,3 +290,23 @@ def test_first_order_is_the_direct_controller():
     assert torch.equal(_grad(model), g_old)
     with pytest.raises(ValueError, match="cannot be combined with 'ebd'"):
         LCP(model, F.mse_loss, controller="ebd", first_order=True)
+
+
+def test_automatic_step_uses_the_spectral_radius_when_the_curvature_is_negative():
+    """Power iteration converges to the eigenvalue of largest magnitude; on a concave inner loss that is
+    negative, and the stable gradient step is bounded by its magnitude (dense eigenvalues), not by lam."""
+    model, tb = _problem(3, T=2)
+    concave = lambda pred, y: -F.mse_loss(pred, y)  # noqa: E731
+    lam = 0.05
+    m = IMAML(model, concave, lam=lam, power_iters=200)
+    system, params = m._system()
+    omega = {k: v.detach() for k, v in params.items()}
+    phi = {k: v.unsqueeze(0).expand(tb.num_tasks, *v.shape).clone() for k, v in omega.items()}
+    a, lmax = m._auto_step(system, phi, m.lam_tree(params), tb.x_support, tb.y_support)
+    loss = flat_loss(model, concave)
+    flat, _, _ = flatten_params(model)
+    for t in range(tb.num_tasks):
+        ev = torch.linalg.eigvalsh(hessian(lambda p: loss(p, tb.x_support[t], tb.y_support[t]), flat)) + lam
+        assert ev[0] < 0 and -ev[0] > ev[-1]  # the case: the dominant eigenvalue is negative
+        assert float(lmax[t]) == pytest.approx(float(ev.abs().max()), rel=1e-3)
+        assert float(a[t]) == pytest.approx(1 / (1.25 * float(ev.abs().max())), rel=1e-3)

@@ -281,7 +281,10 @@ class MetaMethod(GradientMethod, nn.Module):
         """(per-task step 1 / (SAFETY lam_max), lam_max) from a power-iteration estimate at ``phi``."""
         lmax = self._tmap(lambda p, x, y: power_iteration(system, p, lam, x, y, self.power_iters),
                           (0, 0, 0))(phi, xs, ys)
-        lmax = torch.nan_to_num(lmax, nan=float("inf")).clamp_min(self._mu(lam))
+        # power iteration finds the eigenvalue of largest MAGNITUDE: where Hess l_in has a negative curvature
+        # larger than its largest positive one (a BatchNorm conv net at its initialisation) the Rayleigh quotient
+        # is negative, and its magnitude, the spectral radius, is what bounds a stable gradient step
+        lmax = torch.nan_to_num(lmax, nan=float("inf")).abs().clamp_min(self._mu(lam))
         return 1.0 / (SAFETY * lmax), lmax
 
     def _relax(self, system: InnerProblem, omega: Tree, lam: Tree, xs, ys, phi0: Optional[Tree] = None,
@@ -307,7 +310,7 @@ class MetaMethod(GradientMethod, nn.Module):
         elif self.inner_lr is None:
             a, info["lmax"] = self._auto_step(system, phi0, lam, xs, ys)
             info["hvps"] = self.power_iters
-            m = momentum_for(a, mu)
+            m = torch.zeros_like(a)  # the adaptive relaxation's state: the momentum of the last step (none yet)
         else:
             a = torch.full((T,), self.inner_lr, dtype=ref.dtype, device=ref.device)
             m = torch.full((T,), self.momentum, dtype=ref.dtype, device=ref.device)

@@ -115,9 +115,10 @@ def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: f
 
     State per task: (phi, vel, phi_prev, e_prev, a, m, scale) [, c: a constant control added to the force,
     E - <c, phi>].  ``adaptive``: the step a came from an
-    eigenvalue estimate; the momentum is dropped when E rises or the velocity points uphill, the step is
-    multiplied by 0.7 whenever E rises, and a non-finite point is undone (step / 4), so a curvature
-    larger than estimated cannot make the run diverge.
+    eigenvalue estimate; the momentum is dropped when E rises or the velocity points uphill (``m`` in the
+    state is the momentum the last step used), the step is multiplied by 0.7 when a plain gradient step
+    raises E, and a non-finite point is undone (step / 4), so a curvature larger than estimated cannot make
+    the run diverge.
     Otherwise (a user's inner_lr, momentum m) it is the plain dynamics.  Residual:
     ``|grad E(phi)| / |grad E(phi_start)|`` (the force left, relative to the force at the start).
     """
@@ -140,16 +141,19 @@ def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: f
         res = safe_ratio(gn, scale)
         if adaptive:
             bad = ~(torch.isfinite(e) & torch.isfinite(gn))
-            rise = e > e_prev + rel * e_prev.abs()  # beyond round-off: the step overshot
+            rise = e > e_prev + rel * e_prev.abs()  # beyond round-off
             uphill = tree_dot(g, vel) > 0               # the momentum points uphill: restart it
-            # every rise also shortens the step a little: a curvature above the estimate (the Hessian grows
-            # along the path) cannot keep the run oscillating
-            a_new = torch.where(bad, 0.25 * a, torch.where(rise, 0.7 * a, a))
-            m_new = momentum_for(a_new, mu)
+            # m is the momentum the last step used (0: a plain gradient step).  A heavy-ball path may rise with a
+            # stable step: that only restarts the momentum.  A plain gradient step that rises overshot (a
+            # curvature above the estimate, the Hessian growing along the path): that also shortens the step, so
+            # the run cannot keep oscillating.  (Shrinking on every rise stalled the relaxation of a conv-4
+            # network: its step fell 1e8-fold over a few hundred momentum restarts.)
+            a_new = torch.where(bad, 0.25 * a, torch.where(rise & (m == 0), 0.7 * a, a))
             restart = bad | rise | uphill
+            m_new = torch.where(restart, torch.zeros_like(a_new), momentum_for(a_new, mu))
             res = torch.where(bad, torch.full_like(res, float(1e30)), res)  # a rejected point is not a solution
             g = {k: torch.where(bad, torch.zeros_like(g[k]), g[k]) for k in g}
-            vel_n = {k: torch.where(restart, torch.zeros_like(vel[k]), m_new * vel[k]) - a_new * g[k] for k in vel}
+            vel_n = {k: m_new * vel[k] - a_new * g[k] for k in vel}
             base = {k: torch.where(bad, phi_prev[k], phi[k]) for k in phi}  # non-finite: back to the last point
             phi_n = {k: base[k] + vel_n[k] for k in phi}
             return (phi_n, vel_n, base, torch.where(bad, e_prev, e), a_new, m_new, scale), res
