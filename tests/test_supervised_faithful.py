@@ -266,6 +266,45 @@ def test_kp_decay_before_batch_decays_implicit_decoder_and_feedback_not_encoder(
 
 
 # ------------------------------------------------------------------------------ the preset itself
+def test_paper_rbp_applies_a_grown_but_finite_adjoint_like_the_authors():
+    """Paper preset: RBP's adjoint runs its 200 iterations and the finite result is applied (the authors'
+    behaviour), where a guard refuses it once it has grown past its factor."""
+    torch.manual_seed(0)
+    model = build_model("rnn", in_shape=(4,), num_classes=3, hidden=6, recurrent_bias=True).to(torch.float64)
+    with torch.no_grad():  # spectral radius 1.05: 1.05^200 ~ 2e4, finite and far from settled
+        W = torch.randn(6, 6, dtype=torch.float64)
+        model.W.weight.copy_(W / torch.linalg.eigvals(W).abs().max() * 1.05)
+        model.U.weight.zero_()
+        model.U.bias.zero_()
+        model.W.bias.zero_()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    kw = preset_overrides("mnist", "rnn", "rbp", "paper")[0]
+    assert kw["guard_growth"] is None
+    paper = make_method("rbp", model, **kw)
+    st = paper.backward(x, y)
+    assert st["adjoint_iterations"] == 200 and not st["converged"]
+    grads = [p.grad.clone() for p in paper.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads)
+    strict = make_method("rbp", model, **{**kw, "guard_growth": 10.0})
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(DivergenceError, match="adjoint"):
+        strict.backward(x, y)
+    # what was applied is the grown adjoint's gradient (far larger than at a contracting W), not a refusal
+    assert float(max(g.abs().max() for g in grads)) > 10 * float(max(
+        g.abs().max() for g in _rbp_grads_settled(model, x, y)))
+
+
+def _rbp_grads_settled(model, x, y):
+    """RBP's gradient with W scaled into the contracting regime (a finite, settled reference scale)."""
+    import copy
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.W.weight.mul_(0.5 / 1.05)
+    method = make_method("rbp", m)
+    method.backward(x, y)
+    return [p.grad for p in method.parameters()]
+
+
 def test_paper_preset_settings_and_default_unchanged():
     assert preset_overrides("mnist", "rnn", "lcp-di", "default") == ({}, {}, {})
     meth, mod, ev = preset_overrides("mnist", "rnn", "lcp-ebd", "paper")
