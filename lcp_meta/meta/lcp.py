@@ -12,19 +12,27 @@ These formulas hold ONLY at the controlled equilibrium, so ``LCP`` runs its dyna
 ``|f(phi) + beta u| / |f(omega)|`` (inner) and ``|(Hess l_in + lam) u + grad l_out| / |grad l_out|``
 (control) are below ``tol`` and raises a DivergenceError otherwise.
 
-How the dynamic-inversion (DI) equilibrium is reached by default (``solver="auto"``), in two phases:
+How the dynamic-inversion (DI) equilibrium is reached by default (``solver="auto"``):
 
-1. relax the inner problem with gradients only (no Hessian-vector products), u = 0;
-2. run the DI controller jointly with the inner dynamics from (phi*, 0): ``phi += f(phi) + beta u``,
-   ``u += -(Hess l_in + lam) u - grad l_out`` (one HVP and one query gradient per step).  At finite beta
-   this is the exact controlled equilibrium (phi moves by O(beta)); nothing is linearised.
+1. relax the inner problem with gradients only (no Hessian-vector products), u = 0, heavy-ball steps with
+   the step ``a`` of a user's ``inner_lr`` or ``1 / (1.25 lam_max)`` from a power-iteration estimate and
+   momentum ``(1 - sqrt(a lam))^2``;
+2. the control at that phi, ``du/dt = -(Hess l_in + lam) u - grad l_out``, integrated by line-searched
+   heavy-ball steps (CG), from u = 0 until its residual meets ``control_tol`` (default ``tol``).  CG's
+   recursive residual is the control residual, and the inner residual at finite beta, ``|f(phi) + beta u|``,
+   needs f(phi) only, so the joint equilibrium is certified without another Hessian-vector product;
+3. where beta u moves the inner equilibrium by more than tol: rounds of relaxing phi under the constant
+   control beta u (gradients only, phi moves by O(beta)) and checking the control at the new phi (one
+   Hessian-vector product; CG continues from u only if it no longer meets its tolerance).  Should rounds not
+   settle, the joint DI dynamics ``phi += f(phi) + beta u``, ``u += -(Hess l_in + lam) u - grad l_out``
+   (heavy-ball with the step of 1) take over from there.  At finite beta this is the exact controlled
+   equilibrium; nothing is linearised.
 
-Both phases take heavy-ball steps with the step ``a`` of the inner relaxation (a user's ``inner_lr``, or
-``1 / (1.25 lam_max)`` from a power-iteration estimate) and momentum ``(1 - sqrt(a lam))^2``: the control's
-Jacobian is the inner dynamics' Jacobian at the equilibrium, so the control cannot diverge where the inner
-relaxation at that step converges (see :mod:`lcp_meta.meta.dynamics`).  The momentum changes the path
-in time, never the equilibrium.  ``solver="euler"`` is the single-phase simulation: the joint
-dynamics from (omega, 0) with Euler steps inner_lr / psi_lr, also stopped on the residuals.
+The control's Jacobian is the inner dynamics' Jacobian at the equilibrium, so the control cannot diverge
+where the inner relaxation at that step converges (see :mod:`lcp_meta.meta.dynamics`).
+``solver="heavy-ball"`` runs the joint DI dynamics from (phi*, 0) after step 1 instead of 2-3;
+``solver="euler"`` is the single-phase simulation: the joint dynamics from (omega, 0) with Euler steps
+inner_lr / psi_lr, also stopped on the residuals.
 
 ``LCP(..., truncated=True)`` (``make_method("lcp-truncated")``) is the former fixed-step controller:
 ``inner_steps`` joint Euler steps from (omega, 0), whatever the residual.  It computes something else than
