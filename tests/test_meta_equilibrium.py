@@ -310,3 +310,35 @@ def test_automatic_step_uses_the_spectral_radius_when_the_curvature_is_negative(
         assert ev[0] < 0 and -ev[0] > ev[-1]  # the case: the dominant eigenvalue is negative
         assert float(lmax[t]) == pytest.approx(float(ev.abs().max()), rel=1e-3)
         assert float(a[t]) == pytest.approx(1 / (1.25 * float(ev.abs().max())), rel=1e-3)
+
+
+def test_momentum_rises_restart_without_shrinking_the_step():
+    """On a quadratic inner problem (a linear model, squared loss) every plain gradient step with the automatic
+    step 1 / (1.25 lam_max) lowers E, so the energy rises of the heavy-ball path are momentum overshoots: they
+    restart the momentum and keep the step (shrinking on each of them stalled the conv-4 relaxation)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 1).double()
+    T, n = 2, 12
+    scale = torch.logspace(0, 1.5, 6, dtype=DT)  # an ill-conditioned design: many momentum rises
+    xs, xq = torch.randn(T, n, 6, dtype=DT) * scale, torch.randn(T, n, 6, dtype=DT) * scale
+    tb = TaskBatch(xs, xs.sum(-1, keepdim=True), xq, xq.sum(-1, keepdim=True))
+    m = IMAML(model, F.mse_loss, lam=0.1, tol=1e-8, power_iters=100, inner_steps=3000)
+    system, params = m._system()
+    omega = {k: v.detach() for k, v in params.items()}
+    lam = m.lam_tree(params)
+    phi, st, info = m._relax(system, omega, lam, tb.x_support, tb.y_support)
+    a0, _ = m._auto_step(system, {k: v.unsqueeze(0).expand(T, *v.shape) for k, v in omega.items()}, lam,
+                         tb.x_support, tb.y_support)
+    assert st.converged
+    torch.testing.assert_close(info["a"], a0)  # never shrunk
+    # the relaxed state is the minimiser of E (dense normal equations per task)
+    for t in range(T):
+        X = torch.cat([xs[t], torch.ones(n, 1, dtype=DT)], 1)
+        w0 = torch.cat([omega["weight"].reshape(-1), omega["bias"]])
+        A = 2 * X.T @ X / n + 0.1 * torch.eye(7, dtype=DT)
+        b = 2 * X.T @ tb.y_support[t].reshape(-1) / n + 0.1 * w0
+        w = torch.linalg.solve(A, b)
+        got = torch.cat([phi["weight"][t].reshape(-1), phi["bias"][t]])
+        # residual |A phi - b| <= tol |A w0 - b| (the force at omega), hence this distance to the minimiser
+        bound = 1e-8 * float((A @ w0 - b).norm()) / float(torch.linalg.eigvalsh(A)[0])
+        assert float((got - w).norm()) <= 1.01 * bound
