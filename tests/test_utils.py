@@ -148,3 +148,40 @@ def test_harness_run_folder_and_checkpoint(tmp_path):
         harness.load_run_checkpoint(out / "checkpoint.pt", ("step", "epoch"), "test")
     where = harness.provenance(torch.device("cpu"), ["prog", "--x"])
     assert where["command"] == "prog --x" and where["torch_version"] == torch.__version__ and where["world_size"] == 1
+
+
+def test_progress_writes_plain_lines_when_the_stream_is_not_a_terminal():
+    import io
+    from lcp_meta.utils.progress import PlainProgress, progress
+    buf = io.StringIO()  # not a terminal
+    bar = progress(total=4, desc="lcp meta-training", initial=1, file=buf, interval=0.0, leave=False)
+    assert isinstance(bar, PlainProgress)
+    bar.update(1)
+    bar.set_postfix(loss="0.52")
+    bar.update(2)
+    bar.close()
+    bar.close()  # closing twice prints nothing more
+    lines = buf.getvalue().splitlines()
+    assert "\r" not in buf.getvalue() and len(lines) == 3
+    assert lines[0].startswith("lcp meta-training: 2/4 (50%), 0:00 elapsed, ~0:00 left")
+    assert lines[1].startswith("lcp meta-training: 4/4 (100%)") and lines[1].endswith("loss=0.52")
+    assert "left" not in lines[1]
+    quiet = io.StringIO()  # lines are rate-limited: none between the start and the end within the interval
+    assert list(progress(range(3), desc="decode", file=quiet, interval=3600)) == [0, 1, 2]
+    assert quiet.getvalue().splitlines() == ["decode: 3/3 (100%), 0:00 elapsed"]
+
+
+def test_progress_is_a_tqdm_bar_on_a_terminal_and_silent_when_disabled():
+    import io
+    from tqdm.auto import tqdm
+    from lcp_meta.utils.progress import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    assert isinstance(progress(total=2, file=Terminal()), tqdm)
+    buf = io.StringIO()
+    bar = progress(total=2, file=buf, disable=True)
+    bar.update(2)
+    bar.close()
+    assert buf.getvalue() == ""

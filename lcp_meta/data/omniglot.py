@@ -134,7 +134,7 @@ def _character_members(zf: zipfile.ZipFile) -> Dict[str, List[zipfile.ZipInfo]]:
 
 
 def _decode_zips(paths: Sequence[Path], image_size: int, progress: bool) -> OmniglotClasses:
-    from tqdm.auto import tqdm
+    from ..utils.progress import progress as progress_bar
 
     seen: Dict[str, Tuple[Path, List[zipfile.ZipInfo]]] = {}
     zips = {p: _open_zip(p) for p in paths}
@@ -163,7 +163,7 @@ def _decode_zips(paths: Sequence[Path], image_size: int, progress: bool) -> Omni
                              f"found {sorted(counts)} ({', '.join(bad[:5])})")
         drawings = counts.pop()
         images = np.empty((len(names), drawings, image_size, image_size), dtype=np.uint8)
-        for c, key in enumerate(tqdm(names, desc="decoding Omniglot", disable=not progress, leave=False)):
+        for c, key in enumerate(progress_bar(names, desc="decoding Omniglot", disable=not progress, leave=False)):
             path, members = seen[key]
             for d, info in enumerate(members):
                 images[c, d] = _read_png(zips[path], path, info, image_size)

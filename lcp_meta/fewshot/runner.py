@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-from tqdm.auto import tqdm
+from ..utils.progress import progress as progress_bar
 
 from .. import distributed
 from ..core.method import grads_finite
@@ -142,7 +142,7 @@ def _evaluate(method, batches, score, desc: str, progress: bool, total: Optional
     """Per-task metric over the given batches; a batch whose adaptation diverges scores NaN (reported, so a
     diverging method shows as NaN in the table instead of stopping the comparison)."""
     values = []
-    for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
+    for batch in progress_bar(batches, desc=desc, total=total, disable=not progress, leave=False):
         try:
             values.append(score(_predict(method, batch), batch.y_query).cpu())
         except DivergenceError as exc:
@@ -250,7 +250,7 @@ class _MethodRun:
         log_every = cfg.log_every or max(1, cfg.meta_steps // 100)
         val_every = cfg.val_every or max(1, cfg.meta_steps // 10)
         stop = cfg.meta_steps if cfg.stop_after is None else min(cfg.meta_steps, self.step + cfg.stop_after)
-        bar = tqdm(total=cfg.meta_steps, initial=self.step, desc=f"{self.name} meta-training",
+        bar = progress_bar(total=cfg.meta_steps, initial=self.step, desc=f"{self.name} meta-training",
                    disable=not cfg.progress, dynamic_ncols=True)
         while self.step < stop:
             batch = self.source.train_batch(self.step)

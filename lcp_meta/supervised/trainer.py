@@ -365,13 +365,13 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
                                  "skipped": result["skipped_batches"], "partial": part,
                                  "config": dataclasses.asdict(cfg), "date_started": result["date_started"]}, ckpt_path)
 
-    from tqdm.auto import tqdm
+    from ..utils.progress import progress as progress_bar
     while epoch < trainer_hp["epochs"]:
         acc = partial or {"n": 0, "loss": 0.0, "iterations": 0.0, "residual": 0.0, "converged": 0,
                           "skipped": 0, "seconds": 0.0, "residuals": [], "settled": []}
         partial = {}
         t0 = time.perf_counter()
-        bar = tqdm(total=per_epoch, initial=start_batch, disable=not cfg.progress, leave=False,
+        bar = progress_bar(total=per_epoch, initial=start_batch, disable=not cfg.progress, leave=False,
                    desc=f"epoch {epoch + 1}/{trainer_hp['epochs']}", dynamic_ncols=True)
         batch = start_batch
         for x, y in loader.batches(epoch, start_batch):
