@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "reproduce_fewshot"))
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the tables from the run folders' results.json without running anything (e.g. "
+                        "after seeds ran as separate processes)")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
                                 out=str(Path(args.runs_dir) / tag / f"omniglot_{key}1shot" / f"seed{seed}"),
                                 resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
                                 **settings)
-            summary = run_fewshot(cfg)
+            summary = _saved_summary(cfg) if args.report_only else run_fewshot(cfg)
             if summary.get("message"):
                 print(summary["message"], file=sys.stderr)
             folder = Path(summary["out"]).resolve()
@@ -120,6 +123,23 @@ def main(argv=None) -> int:
     json_path.with_suffix(".md").write_text(render_markdown(results))
     print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     return 0
+
+
+def _saved_summary(cfg: FewShotConfig) -> dict:
+    """The summary ``run_fewshot`` wrote to ``<out>/results.json``, checked against the settings asked for."""
+    path = Path(cfg.out) / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"--report-only: no finished run in {cfg.out} (expected {path})")
+    summary = json.loads(path.read_text())
+    table = Path(cfg.out) / "results.md"
+    summary["table"] = table.read_text() if table.is_file() else None  # results.json leaves the table out
+    ran, asked = summary["config"], cfg.validate()
+    differ = [k for k in ("ways", "shots", "queries", "meta_steps", "meta_batch", "inner_steps", "inner_lr", "lam",
+                          "beta", "hidden", "test_episodes", "seed") if ran.get(k) != getattr(asked, k)]
+    if differ:
+        raise SystemExit(f"--report-only: the run in {cfg.out} used other settings ({', '.join(differ)}: "
+                         + ", ".join(f"{k}={ran.get(k)!r}" for k in differ) + "); pass the settings it ran with")
+    return summary
 
 
 def parse_overrides(items, template) -> dict:

@@ -179,6 +179,32 @@ def test_reproduce_fewshot_set_overrides_are_typed_and_checked():
             module.parse_overrides([bad], template)
 
 
+def test_reproduce_fewshot_report_only_reads_finished_runs_and_refuses_other_settings(tmp_path):
+    """--report-only rebuilds a table from a finished run folder (results.json + results.md) and refuses a run
+    that was made with other settings than the ones asked for."""
+    import importlib.util
+    from lcp_meta.fewshot import FewShotConfig
+    spec = importlib.util.spec_from_file_location(
+        "reproduce_fewshot", Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_fewshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    settings = dict(module.FULL["5way"], meta_batch=4)
+    cfg = FewShotConfig(task="omniglot", methods=("maml",), seed=1, out=str(tmp_path / "seed1"), **settings)
+    with pytest.raises(SystemExit, match="no finished run"):
+        module._saved_summary(cfg)
+    (tmp_path / "seed1").mkdir()
+    ran = {k: getattr(cfg.validate(), k) for k in ("ways", "shots", "queries", "meta_steps", "meta_batch",
+                                                  "inner_steps", "inner_lr", "lam", "beta", "hidden",
+                                                  "test_episodes", "seed")}
+    (tmp_path / "seed1" / "results.json").write_text(json.dumps({"config": ran, "results": [], "unfinished": []}))
+    (tmp_path / "seed1" / "results.md").write_text("| method |\n|---|\n| maml |\n")
+    assert module._saved_summary(cfg)["table"].startswith("| method |")
+    other = FewShotConfig(task="omniglot", methods=("maml",), seed=1, out=str(tmp_path / "seed1"),
+                          **dict(settings, meta_batch=8))
+    with pytest.raises(SystemExit, match=r"other settings \(meta_batch: meta_batch=4\)"):
+        module._saved_summary(other)
+
+
 def test_threads_option_is_restored_after_the_command(tmp_path):
     before = torch.get_num_threads()
     assert main(["fewshot", "--methods", "fomaml", "--meta-steps", "1", "--threads", "1", "--no-plots",
