@@ -22,8 +22,9 @@ __all__ = ["DEFAULT_METHODS", "SINUSOID_METHODS", "OMNIGLOT_METHODS", "TASKS", "
 
 # the default --methods of each task (TASKS[task]["methods"]).  Sinusoid (tanh learner): lcp at its controlled
 # equilibrium, which it reaches on every meta-step at lam 10 (benchmarks/results/tune_sinusoid_cpu.md).  Omniglot:
-# the conv-4 network's BatchNorm inner problem does not settle, so the truncated controller stands in for lcp
-# there, named as such and reported with its residuals (docs/results.md)
+# the conv-4 network's inner problem does not settle (ReLU / max-pool kinks: the residual plateaus at 0.05 / 0.14 /
+# 0.34 for lam 0.5 / 2 / 10, benchmarks/results/hypergrad_accuracy_conv4_cpu.md), so the truncated controller stands
+# in for lcp there, named as such and reported with its residuals (docs/results.md)
 SINUSOID_METHODS: Tuple[str, ...] = ("lcp", "imaml", "maml", "fomaml", "reptile", "cml")
 OMNIGLOT_METHODS: Tuple[str, ...] = ("lcp-truncated", "imaml", "maml", "fomaml", "reptile", "cml")
 DEFAULT_METHODS: Tuple[str, ...] = SINUSOID_METHODS  # the default task's list (kept for old imports)
