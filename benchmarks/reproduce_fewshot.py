@@ -179,7 +179,8 @@ def render_markdown(results) -> str:
                   f"{st['test_episodes']} fixed test episodes, {st['val_episodes']} validation episodes",
                   f"- budget (every method): {st['meta_steps']} meta-steps, meta-batch {st['meta_batch']}, outer "
                   f"Adam lr {st['outer_lr']}; inner {st['inner_steps']} steps of size {st['inner_lr']}; "
-                  f"lam {st['lam']} (lcp, imaml, cml; MAML/FOMAML/Reptile lam 0), beta {st['beta']} (lcp, cml)",
+                  f"shared lam {st['lam']} (proximal methods; MAML/FOMAML/Reptile lam 0), beta {st['beta']}; a "
+                  f"method's own settings (e.g. iMAML's published lam 2, 5 CG steps) are in the table's last column",
                   f"- seeds {entry['seeds']}; run folders: "
                   + ", ".join(run["run_folder"] for run in entry["runs"].values()),
                   "- CI: Student t over the per-seed means (df = seeds - 1); p: two-sided Wilcoxon signed-rank over "
