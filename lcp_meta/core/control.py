@@ -181,12 +181,10 @@ def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw:
     if budget < 1:  # the free phase used it all without settling: report that state, control not yet started
         y, u = out.solve(m.h(v0))
         return (v0, y, torch.zeros_like(v0), u), s0
-    active = inner == "euler" and p.active_set  # (only the map below takes the rows of the active samples)
-    if inner == "euler" and not math.isinf(out.beta):
-        # samples may be coupled (batch norm): stop together, unless the model says they are independent
-        inner_kw = {"active_set": True, **inner_kw} if active else {"freeze_converged": False, **inner_kw}
-    elif inner == "euler":
-        inner_kw = {"freeze_converged": False, **inner_kw}
+    if inner == "euler":  # samples may be coupled (batch norm): they stop together, unless the model says they
+        # are independent; only the finite-beta map below takes the rows of the active samples
+        own = {"active_set": True} if p.active_set and not math.isinf(out.beta) else {"freeze_converged": False}
+        inner_kw = {**own, **inner_kw}
     if math.isinf(out.beta):  # exact control: u = onehot - h(v) needs h before the step
         def step(z):
             v, e = z

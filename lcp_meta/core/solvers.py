@@ -107,10 +107,7 @@ def relative_change(z_new: Sequence[torch.Tensor], z_old: Sequence[torch.Tensor]
         num, den = torch.linalg.vector_norm(a - b, dim=1, dtype=f64), torch.linalg.vector_norm(a, dim=1, dtype=f64)
     else:  # one norm over the concatenated components: half the ops of a norm per component (small batches
         # of the active-set iteration are bound by the number of ops, not by their size)
-        n = z_new[0].shape[0]
-        diff = torch.cat([(a - b).reshape(n, -1) for a, b in zip(z_new, z_old)], 1)
-        num = torch.linalg.vector_norm(diff, dim=1, dtype=f64)
-        den = torch.linalg.vector_norm(torch.cat([a.reshape(n, -1) for a in z_new], 1), dim=1, dtype=f64)
+        num, den = _norms([a - b for a, b in zip(z_new, z_old)]), _norms(z_new)
     # a state whose norm overflows has diverged: report NaN, not 0 (= finite / inf)
     return torch.where(torch.isfinite(den), num / den.clamp_min(eps), math.nan)
 
@@ -208,11 +205,9 @@ def check_divergence(what: str, stats: Optional[SolverStats] = None, *, who: str
 
 
 def _norms(z: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-sample norm of a state over all its components (accumulated in float64)."""
-    sq = 0
-    for t in z:
-        sq = sq + torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=torch.float64).square()
-    return sq.sqrt()
+    """Per-sample norm of a state over all its components (in float64), one norm over their concatenation."""
+    n = z[0].shape[0]
+    return torch.linalg.vector_norm(torch.cat([t.reshape(n, -1) for t in z], 1), dim=1, dtype=torch.float64)
 
 
 class DivergenceGuard:
@@ -266,6 +261,18 @@ class DivergenceGuard:
         return f"its relative change rose at {self.rising} consecutive checks"
 
 
+def _guard_stops(guard: Optional[DivergenceGuard], it: int, stop: StopRule, z, rel, stats: SolverStats,
+                 rows: Optional[torch.Tensor] = None) -> bool:
+    """Consult ``guard`` after the first step and at the stop rule's checks; a diverging solve is marked in
+    ``stats`` (``diverged`` and ``reason``)."""
+    if guard is None or not (it == 1 or stop.due(it)):
+        return False
+    stats.reason = guard.check(it, z, rel, rows) or ""
+    if stats.reason:
+        stats.diverged = True
+    return bool(stats.reason)
+
+
 @register_solver("euler")
 def euler(step: StepFn, z0: State, stop: StopRule, freeze_converged: bool = True, active_set: bool = False,
           guard: Optional[DivergenceGuard] = None) -> Tuple[State, SolverStats]:
@@ -303,11 +310,8 @@ def euler(step: StepFn, z0: State, stop: StopRule, freeze_converged: bool = True
             done = done | stop.done(rel)
         if stop(it, rel, stats):
             break
-        if guard is not None and (it == 1 or stop.due(it)):
-            stats.reason = guard.check(it, z, rel) or ""
-            if stats.reason:
-                stats.diverged = True
-                break
+        if _guard_stops(guard, it, stop, z, rel, stats):
+            break
     stats.per_sample = rel.detach().cpu()
     stats.residual = float(stats.per_sample.max()) if stats.per_sample.numel() else 0.0
     return z, stats
@@ -333,11 +337,8 @@ def _euler_active(step, z0: State, stop: StopRule, guard: Optional[DivergenceGua
         za = zn
         if stop(it, rel_a, stats):  # converged: every sample still iterating is below tol (the others were)
             break
-        if guard is not None and (it == 1 or stop.due(it)):
-            stats.reason = guard.check(it, za, rel_a, rows) or ""
-            if stats.reason:
-                stats.diverged = True
-                break
+        if _guard_stops(guard, it, stop, za, rel_a, stats, rows):
+            break
         if stop.due(it):
             keep = ~stop.done(rel_a)
             if not bool(keep.all()):

@@ -58,16 +58,17 @@ class EquilibriumModel(nn.Module):
     def layered(self) -> bool:
         return self.depth > 0
 
+    # a subclass whose step maps never mix samples (the package's models) says so; batch norm in training mode
+    # (batch statistics) still couples them, which ``batch_independent`` checks at call time
+    samples_independent = False
+
     @property
     def batch_independent(self) -> bool:
         """True when no sample's dynamics depend on another sample of its batch, so that a converged sample may
-        leave the batch (active-set iteration).  False unless a subclass knows better: batch norm in training
-        mode (batch statistics) couples the samples."""
-        return False
-
-    def _no_batch_coupling(self) -> bool:
-        """No batch-norm layer in training mode (the only cross-sample coupling in the models of this package)."""
-        return not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training for mod in self.modules())
+        leave the batch (active-set iteration): the class declares ``samples_independent`` and no batch-norm
+        layer is in training mode.  False for any model that does not declare it."""
+        return self.samples_independent and not any(
+            isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training for mod in self.modules())
 
     # ---- what a subclass defines
     def encode(self, x: torch.Tensor) -> torch.Tensor:

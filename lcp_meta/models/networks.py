@@ -66,6 +66,8 @@ class LayeredEquilibrium(EquilibriumModel):
     closed form: ``s'(v_i) * (W_i^T e_{i+1})`` (a transposed convolution for conv maps).
     """
 
+    samples_independent = True  # its maps never mix samples (batch norm in training mode aside)
+
     def __init__(self, in_shape, num_classes: int, encoder: nn.Module, maps: Sequence[nn.Module],
                  readout: nn.Linear, activation: str):
         super().__init__()
@@ -92,11 +94,6 @@ class LayeredEquilibrium(EquilibriumModel):
 
     def _blocks(self, t: torch.Tensor):
         return [b.reshape(t.shape[0], *sh) for b, sh in zip(t.split(self.block_sizes, 1), self.block_shapes)]
-
-    @property
-    def batch_independent(self) -> bool:
-        """Samples are coupled only through batch norm in training mode (see EquilibriumModel)."""
-        return self._no_batch_coupling()
 
     def encode(self, x):
         b0 = self.encoder(x.reshape(x.shape[0], *self.in_shape)).flatten(1)
@@ -203,6 +200,7 @@ class RecurrentEquilibrium(EquilibriumModel):
     The LCP update is the local rule ``dW ∝ e* s(v*)^T``, ``dU ∝ e* x^T``, ``dD ∝ u* s(v*)^T``."""
 
     accepts_flat = True
+    samples_independent = True  # its maps never mix samples (batch norm in training mode aside)
 
     def __init__(self, in_shape, num_classes: int, hidden: int = 256, activation: str = "tanh",
                  recurrent_bias: bool = False):
@@ -216,11 +214,6 @@ class RecurrentEquilibrium(EquilibriumModel):
         self.readout = nn.Linear(hidden, num_classes)
         self.state_shape = (hidden,)
         self.depth = 0
-
-    @property
-    def batch_independent(self) -> bool:
-        """Samples are coupled only through batch norm in training mode (see EquilibriumModel)."""
-        return self._no_batch_coupling()
 
     def encode(self, x):
         return self.U(x.reshape(x.shape[0], -1))
@@ -279,6 +272,7 @@ class ConvDEQ(EquilibriumModel):
     """
 
     VARIANTS = ("tutorial", "authors")
+    samples_independent = True  # its maps never mix samples (batch norm in training mode aside)
 
     def __init__(self, in_shape, num_classes: int, channels: int = 48, inner: int = 64, groups: int = 8,
                  kernel: int = 3, pool: int = 8, variant: str = "tutorial"):
@@ -308,11 +302,6 @@ class ConvDEQ(EquilibriumModel):
         self.readout = nn.Linear(channels * (H // pool) * (W // pool), num_classes)
         self.state_shape = (channels, H, W)
         self.depth = 0
-
-    @property
-    def batch_independent(self) -> bool:
-        """Samples are coupled only through batch norm in training mode (see EquilibriumModel)."""
-        return self._no_batch_coupling()
 
     def encode(self, x):
         return self.enc_bn(self.enc_conv(x))

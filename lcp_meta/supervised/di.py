@@ -111,10 +111,8 @@ def _network(ctrl, method, system, target):
         out = OutputControl(target, method.model.num_classes, c.dtype, method.loss, method.beta)
         prob = ControlProblem(method.model, c, out, system.fb, method.tol, method.max_iter,
                               method.check_every or default_check_every(c.device), **method.control_options)
-        # independent samples (no batch norm in training mode) with the per-sample stop rule: a converged sample
-        # leaves the plain iteration (the same per-sample result, at the cost of the sum of per-sample counts)
         if "active_set" not in method.control_options:
-            prob.active_set = method.stop_rule == "per-sample" and method.model.batch_independent
+            prob.active_set = method.samples_leave
         fallback = method.solver == "auto" and name == "reduced" and method.max_iter >= 2
         if fallback:  # 'auto' keeps max_iter as its total budget: half for each attempt
             prob.max_iter = method.max_iter // 2

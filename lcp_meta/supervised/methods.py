@@ -146,6 +146,12 @@ class Method(GradientMethod):
         self._check(stats, what)
         return z, stats
 
+    @property
+    def samples_leave(self) -> bool:
+        """The per-sample stop rule on a batch-independent model: a converged sample may leave the plain
+        iteration (active set; the same per-sample result at the cost of the sum of per-sample counts)."""
+        return self.stop_rule == "per-sample" and self.model.batch_independent
+
     def _check(self, stats: SolverStats, what: str) -> None:
         check_divergence(what, stats, who=self.name, max_residual=self.max_residual)
 
@@ -208,7 +214,7 @@ class RecurrentBackprop(Method):
             c = m.encode(x)
         cd = c.detach()
         euler = self.solver == "euler"
-        active = euler and self.stop_rule == "per-sample" and m.batch_independent
+        active = euler and self.samples_leave
         kw = {"active_set": True} if active else {"freeze_converged": False} if euler else {}
 
         free_rows = RowCache(cd)
