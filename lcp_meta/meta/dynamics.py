@@ -28,7 +28,7 @@ from torch.func import grad_and_value
 
 from ..core.controllers import DI
 from ..core.solvers import SolverStats
-from ..core.tree import Tree, tree_dot, tree_norm
+from ..core.tree import Tree, tree_dot, tree_map, tree_norm, tree_zeros_like
 
 __all__ = ["iterate", "safe_ratio", "power_iteration", "momentum_for", "relax_map", "control_map", "cg_step",
            "cg_control", "SAFETY"]
@@ -230,8 +230,8 @@ def cg_control(tmap: Callable, system, lam: Tree, phi: Tree, g: Tree, xs, ys, to
     mapped = tmap(one, (0,) * 8)
     with torch.no_grad():
         if u0 is None:
-            u = {k: torch.zeros_like(v) for k, v in g.items()}
-            r = {k: -v for k, v in g.items()}  # the force on u at u = 0, no product with A needed
+            u = tree_zeros_like(g)
+            r = tree_map(torch.neg, g)  # the force on u at u = 0, no product with A needed
         else:
             u, r = dict(u0), dict(r0)
         p = dict(r)

@@ -56,7 +56,7 @@ from torch.func import grad
 
 from ..core.controllers import CONTROLLERS, DI, EBD, Direct, Leaky, make_controller
 from ..core.integrators import apply, heavy_ball
-from ..core.tree import tree_expand, tree_norm, tree_pack, tree_zeros_like
+from ..core.tree import tree_expand, tree_map, tree_norm, tree_pack, tree_zeros_like
 from .base import MetaGradient, MetaMethod, MetaStats, check_positive
 from .dynamics import cg_control, control_map, iterate, momentum_for, safe_ratio
 
@@ -226,7 +226,7 @@ class LCP(MetaMethod):
                 g, f, r0 = self._tmap(restart, (0,) * 6)(phi, u0, xs, ys, tb.x_query, tb.y_query)
         u, st, res_u, flagged = cg_control(self._tmap, system, lam, phi, g, xs, ys, tols[0], steps, u0, r0)
         with torch.no_grad():
-            res_in = safe_ratio(tree_norm({k: f[k] + self.beta * u[k] for k in f}, batched=True), scale_in)
+            res_in = safe_ratio(tree_norm(tree_map(lambda fk, uk: fk + self.beta * uk, f, u), batched=True), scale_in)
         return u, st, st.stuck, torch.stack([res_u, res_in.to(torch.float64)], 1)
 
     def _joint(self, system, omega, lam, tb, control, name, a_phi, a_u):
@@ -371,7 +371,8 @@ def _di_rounds(lcp, system, omega, lam, tb, tol):
     iters, hvps, cg_iters, rounds = st1.iterations + stc.iterations, info["hvps"] + stc.iterations, stc.iterations, 0
     tols = torch.tensor(tol, dtype=res.dtype, device=res.device)
     while not (stc.diverged or indefinite or not stc.converged) and not bool((res <= tols).all()) and rounds < ROUNDS:
-        phi, st1, _ = lcp._relax(system, omega, lam, tb.x_support, tb.y_support, phi0=phi, shift=_scaled(u, lcp.beta),
+        phi, st1, _ = lcp._relax(system, omega, lam, tb.x_support, tb.y_support, phi0=phi,
+                                 shift=tree_map(lambda t: lcp.beta * t, u),
                                  scale=scale_in, reuse=info)
         iters += st1.iterations
         if st1.diverged or not st1.converged:
@@ -399,10 +400,6 @@ def _di_rounds(lcp, system, omega, lam, tb, tol):
     st3.phase = "control"
     st3.iterations += iters
     return phi, u, st3, res
-
-
-def _scaled(t, c):
-    return {k: c * v for k, v in t.items()}
 
 
 def _di_anderson(lcp, system, omega, lam, tb):
