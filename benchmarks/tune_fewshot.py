@@ -214,6 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--tune-seed", type=int, default=100, help="seed of the tuning runs (validation episodes)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the final runs on the test episodes")
     p.add_argument("--meta-steps", type=int, help="meta-steps of every run (default: the task's)")
+    p.add_argument("--meta-batch", type=int, help="tasks per meta-step of every run (default: the task's)")
     p.add_argument("--test-episodes", type=int, help="test episodes per seed (default: the task's)")
     p.add_argument("--val-episodes", type=int, help="validation episodes (default: the task's)")
     p.add_argument("--trial-seconds", type=float, help="stop a trial that runs longer (scores worst)")
@@ -236,7 +237,8 @@ def main(argv=None) -> int:
     if args.trials < 1:
         p.error(f"--trials must be >= 1, got {args.trials}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    base = {k: v for k, v in dict(meta_steps=args.meta_steps, test_episodes=args.test_episodes,
+    base = {k: v for k, v in dict(meta_steps=args.meta_steps, meta_batch=args.meta_batch,
+                                  test_episodes=args.test_episodes,
                                   val_episodes=args.val_episodes, ways=args.ways, data_root=args.data_root,
                                   device=args.device).items() if v is not None}
     resolved = FewShotConfig(task=args.task, **base).resolved()
