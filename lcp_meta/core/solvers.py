@@ -36,6 +36,8 @@ __all__ = [
     "relative_change",
     "DivergenceGuard",
     "RowCache",
+    "StallRescue",
+    "newton_rows",
 ]
 
 
@@ -53,6 +55,8 @@ class SolverStats:
     mean_iterations: the mean over samples of the step-map evaluations each sample took (set by the active-set
                 iteration, whose cost is their sum; ``iterations`` is then the maximum over samples).
     reason:     why a solve was stopped as diverged when the state is still finite (the divergence guard).
+    extra:      further scalar statistics a caller adds (e.g. LCP-DI's per-sample Newton counts), reported by
+                :meth:`as_dict` with the rest.
     """
 
     iterations: int
@@ -63,6 +67,7 @@ class SolverStats:
     fixed: bool = False
     mean_iterations: Optional[float] = None
     reason: str = ""
+    extra: Optional[dict] = None
 
     def as_dict(self) -> dict:
         out = {
@@ -73,6 +78,7 @@ class SolverStats:
         }
         if self.mean_iterations is not None:
             out["mean_iterations"] = self.mean_iterations
+        out.update(self.extra or {})
         return out
 
 
@@ -275,7 +281,7 @@ def _guard_stops(guard: Optional[DivergenceGuard], it: int, stop: StopRule, z, r
 
 @register_solver("euler")
 def euler(step: StepFn, z0: State, stop: StopRule, freeze_converged: bool = True, active_set: bool = False,
-          guard: Optional[DivergenceGuard] = None) -> Tuple[State, SolverStats]:
+          guard: Optional[DivergenceGuard] = None, rescue: Optional["StallRescue"] = None) -> Tuple[State, SolverStats]:
     """Plain iteration of the step map (forward Euler on the dynamics).
 
     With ``freeze_converged`` a sample whose relative change fell below ``tol`` keeps its state while
@@ -289,9 +295,14 @@ def euler(step: StepFn, z0: State, stop: StopRule, freeze_converged: bool = True
     ``stats.iterations`` is the slowest sample's count and ``stats.mean_iterations`` the mean.
 
     ``guard``: a :class:`DivergenceGuard` that ends the solve as diverged once it is growing.
+
+    ``rescue`` (with ``active_set`` only): a :class:`StallRescue` that is handed the samples whose relative change
+    stopped falling; the samples it solves go on from its state, the others exactly as without it.
     """
+    if rescue is not None and not active_set:
+        raise ValueError("euler: a stall rescue needs active_set=True (it replaces single samples' states)")
     if active_set:
-        return _euler_active(step, z0, stop, guard)
+        return _euler_active(step, z0, stop, guard, rescue)
     z = tuple(z0)
     done = torch.zeros(z[0].shape[0], dtype=torch.bool, device=z[0].device)
     rel = torch.full((z[0].shape[0],), math.inf, dtype=torch.float64, device=z[0].device)
@@ -317,7 +328,8 @@ def euler(step: StepFn, z0: State, stop: StopRule, freeze_converged: bool = True
     return z, stats
 
 
-def _euler_active(step, z0: State, stop: StopRule, guard: Optional[DivergenceGuard]) -> Tuple[State, SolverStats]:
+def _euler_active(step, z0: State, stop: StopRule, guard: Optional[DivergenceGuard],
+                  rescue: Optional["StallRescue"] = None) -> Tuple[State, SolverStats]:
     """:func:`euler` with ``active_set``: iterate the compacted state of the samples still iterating; a sample's
     state is written back into the batch when it leaves (and the rest at the end), so that an iteration costs
     the step map on the active rows and nothing else."""
@@ -331,6 +343,8 @@ def _euler_active(step, z0: State, stop: StopRule, guard: Optional[DivergenceGua
     stats = stop.new_stats()
     if guard is not None:
         guard.start(z)
+    if rescue is not None:
+        rescue.start(b, dev)
     for it in range(1, stop.max_iter + 1):
         zn = tuple(step(za, rows))
         rel_a = relative_change(zn, za)
@@ -351,6 +365,8 @@ def _euler_active(step, z0: State, stop: StopRule, guard: Optional[DivergenceGua
                 rel.index_copy_(0, left, rel_a[~keep])
                 count.index_fill_(0, left, it)
                 rows, za, rel_a = idx[keep], tuple(t[keep] for t in za), rel_a[keep]
+            if rescue is not None and rescue.next_look <= it < stop.max_iter:
+                za = rescue.look(step, za, rel_a, torch.arange(b, device=dev) if rows is None else rows, it)
     if rows is None:
         z, rel = za, rel_a
     else:
@@ -362,6 +378,134 @@ def _euler_active(step, z0: State, stop: StopRule, guard: Optional[DivergenceGua
     stats.per_sample = rel.detach().cpu()
     stats.residual = float(stats.per_sample.max()) if stats.per_sample.numel() else 0.0
     return z, stats
+
+
+class StallRescue:
+    """Hands the samples of an active-set Euler iteration that stopped settling to another solver.
+
+    A sample *stalls* when its relative change has not fallen by ``factor`` over the last ``window`` iterations,
+    looked at every ``window`` iterations from ``min_iter`` on (at the stop rule's checks).  Each stalled sample
+    is handed once to ``solve(step, z, rows) -> (z_new, ok)``: ``z`` the stalled samples' states, ``rows`` their
+    indices in the batch (for ``step(z, rows)``), ``ok`` which of them it solved; a solved sample goes on from
+    ``z_new`` (the Euler iteration then tests the step map there, so the stop rule is unchanged), the others
+    from their own state, as without a rescue.  ``handed``: how many samples were handed over."""
+
+    def __init__(self, solve: Callable, window: int = 50, min_iter: int = 50, factor: float = 0.5):
+        for key, val in (("window", window), ("min_iter", min_iter)):
+            if int(val) != val or val < 1:
+                raise ValueError(f"StallRescue {key} must be an integer >= 1, got {val!r}")
+        if not 0 < factor < 1:
+            raise ValueError(f"StallRescue factor must be in (0, 1), got {factor!r}")
+        self.solve, self.window, self.min_iter, self.factor = solve, int(window), int(min_iter), float(factor)
+        self.handed = 0
+
+    def start(self, b: int, device) -> None:
+        """A new solve of a batch of ``b`` samples."""
+        self.next_look = self.min_iter
+        self.ref = torch.full((b,), math.inf, dtype=torch.float64, device=device)  # relative change at the last look
+        self.tried = torch.zeros(b, dtype=torch.bool, device=device)  # handed over once already
+
+    def look(self, step, za: State, rel_a: torch.Tensor, idx: torch.Tensor, it: int) -> State:
+        """At iteration ``it``: the state ``za`` of the active samples ``idx`` (indices in the batch), with the
+        stalled ones' replaced where solved."""
+        self.next_look = it + self.window
+        stalled = (rel_a > self.factor * self.ref[idx]) & ~self.tried[idx]  # (first look: ref inf, none stall)
+        self.ref[idx] = rel_a
+        if not bool(stalled.any()):  # one host synchronisation per look
+            return za
+        sel = torch.nonzero(stalled)[:, 0]
+        self.tried[idx[sel]] = True
+        self.handed += sel.numel()
+        new, ok = self.solve(step, tuple(t[sel] for t in za), idx[sel])
+        if not bool(ok.any()):
+            return za
+        where = sel[ok]  # out of place: the step map's outputs are not ours to write into
+        return tuple(t.index_copy(0, where, n[ok].to(t.dtype)) for t, n in zip(za, new))
+
+
+def newton_rows(residual: Callable, x0: torch.Tensor, consts: Sequence[torch.Tensor] = (),
+                accept: Optional[Callable] = None, max_jacobians: int = 10, max_steps: Optional[int] = None,
+                halvings: int = 6, stall: int = 3, c1: float = 1e-4) -> Tuple[torch.Tensor, torch.Tensor, dict]:
+    """Newton's method on ``residual(x, *consts) = 0`` for every row of ``x`` (rows independent, ``x`` of shape
+    (n, d), ``consts`` per-row tensors), each row with its own dense d x d Jacobian (forward mode,
+    ``torch.func.jacfwd`` vmapped over the rows) and its own backtracking line search on ``|residual|``.
+
+    The Jacobian is the cost (d forward-mode passes against one for a residual), so a row keeps its LU factors
+    while a full step with them at least halves ``|residual|`` (the chord method, which near a root converges
+    nearly as fast), and gets a fresh Jacobian otherwise.  ``accept(x, rows) -> bool per row`` decides when a row
+    is solved (the caller's own stop rule; default: ``|residual| == 0``); it is consulted before every step.  A
+    row fails when, with a fresh Jacobian, it is singular or ``halvings`` halvings give no sufficient decrease,
+    when ``|residual|`` did not halve over its last ``stall`` Jacobians (no root in reach: e.g. a local minimum
+    of ``|residual|`` at a singular Jacobian), or after ``max_jacobians`` Jacobians or ``max_steps`` steps
+    (default ``4 max_jacobians``); it keeps its last iterate.  Returns ``(x, ok, counts)``: ``ok`` per row,
+    ``counts`` the total ``steps`` and ``jacobians`` over the rows."""
+    n, dev = x0.shape[0], x0.device
+    max_steps = 4 * max_jacobians if max_steps is None else max_steps
+    x = x0.clone()
+    ok = torch.zeros(n, dtype=torch.bool, device=dev)
+
+    def one(xr, *cr):  # a single row, for the Jacobian
+        return residual(xr[None], *(c[None] for c in cr))[0]
+
+    jac = torch.func.vmap(torch.func.jacfwd(one), in_dims=(0,) + (0,) * len(consts))
+    f = residual(x, *consts)
+    norm = torch.linalg.vector_norm(f, dim=1).double()
+    at_jac = torch.full((n, max_jacobians + 1), math.nan, dtype=torch.float64, device=dev)  # |r| at each Jacobian
+    jacs = torch.zeros(n, dtype=torch.long, device=dev)
+    lu = x.new_zeros(n, x.shape[1], x.shape[1])
+    piv = torch.zeros(n, x.shape[1], dtype=torch.int32, device=dev)
+    fresh = torch.ones(n, dtype=torch.bool, device=dev)  # the next step needs a new Jacobian
+    usable = torch.ones(n, dtype=torch.bool, device=dev)
+    live, steps = torch.arange(n, device=dev), 0
+    for k in range(max_steps + 1):
+        if live.numel() == 0:
+            break
+        done = accept(x[live], live) if accept is not None else norm[live] == 0
+        ok[live[done]] = True
+        live = live[~done]
+        if k == max_steps or live.numel() == 0:
+            break
+        new = live[fresh[live]]
+        if new.numel():
+            if bool((jacs[new] >= max_jacobians).any()):  # out of Jacobians: those rows stop here
+                live = live[~(fresh[live] & (jacs[live] >= max_jacobians))]
+                new = live[fresh[live]]
+        if new.numel():
+            f_lu, p_lu, info = torch.linalg.lu_factor_ex(jac(x[new], *(c[new] for c in consts)))
+            lu[new], piv[new] = f_lu, p_lu
+            usable[new] = info == 0
+            at_jac[new, jacs[new]] = norm[new]
+            jacs[new] += 1
+            # no halving of |r| over the last `stall` Jacobians: give up on the row
+            back = jacs[new] - 1 - stall
+            far = torch.where(back >= 0, at_jac[new, back.clamp_min(0)], math.inf)
+            live = live[~torch.isin(live, new[norm[new] > 0.5 * far])]
+            if live.numel() == 0:
+                break
+        cl = tuple(c[live] for c in consts)
+        dx = torch.linalg.lu_solve(lu[live], piv[live], -f[live][..., None])[..., 0]
+        use = usable[live] & torch.isfinite(dx).all(1)
+        dx = torch.where(use[:, None], dx, 0)
+        f0 = norm[live]
+        t = torch.ones(live.numel(), dtype=x.dtype, device=dev)
+        for j in range(halvings + 1):
+            xn = x[live] + t[:, None] * dx
+            fn = residual(xn, *cl)
+            nn = torch.linalg.vector_norm(fn, dim=1).double()
+            good = use & (nn <= (1 - c1 * t.double()) * f0)  # (NaN compares False)
+            if bool((good | ~use).all()) or j == halvings or not bool(fresh[live].all()):
+                break  # (a chord step is tried at full length only: a fresh Jacobian is cheaper than halvings)
+            t = torch.where(good, t, t / 2)
+        steps += live.numel()
+        moved = live[good]
+        x[moved], f[moved], norm[moved] = xn[good], fn[good], nn[good]
+        stale_failed = ~good & ~fresh[live]
+        failed = ~good & fresh[live]
+        # keep the factors after a full step that at least halved |r|; else a fresh Jacobian next time
+        fresh[live] = ~(good & (t == 1) & (nn <= 0.5 * f0))
+        fresh[live[stale_failed]] = True
+        live = live[~failed]
+    return x, ok, {"steps": steps, "jacobians": int(jacs.sum())}
 
 
 class RowCache:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..core.control import CONTROL_SOLVERS, ControlProblem, OutputControl, resolve_control_solver
 from ..core.controllers import DI, KP, OutputController, OutputGain
-from ..core.solvers import SOLVERS
+from ..core.solvers import SOLVERS, StallRescue, newton_rows, relative_change
 from ..core.system import NetworkSystem, default_check_every, local_update, loss_grad_fn, output_loss_grad
 from .methods import Method, check_finite
 
@@ -36,16 +37,46 @@ class DynamicInversion(Method):
     """LCP-DI.  ``alpha`` leak of the integral controller, ``k_i`` integral gain, ``k_p`` proportional
     gain, ``dt`` Euler step (spec defaults: 0.1, 1, 0, 1; stop at relative change 1e-6 or 800 steps).
     ``solver``: 'auto' (default: the fastest exact solver, see ``core/control.py``), 'sweep' (layered nets),
-    'warm-anderson', or 'euler' / 'anderson' on the joint dynamics (``dt`` matters only for these)."""
+    'warm-anderson', or 'euler' / 'anderson' on the joint dynamics (``dt`` matters only for these).
+
+    ``newton``: 'auto' (default) hands the samples whose reduced iteration stops settling to per-sample Newton
+    on the same fixed-point equations (:class:`StragglerNewton`), where that applies: the reduced iteration with
+    the per-sample stop on a batch-independent model (not the batch-wide stop of the ``paper`` preset, nor the
+    Euler simulation) and a state of at most ``NEWTON_MAX_STATE`` numbers per sample; 'off' never.
+    ``newton_options``: ``window``, ``min_iter`` (the stall test, see :class:`~lcp_meta.core.solvers.StallRescue`),
+    ``max_iter`` (Jacobians per sample, see :func:`~lcp_meta.core.solvers.newton_rows`), ``reach`` (largest
+    relative distance from the handed state to an accepted root; default no limit) and ``stability`` (also report
+    the spectral radius of the reduced map's Jacobian at each Newton solution: a dense eigenvalue problem per
+    sample, for diagnostics).  Statistics: ``newton_samples`` handed over, ``newton_solved``, ``newton_iterations``
+    (steps) and ``newton_jacobians`` (the cost), ``newton_too_far``, ``newton_max_move``; with ``stability``
+    ``newton_unstable`` (roots the reduced iteration leaves) and ``newton_max_rho``."""
 
     name = "lcp-di"
     controller = "di"  # the registered controller whose field the joint dynamics integrate
     k_i, k_p, alpha = OutputGain(), OutputGain(), OutputGain()  # the output controller's gains (one copy)
     NEAR = 1e-2  # 'auto': a stalled reduced solve this close to settling is finished by warm-anderson
+    # Newton on a stalled sample: a dense (n + classes)^2 Jacobian per sample; the rnn's 256 + 10 costs ~10 ms a
+    # step on one CPU thread, against ~0.15 ms per reduced step of one sample (bound by op count)
+    NEWTON_MAX_STATE = 2048
+    # stall test: a sample whose relative change has not halved in 50 steps from step 50 on.  On the MNIST rnn the
+    # samples that settle do so in 25-200 steps, halving their change every few steps; the stragglers (from ~8
+    # Adam steps on) chatter at 1e-2..1e-1 or creep at a rate of ~0.99 a step (benchmarks/results/rnn_newton_cpu.md)
+    NEWTON = {"window": 50, "min_iter": 50, "max_iter": 10, "stability": False, "reach": math.inf}
 
     def __init__(self, model, alpha: float = 0.1, k_i: float = 1.0, k_p: float = 0.0, dt: float = 1.0,
-                 loss: str = "ce", solver: str = "auto", **kw):
+                 loss: str = "ce", solver: str = "auto", newton: str = "auto", newton_options: Optional[dict] = None,
+                 **kw):
         super().__init__(model, loss=loss, solver=solver, **kw)
+        if newton not in ("auto", "off"):
+            raise ValueError(f"{self.name}: newton must be 'auto' or 'off', got {newton!r}")
+        unknown = set(newton_options or {}) - set(self.NEWTON)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown newton_options {sorted(unknown)}; expected keys of {sorted(self.NEWTON)}")
+        self.newton, self.newton_options = newton, {**self.NEWTON, **(newton_options or {})}
+        StallRescue(None, self.newton_options["window"], self.newton_options["min_iter"])  # (validates now)
+        if int(self.newton_options["max_iter"]) != self.newton_options["max_iter"] or self.newton_options["max_iter"] < 1:
+            raise ValueError(f"{self.name}: newton_options max_iter must be an integer >= 1, "
+                             f"got {self.newton_options['max_iter']!r}")
         for key, val in (("alpha", alpha), ("k_i", k_i), ("k_p", k_p), ("dt", dt)):
             check_finite(self.name, key, val)
         if alpha < 0 or k_i < 0 or k_p < 0 or not 0 < dt <= 1:
@@ -116,12 +147,16 @@ def _network(ctrl, method, system, target):
         fallback = method.solver == "auto" and name == "reduced" and method.max_iter >= 2
         if fallback:  # 'auto' keeps max_iter as its total budget: half for each attempt
             prob.max_iter = method.max_iter // 2
+        newton = _newton_for(method, prob, name)
         with torch.no_grad():
             z, stats = CONTROL_SOLVERS[name](prob)
+            if newton is not None:  # what follows runs as without it (the samples it failed on were tried once)
+                prob.inner_kw = {k: v for k, v in prob.inner_kw.items() if k != "rescue"}
             if fallback and not stats.converged and not stats.diverged:
                 prob.max_iter = method.max_iter - stats.iterations
                 if prob.active_set:  # only the samples that have not converged go on (see _unsettled_rows)
                     z, stats, name = _unsettled_rows(method, prob, target, z, stats, name)
+                    _report_newton(stats, newton)
                     method._check(stats, f"controlled dynamics ({name})")
                     return z, stats
                 # (a choice of solver, not of acceptance: a fixed threshold, so that max_residual=inf, which
@@ -146,9 +181,129 @@ def _network(ctrl, method, system, target):
                 stats.iterations += first.iterations
                 if stats.mean_iterations is not None:
                     stats.mean_iterations += first.mean_iterations or first.iterations
+        _report_newton(stats, newton)
         method._check(stats, f"controlled dynamics ({name})")
         return z, stats
     return method._simulate(c, target, name)
+
+
+def _newton_for(method, prob, name):
+    """The per-sample Newton of ``method.newton='auto'`` (None where it does not apply), set as the rescue of
+    the reduced iteration's stalled samples in ``prob``."""
+    if (method.newton == "off" or name != "reduced" or prob.inner != "euler" or not prob.active_set
+            or math.isinf(prob.out.beta) or math.prod(prob.c.shape[1:]) > method.NEWTON_MAX_STATE):
+        return None
+    opts = method.newton_options
+    newton = StragglerNewton(prob, int(opts["max_iter"]), bool(opts["stability"]), float(opts["reach"]))
+    prob.inner_kw = {**(prob.inner_kw or {}), "rescue": StallRescue(newton, opts["window"], opts["min_iter"])}
+    return newton
+
+
+def _report_newton(stats, newton):
+    if newton is not None:
+        stats.extra = {**(stats.extra or {}), **newton.report()}
+
+
+class StragglerNewton:
+    """Per-sample Newton for the samples the reduced iteration does not settle (issue 9).
+
+    On the MNIST rnn, after a few Adam steps one or two samples per batch chatter (relative change 1e-2..1e-1)
+    or creep (rate ~0.99 per step) under the reduced iteration, and alone they ran to the 800-step cap.  Their
+    fixed point, where it exists, is found here by Newton's method on the same equations, in the unknowns
+    ``x = (v, y)`` of one sample (``e = v - g(c, v)`` is eliminated)::
+
+        r_v = e - J_g(v)^T e - J_h(v)^T u(y),     r_y = y - h(v) - u(y),     u(y) = -beta/B grad_y l_i(y)
+
+    with the dense (n + classes)^2 Jacobian by forward mode (``torch.func.jacfwd``, vmapped over the stalled
+    samples; ``fb`` the KP feedback weights).  A sample counts as solved only where the reduced map itself
+    (``step``) moves it by less than half the tolerance: the stop rule is Euler's.  Where the Jacobian turns
+    singular without a root (a local minimum of ``|r|``: the chattering samples without a nearby fixed point),
+    Newton gives up after a few steps and the sample goes on as without it."""
+
+    def __init__(self, prob, max_iter: int = 10, stability: bool = False, reach: float = math.inf):
+        self.model, self.c, self.fb, self.tol = prob.model, prob.c, prob.fb, prob.tol
+        self.onehot, self.ce = prob.out.onehot, prob.out.loss == "ce"
+        self.b = prob.out.beta / prob.c.shape[0]  # the reduced map's per-sample strength (batch-mean loss)
+        self.max_iter, self.stability, self.reach = max_iter, stability, reach
+        self.handed = self.solved = self.iterations = self.jacobians = self.far = 0
+        self.moves = []  # relative distance |x* - x0| / |x0| of each root found from the handed state
+        self.rho = []  # spectral radius of the reduced map's Jacobian at each solution (with ``stability``)
+
+    def _u(self, y, oh):
+        return -self.b * ((torch.softmax(y, -1) if self.ce else y) - oh)
+
+    def _split(self, x):
+        n = math.prod(self.c.shape[1:])
+        return x[:, :n].reshape(-1, *self.c.shape[1:]), x[:, n:]
+
+    def residual(self, x, c, oh):
+        m, fb = self.model, self.fb
+        v, y = self._split(x)
+        e = v - m.g(c, v)
+        u = self._u(y, oh)
+        r_v = e - m.g_vjp(c, v, e, fb) - m.h_vjp(v, u, fb)
+        return torch.cat([r_v.reshape(x.shape[0], -1), y - m.h(v) - u], 1)
+
+    def state(self, x, c):
+        """The reduced map's state ``(v, e, y)`` at ``x``."""
+        v, y = self._split(x)
+        return v, v - self.model.g(c, v), y
+
+    def __call__(self, step, z, rows):
+        v, _, y = z
+        c, oh = self.c.index_select(0, rows), self.onehot.index_select(0, rows)
+
+        def accept(x, live):  # the Euler stop rule, with a margin: the next Euler step must stop there too
+            zl = self.state(x, c[live])
+            return relative_change(tuple(step(zl, rows[live])), zl) < 0.5 * self.tol
+
+        x0 = torch.cat([v.reshape(v.shape[0], -1), y], 1)
+        x, ok, counts = newton_rows(self.residual, x0, (c, oh), accept=accept, max_jacobians=self.max_iter)
+        move = (torch.linalg.vector_norm(x - x0, dim=1) / torch.linalg.vector_norm(x0, dim=1).clamp_min(1e-30)).double()
+        self.moves += move[ok].tolist()
+        # several equilibria can exist (strong control): a root farther than `reach` (relative) from where the
+        # iteration was may be another one than the iteration would settle to; such samples are left to it.  Off by
+        # default: on the MNIST rnn the roots of the stragglers lie up to 0.36 away (chatter of that amplitude),
+        # as far as a wrong root of a sample handed over at step 3 in the tests; the stall test itself (no halving
+        # over 50 steps, from step 100 on) is what keeps samples that are still settling away from Newton
+        far = ok & ~(move <= self.reach)
+        self.far += int(far.sum())
+        ok = ok & ~far
+        self.handed += rows.numel()
+        self.solved += int(ok.sum())
+        self.iterations += counts["steps"]
+        self.jacobians += counts["jacobians"]
+        znew = self.state(x, c)
+        if self.stability:
+            for i in torch.nonzero(ok)[:, 0].tolist():
+                self.rho.append(_spectral_radius(step, tuple(t[i:i + 1] for t in znew), rows[i:i + 1]))
+        return znew, ok
+
+    def report(self) -> dict:
+        out = {"newton_samples": self.handed, "newton_solved": self.solved, "newton_iterations": self.iterations,
+               "newton_jacobians": self.jacobians, "newton_too_far": self.far,
+               "newton_max_move": max(self.moves, default=0.0)}
+        if self.stability:
+            out["newton_unstable"] = sum(r > 1 for r in self.rho)
+            out["newton_max_rho"] = max(self.rho, default=math.nan)
+        return out
+
+
+def _spectral_radius(step, z, rows) -> float:
+    """Largest |eigenvalue| of the Jacobian of ``step`` (one sample's state ``z``) at ``z``: below 1 the reduced
+    iteration converges to this fixed point from nearby, above 1 it leaves it (chatters around it)."""
+    sizes = [t[0].numel() for t in z]
+
+    def flat_step(zf):
+        parts, i = [], 0
+        for t, n in zip(z, sizes):
+            parts.append(zf[i:i + n].reshape(t.shape))
+            i += n
+        return torch.cat([t.reshape(-1) for t in step(tuple(parts), rows)])
+
+    zf = torch.cat([t.reshape(-1) for t in z])
+    J = torch.func.jacfwd(flat_step)(zf)
+    return float(torch.linalg.eigvals(J.double()).abs().max())
 
 
 def _subproblem(prob, target, rows, method):
