@@ -73,6 +73,7 @@ class Ours:
         self.opt = torch.optim.Adam(self.params, lr=1e-3)
         self.errors = 0
         self.sample_iterations = []  # per batch: mean over samples of each sample's count (active-set solves)
+        self.newton = []  # per batch: LCP-DI's per-sample Newton counts (samples handed over, solved, Jacobians)
 
     def step(self, x, y):
         self.opt.zero_grad(set_to_none=True)
@@ -81,6 +82,7 @@ class Ours:
         except DivergenceError as exc:  # timed all the same: the work was done
             self.errors += 1
             st = exc.stats
+            self.newton.append(dict(st.extra or {}) if st is not None else {})
             self.sample_iterations.append(float("nan") if st is None else float(st.mean_iterations or st.iterations))
             return float(st.iterations) if st is not None else float("nan")
         if self.clip:
@@ -89,6 +91,7 @@ class Ours:
             self.opt.step()
             self.method.after_step()
         self.sample_iterations.append(float(stats.get("mean_iterations", stats.get("iterations", 0))))
+        self.newton.append({k: v for k, v in stats.items() if k.startswith("newton_")})
         return float(stats.get("iterations", 0))
 
     def update_cosine(self, x, y, model=None):
@@ -184,6 +187,11 @@ def run_interleaved(runners, loader, device, warmup, batches):
         if getattr(r, "sample_iterations", None):  # ours: each sample's own count (below the slowest's with active sets)
             ok_s = [i for i in r.sample_iterations[-len(wall):] if i == i]
             rows[-1]["mean_sample_iterations"] = statistics.fmean(ok_s) if ok_s else None
+        if any(getattr(r, "newton", None) or []):  # LCP-DI's per-sample Newton over the timed batches (sums)
+            timed = r.newton[-len(wall):]
+            keys = ("newton_samples", "newton_solved", "newton_jacobians")
+            rows[-1]["newton"] = {k: sum(d.get(k, 0) for d in timed) for k in keys}
+            rows[-1]["newton"]["batches_with_newton"] = sum(bool(d.get("newton_samples")) for d in timed)
     return rows
 
 
@@ -227,6 +235,12 @@ def write_markdown(meta, rows, peer_rows, ratios, path):
         lines.append(f"| {r['model']} | {r['method']} | {r['impl']} | {1e3 * r['seconds_per_batch']:.1f} | "
                      f"{1e3 * r['wall_seconds_per_batch']:.1f} | {'-' if it is None else f'{it:.0f}'}{per} | "
                      f"{cos if 'update_cosine' in r else '-'} | {r.get('errors', 0)} |")
+    newton = [r for r in rows + peer_rows if r.get("newton")]
+    if newton:
+        lines += ["", "Per-sample Newton on the samples the reduced iteration does not settle (sums over the timed batches):", ""]
+        lines += [f"- {r['model']} {r['method']} ({r['impl']}): {n['newton_samples']} samples handed over in "
+                  f"{n['batches_with_newton']} of {r['batches']} batches, {n['newton_solved']} solved, "
+                  f"{n['newton_jacobians']} Jacobians" for r in newton for n in [r["newton"]]]
     lines += ["", "Ratios against the fastest baseline in the table (targets: ff <= 5x BP, rnn <= 1.5x RBP):", ""]
     for model_name, r in ratios.items():
         parts = [f"{k} = {v:.2f}x" for k, v in r.items() if k.startswith("lcp-di")]
@@ -247,6 +261,9 @@ def main(argv=None):
     p.add_argument("--peer", default=None, help="checkout of seijin-kobayashi/least-control to time beside ours")
     p.add_argument("--also-tol", type=float, default=None,
                    help="also time LCP-DI at this tolerance (reported in variant_rows, not in rows or ratios)")
+    p.add_argument("--also-newton-off", action="store_true",
+                   help="also time LCP-DI without its per-sample Newton for stalled samples (newton='off'; reported in "
+                        "variant_rows, not in rows or ratios)")
     p.add_argument("--frozen", action="store_true",
                    help="skip the optimizer step: time the updates at the initial parameters (no training drift); "
                         "writes supervised_<device>_frozen.*")
@@ -280,6 +297,8 @@ def main(argv=None):
                 skipped.append(f"{model_name}/{method_name}: {exc}")
             if method_name == "lcp-di" and args.also_tol:  # the same solver at the baseline's tolerance
                 runners.append(Ours(model_name, method_name, in_shape, device, args.seed, tol=args.also_tol))
+            if method_name == "lcp-di" and args.also_newton_off:  # the same solver without per-sample Newton
+                runners.append(Ours(model_name, method_name, in_shape, device, args.seed, newton="off"))
             if args.peer and method_name in Peer.SETTINGS and model_name in ("ff", "rnn") and \
                     not (method_name == "bp" and model_name == "rnn"):
                 runners.append(Peer(args.peer, model_name, method_name, in_shape, device, args.seed,

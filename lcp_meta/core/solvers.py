@@ -385,36 +385,44 @@ class StallRescue:
 
     A sample *stalls* when its relative change has not fallen by ``factor`` over the last ``window`` iterations,
     looked at every ``window`` iterations from ``min_iter`` on (at the stop rule's checks).  Each stalled sample
-    is handed once to ``solve(step, z, rows) -> (z_new, ok)``: ``z`` the stalled samples' states, ``rows`` their
+    is handed (at most ``tries`` times, at successive looks) to ``solve(step, z, rows) -> (z_new, ok)``: ``z`` the stalled samples' states, ``rows`` their
     indices in the batch (for ``step(z, rows)``), ``ok`` which of them it solved; a solved sample goes on from
     ``z_new`` (the Euler iteration then tests the step map there, so the stop rule is unchanged), the others
-    from their own state, as without a rescue.  ``handed``: how many samples were handed over."""
+    from their own state, as without a rescue.  When at most ``tail`` samples are left at a look (after the
+    first), they are all handed over: the iteration of the last few samples costs as much per step as a full
+    batch's (it is bound by the number of ops), whether they stalled or not.  ``handed``: how many samples were
+    handed over."""
 
-    def __init__(self, solve: Callable, window: int = 50, min_iter: int = 50, factor: float = 0.5):
-        for key, val in (("window", window), ("min_iter", min_iter)):
+    def __init__(self, solve: Callable, window: int = 50, min_iter: int = 50, factor: float = 0.5, tries: int = 1,
+                 tail: int = 0):
+        for key, val in (("window", window), ("min_iter", min_iter), ("tries", tries)):
             if int(val) != val or val < 1:
                 raise ValueError(f"StallRescue {key} must be an integer >= 1, got {val!r}")
         if not 0 < factor < 1:
             raise ValueError(f"StallRescue factor must be in (0, 1), got {factor!r}")
         self.solve, self.window, self.min_iter, self.factor = solve, int(window), int(min_iter), float(factor)
+        self.tries, self.tail = int(tries), int(tail)
         self.handed = 0
 
     def start(self, b: int, device) -> None:
         """A new solve of a batch of ``b`` samples."""
         self.next_look = self.min_iter
         self.ref = torch.full((b,), math.inf, dtype=torch.float64, device=device)  # relative change at the last look
-        self.tried = torch.zeros(b, dtype=torch.bool, device=device)  # handed over once already
+        self.tried = torch.zeros(b, dtype=torch.long, device=device)  # times handed over
 
     def look(self, step, za: State, rel_a: torch.Tensor, idx: torch.Tensor, it: int) -> State:
         """At iteration ``it``: the state ``za`` of the active samples ``idx`` (indices in the batch), with the
         stalled ones' replaced where solved."""
         self.next_look = it + self.window
-        stalled = (rel_a > self.factor * self.ref[idx]) & ~self.tried[idx]  # (first look: ref inf, none stall)
+        stalled = rel_a > self.factor * self.ref[idx]  # (first look: ref inf, none)
+        if idx.numel() <= self.tail and self.ref[idx].isfinite().all():  # the last few: all of them
+            stalled = torch.ones_like(stalled)
+        stalled = stalled & (self.tried[idx] < self.tries)
         self.ref[idx] = rel_a
         if not bool(stalled.any()):  # one host synchronisation per look
             return za
         sel = torch.nonzero(stalled)[:, 0]
-        self.tried[idx[sel]] = True
+        self.tried[idx[sel]] += 1
         self.handed += sel.numel()
         new, ok = self.solve(step, tuple(t[sel] for t in za), idx[sel])
         if not bool(ok.any()):
@@ -480,8 +488,8 @@ def newton_rows(residual: Callable, x0: torch.Tensor, consts: Sequence[torch.Ten
             back = jacs[new] - 1 - stall
             far = torch.where(back >= 0, at_jac[new, back.clamp_min(0)], math.inf)
             live = live[~torch.isin(live, new[norm[new] > 0.5 * far])]
-            if live.numel() == 0:
-                break
+        if live.numel() == 0:
+            break
         cl = tuple(c[live] for c in consts)
         dx = torch.linalg.lu_solve(lu[live], piv[live], -f[live][..., None])[..., 0]
         use = usable[live] & torch.isfinite(dx).all(1)

@@ -61,7 +61,8 @@ class DynamicInversion(Method):
     # stall test: a sample whose relative change has not halved in 50 steps from step 50 on.  On the MNIST rnn the
     # samples that settle do so in 25-200 steps, halving their change every few steps; the stragglers (from ~8
     # Adam steps on) chatter at 1e-2..1e-1 or creep at a rate of ~0.99 a step (benchmarks/results/rnn_newton_cpu.md)
-    NEWTON = {"window": 50, "min_iter": 50, "max_iter": 10, "stability": False, "reach": math.inf}
+    NEWTON = {"window": 50, "min_iter": 50, "factor": 0.5, "tries": 3, "tail": 0, "max_iter": 10, "stability": False,
+              "reach": math.inf}
 
     def __init__(self, model, alpha: float = 0.1, k_i: float = 1.0, k_p: float = 0.0, dt: float = 1.0,
                  loss: str = "ce", solver: str = "auto", newton: str = "auto", newton_options: Optional[dict] = None,
@@ -73,7 +74,7 @@ class DynamicInversion(Method):
         if unknown:
             raise ValueError(f"{self.name}: unknown newton_options {sorted(unknown)}; expected keys of {sorted(self.NEWTON)}")
         self.newton, self.newton_options = newton, {**self.NEWTON, **(newton_options or {})}
-        StallRescue(None, self.newton_options["window"], self.newton_options["min_iter"])  # (validates now)
+        StallRescue(None, *(self.newton_options[k] for k in ("window", "min_iter", "factor", "tries", "tail")))  # (validates)
         if int(self.newton_options["max_iter"]) != self.newton_options["max_iter"] or self.newton_options["max_iter"] < 1:
             raise ValueError(f"{self.name}: newton_options max_iter must be an integer >= 1, "
                              f"got {self.newton_options['max_iter']!r}")
@@ -195,7 +196,8 @@ def _newton_for(method, prob, name):
         return None
     opts = method.newton_options
     newton = StragglerNewton(prob, int(opts["max_iter"]), bool(opts["stability"]), float(opts["reach"]))
-    prob.inner_kw = {**(prob.inner_kw or {}), "rescue": StallRescue(newton, opts["window"], opts["min_iter"])}
+    prob.inner_kw = {**(prob.inner_kw or {}), "rescue": StallRescue(newton, opts["window"], opts["min_iter"],
+                                                                          opts["factor"], opts["tries"], opts["tail"])}
     return newton
 
 
@@ -242,7 +244,7 @@ class StragglerNewton:
         e = v - m.g(c, v)
         u = self._u(y, oh)
         r_v = e - m.g_vjp(c, v, e, fb) - m.h_vjp(v, u, fb)
-        return torch.cat([r_v.reshape(x.shape[0], -1), y - m.h(v) - u], 1)
+        return torch.cat([r_v.flatten(1), y - m.h(v) - u], 1)
 
     def state(self, x, c):
         """The reduced map's state ``(v, e, y)`` at ``x``."""
@@ -257,7 +259,7 @@ class StragglerNewton:
             zl = self.state(x, c[live])
             return relative_change(tuple(step(zl, rows[live])), zl) < 0.5 * self.tol
 
-        x0 = torch.cat([v.reshape(v.shape[0], -1), y], 1)
+        x0 = torch.cat([v.flatten(1), y], 1)
         x, ok, counts = newton_rows(self.residual, x0, (c, oh), accept=accept, max_jacobians=self.max_iter)
         move = (torch.linalg.vector_norm(x - x0, dim=1) / torch.linalg.vector_norm(x0, dim=1).clamp_min(1e-30)).double()
         self.moves += move[ok].tolist()
