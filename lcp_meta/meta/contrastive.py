@@ -104,8 +104,9 @@ class ContrastiveMeta(MetaMethod):
             self.polyak_restarted.fill_(step)
 
     def polyak_params(self):
-        """The averaged meta-parameters (a dict name -> tensor, detached), or None when averaging is off or
-        has not started (fewer than ``polyak_start`` outer steps)."""
+        """The averaged meta-parameters (a dict name -> tensor, detached; the current iterate is folded in first,
+        once per outer step), or None when averaging is off or has not started (fewer than ``polyak_start`` outer
+        steps).  A learned lam is not averaged (the authors learn none)."""
         if self.polyak_start is None:
             return None
         self._polyak_observe()
@@ -186,6 +187,12 @@ class ContrastiveMeta(MetaMethod):
             stats.control_norm = float(beta * tree_norm(go, batched=True).mean())
         stats.extra["beta"] = beta
         return MetaGradient(grads, st, stats, phi0, lam_grads)
+
+    def extra_repr(self) -> str:
+        extra = f", beta={self.beta}, symmetric={self.symmetric}, nudged_steps={self.nudged_steps}"
+        if self.polyak_start is not None:
+            extra += f", polyak_start={self.polyak_start}, polyak_restart={self.polyak_restart}"
+        return super().extra_repr() + extra
 
 
 def _count_or_none(name: str, value, low: int, what: str) -> Optional[int]:
