@@ -242,3 +242,24 @@ def test_bad_polyak_values_raise_one_line(kwargs, needle):
 
 def test_integral_float_is_accepted():
     assert ContrastiveMeta(tanh_mlp(), F.mse_loss, polyak_start=4.0).polyak_start == 4
+
+
+def test_fewshot_runner_passes_the_polyak_options(tmp_path):
+    """``--set cml.polyak_start=...`` reaches the constructor; the run's evaluations adapt from the average."""
+    from lcp_meta.fewshot.config import FewShotConfig
+    from lcp_meta.fewshot.runner import default_method_factory, run_fewshot
+    built = {}
+
+    def factory(name, model, loss_fn, **kw):
+        built[name] = default_method_factory(name, model, loss_fn, **kw)
+        return built[name]
+
+    cfg = FewShotConfig(task="sinusoid", methods=("cml",), shots=5, meta_steps=3, meta_batch=2, inner_steps=2,
+                        inner_lr=0.05, test_episodes=4, val_episodes=2, dtype="float64", device="cpu",
+                        out=str(tmp_path / "run"), progress=False, plots=False,
+                        method_options={"cml": {"polyak_start": 1, "polyak_restart": 2}})
+    summary = run_fewshot(cfg, factory)
+    method = built["cml"]
+    assert (method.polyak_start, method.polyak_restart) == (1, 2)
+    assert summary["results"][0]["method_kwargs"]["polyak_start"] == 1
+    assert int(method.polyak_last) == 3  # the iterate after the last outer step entered the mean before the test
