@@ -257,9 +257,9 @@ def test_fewshot_runner_passes_the_polyak_options(tmp_path):
     cfg = FewShotConfig(task="sinusoid", methods=("cml",), shots=5, meta_steps=3, meta_batch=2, inner_steps=2,
                         inner_lr=0.05, test_episodes=4, val_episodes=2, dtype="float64", device="cpu",
                         out=str(tmp_path / "run"), progress=False, plots=False,
-                        method_options={"cml": {"polyak_start": 1, "polyak_restart": 2}})
+                        method_options={"cml": {"polyak_start": 1, "polyak_restart": 2, "tol": None}})
     summary = run_fewshot(cfg, factory)
     method = built["cml"]
     assert (method.polyak_start, method.polyak_restart) == (1, 2)
-    assert summary["results"][0]["method_kwargs"]["polyak_start"] == 1
+    assert summary["results"][0]["method_kwargs"]["polyak_start"] == 1 and summary["results"][0]["skipped_meta_steps"] == 0
     assert int(method.polyak_last) == 3  # the iterate after the last outer step entered the mean before the test
