@@ -75,19 +75,17 @@ def test_published_phases_equal_sgd_momentum_loop(problem, vmap):
 
 
 def test_momentum_cml_at_small_beta_matches_exact_hypergradient():
-    """The published inner optimizer (heavy-ball 0.9) run to its tolerance: symmetric CML -> iMAML's gradient."""
+    """The published inner optimizer (heavy-ball 0.9, lr 0.01) run to its tolerance: symmetric CML at small beta
+    is iMAML's gradient (dense solve).  (Plain gradient descent and the beta -> 0 trend: test_meta_hypergrad.)"""
     from lcp_meta.meta.reference import exact_hypergradient
     model, tasks = tanh_mlp((10,), seed=2), sine_tasks(amplitude=(0.5, 1.0), seed=2)
     ref = exact_hypergradient(model, F.mse_loss, *tasks, lam=2.0)
-    cosines = []
-    for beta in (0.3, 1e-3):
-        model.zero_grad()
-        stats = ContrastiveMeta(model, F.mse_loss, lam=2.0, beta=beta, symmetric=True, inner_lr=0.01, momentum=0.9,
-                                inner_steps=20000, tol=1e-13).meta_backward(tasks)
-        assert stats.converged
-        got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-        cosines.append(float(got @ ref / (got.norm() * ref.norm())))
-    assert cosines[1] > 0.999999 and cosines[1] > cosines[0], cosines
+    stats = ContrastiveMeta(model, F.mse_loss, lam=2.0, beta=1e-3, symmetric=True, inner_lr=0.01, momentum=0.9,
+                            inner_steps=20000, tol=1e-9).meta_backward(tasks)
+    assert stats.converged
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    cos = float(got @ ref / (got.norm() * ref.norm()))
+    assert cos > 1 - 1e-9 and float((got - ref).norm() / ref.norm()) < 1e-4, cos
 
 
 # ------------------------------------------------------------------------------------------ Polyak averaging
