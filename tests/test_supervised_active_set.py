@@ -220,11 +220,9 @@ def test_auto_fallback_continues_only_the_unsettled_samples(monkeypatch):
     assert st["converged"] and 500 < st["iterations"] <= 1000
     assert st["mean_iterations"] < st["iterations"]  # not every sample went on
     assert _rel(got, ref) < 1e-5
-    # the default hands the stalled samples to per-sample Newton (tests/test_supervised_newton.py): the same update,
-    # every sample settled within the first half
-    fast, sn = _update(model, "lcp-di", x, y, tol=1e-11, max_iter=1000, **gains)
-    assert sn["converged"] and sn["iterations"] < 500 and sn["newton_solved"] == sn["newton_samples"] >= 1
-    assert _rel(fast, ref) < 1e-5
+    # per-sample Newton (tests/test_supervised_newton.py) is not used on this ReLU net by default: the same run
+    same, sn = _update(model, "lcp-di", x, y, tol=1e-11, max_iter=1000, **gains)
+    assert "newton_samples" not in sn and _rel(same, got) < 1e-12
     method = make_method("lcp-di", model, tol=1e-11, max_iter=1000, **gains)
     method.control_options["active_set"] = False
     model.zero_grad(set_to_none=True)

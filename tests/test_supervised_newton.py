@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 
+from lcp_meta.core.control import ControlProblem, OutputControl
 from lcp_meta.core.solvers import StallRescue, newton_rows
 from lcp_meta.core.system import output_loss
 from lcp_meta.models import build_model
 from lcp_meta.supervised import make_method
+from lcp_meta.supervised.di import StragglerNewton
 
 DT = torch.float64
 
@@ -56,6 +58,28 @@ def test_newton_rows_solves_each_row_and_gives_up_where_there_is_no_root():
     assert ok.tolist() == [True, True, False]
     assert float(residual(x[:2], a[:2]).abs().max()) < 1e-13
     assert counts["jacobians"] <= 3 * 10 and counts["steps"] >= counts["jacobians"] // 3
+
+
+@pytest.mark.parametrize("loss,kp,bias", [("ce", False, False), ("mse", False, True), ("ce", True, True)])
+def test_closed_form_rnn_jacobian_equals_forward_mode(loss, kp, bias):
+    torch.manual_seed(3)
+    model = build_model("rnn", in_shape=(4,), num_classes=3, hidden=6, recurrent_bias=bias).to(DT)
+    x, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    with torch.no_grad():
+        c = model.encode(x)
+    fb = {"W": torch.randn(6, 6, dtype=DT), "readout": torch.randn(6, 3, dtype=DT)} if kp else None
+    prob = ControlProblem(model, c, OutputControl(y, 3, DT, loss, 2.5), fb, 1e-9, 100)
+    newton = StragglerNewton(prob)
+    assert newton.jacobian is not None
+    z = torch.randn(5, 9, dtype=DT)
+    oh = newton.onehot
+
+    def one(zr, cr, ohr):
+        return newton.residual(zr[None], cr[None], ohr[None])[0]
+
+    with torch.no_grad():
+        ref = torch.func.vmap(torch.func.jacfwd(one))(z, c, oh)
+        torch.testing.assert_close(newton.jacobian(z, c, oh), ref, rtol=1e-12, atol=1e-12)
 
 
 # -------------------------------------------------------------------------- (a) settling samples: same update
@@ -179,8 +203,8 @@ def test_newton_stays_off_for_the_paper_stop_rule_and_the_euler_simulation():
     for kw in (dict(stop_rule="batch"), dict(solver="euler"), dict(newton="off")):
         _, st, _ = _update(model, x, y, max_residual=math.inf, **{**GAINS, "max_iter": 300}, **kw)
         assert "newton_samples" not in st, kw
-    with pytest.raises(ValueError, match="newton must be 'auto' or 'off', got 'on'"):
-        make_method("lcp-di", model, newton="on")
+    with pytest.raises(ValueError, match="newton must be 'auto', 'on' or 'off', got 'yes'"):
+        make_method("lcp-di", model, newton="yes")
     with pytest.raises(ValueError, match="unknown newton_options \\['windw'\\]"):
         make_method("lcp-di", model, newton_options={"windw": 3})
     with pytest.raises(ValueError, match="StallRescue window must be an integer >= 1, got 0"):

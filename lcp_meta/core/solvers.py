@@ -433,10 +433,12 @@ class StallRescue:
 
 def newton_rows(residual: Callable, x0: torch.Tensor, consts: Sequence[torch.Tensor] = (),
                 accept: Optional[Callable] = None, max_jacobians: int = 10, max_steps: Optional[int] = None,
-                halvings: int = 6, stall: int = 3, c1: float = 1e-4) -> Tuple[torch.Tensor, torch.Tensor, dict]:
+                halvings: int = 6, stall: int = 3, c1: float = 1e-4,
+                jacobian: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor, dict]:
     """Newton's method on ``residual(x, *consts) = 0`` for every row of ``x`` (rows independent, ``x`` of shape
     (n, d), ``consts`` per-row tensors), each row with its own dense d x d Jacobian (forward mode,
-    ``torch.func.jacfwd`` vmapped over the rows) and its own backtracking line search on ``|residual|``.
+    ``torch.func.jacfwd`` vmapped over the rows, or ``jacobian(x, *consts)`` when the caller has a closed form)
+    and its own backtracking line search on ``|residual|``.
 
     The Jacobian is the cost (d forward-mode passes against one for a residual), so a row keeps its LU factors
     while a full step with them at least halves ``|residual|`` (the chord method, which near a root converges
@@ -455,7 +457,7 @@ def newton_rows(residual: Callable, x0: torch.Tensor, consts: Sequence[torch.Ten
     def one(xr, *cr):  # a single row, for the Jacobian
         return residual(xr[None], *(c[None] for c in cr))[0]
 
-    jac = torch.func.vmap(torch.func.jacfwd(one), in_dims=(0,) + (0,) * len(consts))
+    jac = jacobian or torch.func.vmap(torch.func.jacfwd(one), in_dims=(0,) + (0,) * len(consts))
     f = residual(x, *consts)
     norm = torch.linalg.vector_norm(f, dim=1).double()
     at_jac = torch.full((n, max_jacobians + 1), math.nan, dtype=torch.float64, device=dev)  # |r| at each Jacobian
