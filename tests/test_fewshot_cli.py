@@ -80,15 +80,17 @@ def _final_state(out: Path, name: str):
 
 
 def test_resume_reaches_the_uninterrupted_result(tmp_path):
-    args = ["fewshot", "--task", "sinusoid", "--shots", "4", "--methods", "lcp-truncated,maml", "--meta-steps", "6",
-            "--dtype", "float64", "--checkpoint-every", "2", "--no-plots", *TINY]
+    # cml averages its meta-parameters from step 1 on (Polyak): the average is method state, not model state,
+    # and a resumed run must carry it (it is what cml tests from)
+    args = ["fewshot", "--task", "sinusoid", "--shots", "4", "--methods", "lcp-truncated,maml,cml", "--meta-steps", "6",
+            "--set", "cml.polyak_start=1", "--dtype", "float64", "--checkpoint-every", "2", "--no-plots", *TINY]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     # interrupted after 3 steps (exit code 3 says so), then resumed
     assert main([*args, "--out", str(tmp_path / "resumed"), "--stop-after", "3"]) == 3
     assert _final_state(tmp_path / "resumed", "lcp-truncated")["step"] == 3
     assert not (tmp_path / "resumed" / "lcp-truncated.json").exists()
     assert main([*args, "--out", str(tmp_path / "resumed"), "--resume"]) == 0
-    for name in ("lcp-truncated", "maml"):
+    for name in ("lcp-truncated", "maml", "cml"):
         a, b = _final_state(tmp_path / "straight", name), _final_state(tmp_path / "resumed", name)
         assert a["step"] == b["step"] == 6
         for p, q in zip(a["params"], b["params"]):

@@ -8,7 +8,7 @@ B. What Polyak averaging does: one meta-training trajectory per seed (float32, t
    test MSE on fixed test tasks adapted from the last iterate and from the averaged meta-parameters
    (uniform mean from polyak_start, and the authors' per-epoch restart rule).
 
-    python benchmarks/results/cml_polyak_cpu.py [--quick]
+    python benchmarks/cml_polyak.py [--quick]
     # writes benchmarks/results/cml_polyak_cpu.md
 """
 import argparse
@@ -23,7 +23,7 @@ from lcp_meta.fewshot.tasks import SinusoidSource, mse_loss
 from lcp_meta.meta import ContrastiveMeta
 from lcp_meta.meta.reference import _newton, flat_loss, flatten_params
 
-OUT = Path(__file__).with_suffix(".md")
+OUT = Path(__file__).resolve().parent / "results" / "cml_polyak_cpu.md"
 # the authors' Omniglot commands: SGD momentum 0.9 at lr 0.01, symmetric nudging, 200 / 100 / 100 steps
 EPOCH_MEAN = "authors' epoch mean"
 PUBLISHED = dict(inner_lr=0.01, momentum=0.9, symmetric=True, inner_steps=200, nudged_steps=100, tol=None)
@@ -140,7 +140,7 @@ def main():
     part_b(b, range(1 if args.quick else args.seeds), 10 if args.quick else args.steps, 50 if args.quick else 300)
     lines = [
         "# CML at the authors' inner settings, and Polyak averaging (CPU)", "",
-        f"Command: `python benchmarks/results/cml_polyak_cpu.py{' --quick' if args.quick else ''}"
+        f"Command: `python benchmarks/cml_polyak.py{' --quick' if args.quick else ''}"
         f"{'' if args.quick else f' --seeds {args.seeds} --steps {args.steps}'}`  ",
         f"Device: 2-core CPU, no GPU ({platform.processor() or platform.machine()}), shared with other jobs "
         f"(timings noisy), torch {torch.__version__}, one thread.  Date: "
