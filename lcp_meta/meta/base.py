@@ -376,7 +376,7 @@ class MetaMethod(GradientMethod, nn.Module):
         return (f"likely cause: Hess l_in + lam is not positive definite at the inner solution (lam={self._lam}): "
                 "raise lam" + (f", or lower inner_lr={self.inner_lr}" if self.inner_lr is not None else ""))
 
-    def _fail(self, what: str, stats: SolverStats, name: str, tb: Optional[TaskBatch] = None,
+    def _fail(self, what: str, stats: SolverStats, tb: Optional[TaskBatch] = None,
               phase: str = "inner", stacklevel: int = 3):
         """Report non-finite or unconverged dynamics (raise or warn); never touches ``.grad``."""
         p = next(iter(split_model(self.model)[0].values()))
@@ -444,7 +444,7 @@ class MetaMethod(GradientMethod, nn.Module):
         return Gradients(targets, values, stats, failure)
 
     def _report_failure(self, what: str, stats: SolverStats, tb) -> None:
-        self._fail(what, stats, self.name, tb, getattr(stats, "phase", "inner"), stacklevel=5)
+        self._fail(what, stats, tb, getattr(stats, "phase", "inner"), stacklevel=5)
 
     def _meta_gradient(self, system: InnerProblem, params: Tree, tb: TaskBatch) -> "MetaGradient":
         """The method's own part: its mean meta-gradient and statistics (see :class:`MetaGradient`)."""
@@ -460,7 +460,7 @@ class MetaMethod(GradientMethod, nn.Module):
         omega = tree_detach(params)
         phi, st = self._free(system, omega, self.lam_tree(params), xs, ys)
         if st.diverged or (self.tol_for(p.dtype) is not None and not st.converged):
-            self._fail("inner adaptation", st, self.name, TaskBatch(xs, ys, xs, ys))
+            self._fail("inner adaptation", st, TaskBatch(xs, ys, xs, ys))
         return phi
 
     def adapt(self, x_support: torch.Tensor, y_support: torch.Tensor) -> nn.Module:

@@ -136,7 +136,7 @@ class ContrastiveMeta(MetaMethod):
         system, params = self._system()
         phi, st = self._free(system, omega, self.lam_tree(params), xs, ys)
         if st.diverged or (self.tol_for(p.dtype) is not None and not st.converged):
-            self._fail("inner adaptation", st, self.name, TaskBatch(xs, ys, xs, ys))
+            self._fail("inner adaptation", st, TaskBatch(xs, ys, xs, ys))
         return phi
 
     def _meta_gradient(self, system, params, tb):
