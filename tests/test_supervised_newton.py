@@ -14,7 +14,7 @@ from lcp_meta.core.solvers import StallRescue, newton_rows
 from lcp_meta.core.system import output_loss
 from lcp_meta.models import build_model
 from lcp_meta.supervised import make_method
-from lcp_meta.supervised.di import StragglerNewton
+from lcp_meta.supervised.newton import StragglerNewton
 
 DT = torch.float64
 
@@ -123,7 +123,7 @@ def _f_beta(model, x, y, beta, z0):
     z = z0.clone()
     for _ in range(30):
         step = torch.linalg.solve(torch.func.hessian(fun)(z), torch.func.grad(fun)(z))
-        z = z - step
+        z = (z - step).detach()
         if step.norm() <= 1e-13 * max(1.0, float(z.norm())):
             break
     return float(fun(z)), z
@@ -190,7 +190,7 @@ def test_newton_failure_falls_back_to_the_reduced_iteration_and_is_reported(monk
         x, ok, counts = newton_rows(residual, x0, consts, **kw)
         return torch.full_like(x, math.nan), torch.zeros_like(ok), counts
 
-    monkeypatch.setattr("lcp_meta.supervised.di.newton_rows", failing)
+    monkeypatch.setattr("lcp_meta.supervised.newton.newton_rows", failing)
     got, st, _ = _update(model, x, y, max_residual=math.inf, **GAINS)
     assert st["newton_samples"] >= 1 and st["newton_solved"] == 0 and st["newton_jacobians"] >= 1
     assert not st["converged"] and st["residual"] == pytest.approx(st_off["residual"], rel=1e-9)
