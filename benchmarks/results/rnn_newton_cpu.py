@@ -35,7 +35,7 @@ from lcp_meta.core.control import CONTROL_SOLVERS, ControlProblem, OutputControl
 from lcp_meta.data.mnist import TensorBatches, load_mnist  # noqa: E402
 from lcp_meta.models.supervised import build_model  # noqa: E402
 from lcp_meta.supervised import make_method  # noqa: E402
-from lcp_meta.supervised.di import StragglerNewton  # noqa: E402
+from lcp_meta.supervised.newton import StragglerNewton  # noqa: E402
 
 
 def collect(x, y, batches):
