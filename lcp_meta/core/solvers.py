@@ -385,8 +385,9 @@ class StallRescue:
 
     A sample *stalls* when its relative change has not fallen by ``factor`` over the last ``window`` iterations,
     looked at every ``window`` iterations from ``min_iter`` on (at the stop rule's checks).  Each stalled sample
-    is handed (at most ``tries`` times, at successive looks) to ``solve(step, z, rows) -> (z_new, ok)``: ``z`` the stalled samples' states, ``rows`` their
-    indices in the batch (for ``step(z, rows)``), ``ok`` which of them it solved; a solved sample goes on from
+    is handed (at most ``tries`` times, at successive looks) to ``solve(step, z, rows) -> (z_new, ok)``: ``z``
+    the stalled samples' states, ``rows`` their indices in the batch (for ``step(z, rows)``), ``ok`` which of
+    them it solved; a solved sample goes on from
     ``z_new`` (the Euler iteration then tests the step map there, so the stop rule is unchanged), the others
     from their own state, as without a rescue.  When at most ``tail`` samples are left at a look (after the
     first), they are all handed over: the iteration of the last few samples costs as much per step as a full

@@ -80,12 +80,13 @@ class DynamicInversion(Method):
             raise ValueError(f"{self.name}: newton must be 'auto', 'on' or 'off', got {newton!r}")
         unknown = set(newton_options or {}) - set(self.NEWTON)
         if unknown:
-            raise ValueError(f"{self.name}: unknown newton_options {sorted(unknown)}; expected keys of {sorted(self.NEWTON)}")
-        self.newton, self.newton_options = newton, {**self.NEWTON, **(newton_options or {})}
-        StallRescue(None, *(self.newton_options[k] for k in ("window", "min_iter", "factor", "tries", "tail")))  # (validates)
-        if int(self.newton_options["max_iter"]) != self.newton_options["max_iter"] or self.newton_options["max_iter"] < 1:
-            raise ValueError(f"{self.name}: newton_options max_iter must be an integer >= 1, "
-                             f"got {self.newton_options['max_iter']!r}")
+            raise ValueError(f"{self.name}: unknown newton_options {sorted(unknown)}; "
+                             f"expected keys of {sorted(self.NEWTON)}")
+        self.newton, opts = newton, {**self.NEWTON, **(newton_options or {})}
+        self.newton_options = opts
+        StallRescue(None, *(opts[k] for k in ("window", "min_iter", "factor", "tries", "tail")))  # (validates)
+        if int(opts["max_iter"]) != opts["max_iter"] or opts["max_iter"] < 1:
+            raise ValueError(f"{self.name}: newton_options max_iter must be an integer >= 1, got {opts['max_iter']!r}")
         for key, val in (("alpha", alpha), ("k_i", k_i), ("k_p", k_p), ("dt", dt)):
             check_finite(self.name, key, val)
         if alpha < 0 or k_i < 0 or k_p < 0 or not 0 < dt <= 1:
