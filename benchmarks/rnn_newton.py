@@ -1,7 +1,7 @@
 """Per-sample Newton on the rnn LCP-DI stragglers (issue 9): how many it solves, at what cost, and what the
 samples it does not solve are.
 
-    python benchmarks/results/rnn_newton_cpu.py --batches 20 --reps 2
+    python benchmarks/rnn_newton.py --batches 20 --reps 2
 
 1. Trains the MNIST rnn with LCP-DI as benchmarks/bench_supervised.py does (seed 0, batch 64, Adam 1e-3, clip 10,
    a refused batch skipped) with ``newton='off'`` and keeps the parameters and the batch of every batch whose
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lcp_meta.core import DivergenceError  # noqa: E402
@@ -132,10 +132,10 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     date = subprocess.run(["date", "-u", "+%Y-%m-%dT%H:%M:%SZ"], capture_output=True, text=True).stdout.strip()
-    meta = {"command": "python benchmarks/results/rnn_newton_cpu.py " + " ".join(sys.argv[1:]), "date": date,
+    meta = {"command": "python benchmarks/rnn_newton.py " + " ".join(sys.argv[1:]), "date": date,
             "device": f"CPU ({os.cpu_count()} cores, shared with other jobs), 1 torch thread, no GPU",
             "torch": torch.__version__, "load_average": os.getloadavg()[0]}
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent / "results"
     (here / "rnn_newton_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["# rnn LCP-DI stragglers: per-sample Newton (issue 9)", "",
              f"- command: `{meta['command']}`", f"- device: {meta['device']}; load average {meta['load_average']:.1f}",
