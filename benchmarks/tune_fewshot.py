@@ -162,7 +162,9 @@ def interleaved_timing(task: str, base: Dict[str, object], finals: Dict[str, Pat
         model = source.build_model()
         ckpt = torch.load(folder / "checkpoints" / f"{name}.pt", weights_only=False, map_location="cpu")
         model.load_state_dict(ckpt["model_state"])
-        methods[name] = make_method(name, model, source.loss_fn, **kwargs[name])
+        # outer_lr is recorded with the method's settings but is the run's Adam rate, not a method argument
+        settings = {k: v for k, v in kwargs[name].items() if k != "outer_lr"}
+        methods[name] = make_method(name, model, source.loss_fn, **settings)
         if "params" in ckpt:  # meta-parameters outside the model (e.g. a learned lam)
             with torch.no_grad():
                 for p, saved in zip(methods[name].parameters(), ckpt["params"]):
