@@ -116,6 +116,13 @@ def main(argv=None) -> int:
             entry["comparison"] = stats.compare(values, lower_is_better=False)
             entry["table"] = seeds_table(entry["comparison"], rows, "accuracy")
             print(f"\nOmniglot {settings['ways']}-way 1-shot, seeds {seeds}\n{entry['table']}")
+            # the official one-shot runs: the same statistics over (seed, run) pairs (20 runs per seed)
+            shots = {m: rs for m, rs in complete.items() if all(r.get("one_shot_runs") for r in rs)}
+            if shots:
+                values = {m: [list(r["one_shot_runs"]["per_run"].values()) for r in rs] for m, rs in shots.items()}
+                entry["one_shot_comparison"] = stats.compare(values, lower_is_better=False)
+                entry["one_shot_table"] = seeds_table(entry["one_shot_comparison"], {m: rows[m] for m in shots},
+                                                      "accuracy")
         results["comparisons"][f"omniglot {settings['ways']}-way 1-shot"] = entry
 
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
@@ -190,6 +197,10 @@ def render_markdown(results) -> str:
             lines.append(f"Unfinished (resume to complete): {', '.join(entry['unfinished'])}\n")
         if entry["table"]:
             lines.append(entry["table"])
+        if entry.get("one_shot_table"):
+            lines += ["", f"The same models on the 20 official one-shot runs (all_runs.zip), mean ± CI95 over seeds "
+                          f"{entry['seeds']} and runs, paired tests over the shared (seed, run) pairs:", "",
+                      entry["one_shot_table"]]
         for seed, run in entry["runs"].items():
             shots = [r for r in run["results"] if r.get("one_shot_runs")]
             if shots:
