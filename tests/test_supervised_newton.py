@@ -15,6 +15,7 @@ from lcp_meta.core.system import output_loss
 from lcp_meta.models import build_model
 from lcp_meta.supervised import make_method
 from lcp_meta.supervised.newton import StragglerNewton
+from test_supervised_exact import fd_gradient  # central differences along directions (the shared helper)
 
 DT = torch.float64
 
@@ -159,26 +160,9 @@ def test_straggler_solved_by_newton_is_the_controlled_equilibrium():
     z0 = torch.cat([v.reshape(-1), yc.reshape(-1)])
     value, zs = _f_beta(model, x, y, method.beta, z0)
     assert float((zs - z0).norm() / z0.norm()) < 1e-9  # the same stationary point
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    dirs = torch.randn(3, flat.numel(), dtype=DT)
-
-    def set_flat(vec):
-        i = 0
-        with torch.no_grad():
-            for p in params:
-                p.copy_(vec[i:i + p.numel()].reshape(p.shape))
-                i += p.numel()
-
-    fd, eps = [], 1e-5
-    for d in dirs:
-        set_flat(flat + eps * d)
-        fp = _f_beta(model, x, y, method.beta, z0)[0]
-        set_flat(flat - eps * d)
-        fm = _f_beta(model, x, y, method.beta, z0)[0]
-        fd.append((fp - fm) / (2 * eps))
-    set_flat(flat)
-    assert _rel(dirs @ got, torch.tensor(fd, dtype=DT)) < 1e-5
+    dirs = torch.randn(3, sum(p.numel() for p in model.parameters() if p.requires_grad), dtype=DT)
+    fd, _ = fd_gradient(model, lambda: _f_beta(model, x, y, method.beta, z0)[0], directions=dirs)
+    assert _rel(dirs @ got, fd) < 1e-5
 
 
 # ---------------------------------------------------------------------------- (c) Newton fails: as without it
