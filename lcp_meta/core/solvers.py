@@ -476,11 +476,8 @@ def newton_rows(residual: Callable, x0: torch.Tensor, consts: Sequence[torch.Ten
         live = live[~done]
         if k == max_steps or live.numel() == 0:
             break
+        live = live[~(fresh[live] & (jacs[live] >= max_jacobians))]  # out of Jacobians: those rows stop here
         new = live[fresh[live]]
-        if new.numel():
-            if bool((jacs[new] >= max_jacobians).any()):  # out of Jacobians: those rows stop here
-                live = live[~(fresh[live] & (jacs[live] >= max_jacobians))]
-                new = live[fresh[live]]
         if new.numel():
             f_lu, p_lu, info = torch.linalg.lu_factor_ex(jac(x[new], *(c[new] for c in consts)))
             lu[new], piv[new] = f_lu, p_lu
@@ -510,11 +507,9 @@ def newton_rows(residual: Callable, x0: torch.Tensor, consts: Sequence[torch.Ten
         steps += live.numel()
         moved = live[good]
         x[moved], f[moved], norm[moved] = xn[good], fn[good], nn[good]
-        stale_failed = ~good & ~fresh[live]
-        failed = ~good & fresh[live]
+        failed = ~good & fresh[live]  # (a failed chord step just gets a fresh Jacobian)
         # keep the factors after a full step that at least halved |r|; else a fresh Jacobian next time
         fresh[live] = ~(good & (t == 1) & (nn <= 0.5 * f0))
-        fresh[live[stale_failed]] = True
         live = live[~failed]
     return x, ok, {"steps": steps, "jacobians": int(jacs.sum())}
 

@@ -36,7 +36,7 @@ class StragglerNewton:
     def __init__(self, prob, max_iter: int = 10, stability: bool = False, reach: float = math.inf):
         self.model, self.c, self.fb, self.tol = prob.model, prob.c, prob.fb, prob.tol
         self.onehot, self.ce = prob.out.onehot, prob.out.loss == "ce"
-        self.b = prob.out.beta / prob.c.shape[0]  # the reduced map's per-sample strength (batch-mean loss)
+        self.b = prob.out.b  # the output controller's per-sample strength (batch-mean loss)
         self.max_iter, self.stability, self.reach = max_iter, stability, reach
         self.jacobian = _tanh_rnn_jacobian(self) if _is_tanh_rnn(self.model) else None  # None: torch.func.jacfwd
         self.handed = self.solved = self.iterations = self.jacobians = self.far = 0
