@@ -457,11 +457,15 @@ class MetaMethod(GradientMethod, nn.Module):
         xs, ys = cast_to(x_support, p.device, p.dtype), cast_to(y_support, p.device, p.dtype)
         check_support(xs, ys)
         system, params = self._system()
-        omega = tree_detach(params)
-        phi, st = self._free(system, omega, self.lam_tree(params), xs, ys)
+        phi, st = self._free(system, self._adapt_from(params), self.lam_tree(params), xs, ys)
         if st.diverged or (self.tol_for(p.dtype) is not None and not st.converged):
             self._fail("inner adaptation", st, TaskBatch(xs, ys, xs, ys))
         return phi
+
+    def _adapt_from(self, params: Tree) -> Tree:
+        """The meta-parameters omega that test-time adaptation starts from and is regularised towards: the
+        current ones (a method that evaluates an average of them, e.g. CML's Polyak mean, overrides this)."""
+        return tree_detach(params)
 
     def adapt(self, x_support: torch.Tensor, y_support: torch.Tensor) -> nn.Module:
         """An adapted copy of the model for ONE task (tensors without a task dim); the original is untouched."""

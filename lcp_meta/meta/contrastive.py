@@ -22,7 +22,6 @@ import torch
 from .base import MetaGradient, MetaMethod, MetaStats, check_positive
 from .functional import split_model
 from ..core.tree import tree_norm
-from ..data.tasks import TaskBatch, cast_to, check_support
 
 __all__ = ["ContrastiveMeta"]
 
@@ -125,19 +124,10 @@ class ContrastiveMeta(MetaMethod):
         stats.extra["polyak_count"] = int(self.polyak_count)
         return stats
 
-    def adapt_params(self, x_support: torch.Tensor, y_support: torch.Tensor):
-        """As :meth:`MetaMethod.adapt_params`, from the averaged meta-parameters once averaging has started."""
+    def _adapt_from(self, params):
+        """Test-time adaptation starts from the averaged meta-parameters once averaging has started."""
         omega = self.polyak_params()
-        if omega is None:
-            return super().adapt_params(x_support, y_support)
-        p = next(iter(omega.values()))
-        xs, ys = cast_to(x_support, p.device, p.dtype), cast_to(y_support, p.device, p.dtype)
-        check_support(xs, ys)
-        system, params = self._system()
-        phi, st = self._free(system, omega, self.lam_tree(params), xs, ys)
-        if st.diverged or (self.tol_for(p.dtype) is not None and not st.converged):
-            self._fail("inner adaptation", st, TaskBatch(xs, ys, xs, ys))
-        return phi
+        return super()._adapt_from(params) if omega is None else omega
 
     def _meta_gradient(self, system, params, tb):
         omega = {k: v.detach() for k, v in params.items()}
