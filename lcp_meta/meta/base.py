@@ -20,7 +20,7 @@ from ..core.method import ON_DIVERGENCE, GradientMethod, Gradients, Stats, check
 from ..core.solvers import SolverStats, check_divergence, solve
 from ..core.tree import Tree, tree_detach, tree_expand, tree_finite, tree_norm, tree_pack, tree_zeros_like
 from ..data.tasks import TaskBatch, cast_to, check_support
-from .dynamics import SAFETY, iterate, momentum_for, power_iteration, relax_map
+from .dynamics import SAFETY, iterate, power_iteration, relax_map
 from .functional import check_vmappable, make_loss, make_model_fn, split_model, task_map
 from .inner_problem import InnerProblem
 
