@@ -294,7 +294,8 @@ class MetaMethod(GradientMethod, nn.Module):
         omega) with gradients only, until the residual ``|grad E| / |grad E(phi0)|`` is below tol.
 
         Returns (phi, SolverStats, info) where info holds the per-task step ``a``, momentum ``m``,
-        ``lmax`` (None with a given inner_lr), ``scale`` = |grad E(phi0)| and ``hvps`` (power iteration).
+        ``lmax`` (None with a given inner_lr), ``scale`` = |grad E(phi0)|, ``hvps`` (power iteration) and
+        ``grad_e`` = grad E at the returned phi (evaluated by the last step already: no further gradient).
         ``shift``: a constant per-task force c added to f (the energy gets ``- <c, phi>``); ``scale``: the
         residual's denominator (default |grad E(phi0)|); ``reuse``: the info of an earlier relaxation
         (its step and momentum are kept, no new eigenvalue estimate).
@@ -325,15 +326,15 @@ class MetaMethod(GradientMethod, nn.Module):
         state, rebuild = tree_pack([phi0, tree_zeros_like(phi0), dict(phi0), inf, a, m, scale0])
 
         def step(z):
-            new, res = mapped(*rebuild(z), *data)
-            return tree_pack(new)[0], res
+            new, res, g = mapped(*rebuild(z), *data)
+            return tree_pack(new)[0], res, g
 
         tol = self.tol_for(ref.dtype)
-        z, st, _ = iterate(step, state, tol, self.inner_steps if steps is None else int(steps))
+        z, st, _, grad_e = iterate(step, state, tol, self.inner_steps if steps is None else int(steps), aux=True)
         phi, _, _, _, a, m, scale = rebuild(z)
         if tol is None and not self.equilibrium:
             st.converged = not st.diverged  # an unrolled method's K steps are its definition
-        info.update(a=a, m=m, scale=scale)
+        info.update(a=a, m=m, scale=scale, grad_e=grad_e)
         return phi, st, info
 
     def _free(self, system: InnerProblem, omega: Tree, lam: Tree, xs, ys):

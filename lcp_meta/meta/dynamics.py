@@ -49,8 +49,7 @@ def momentum_for(a: torch.Tensor, mu: float) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------- the loop
-def iterate(step: Callable, state: Tuple[torch.Tensor, ...], tol, max_iter: int
-            ) -> Tuple[Tuple[torch.Tensor, ...], SolverStats, torch.Tensor]:
+def iterate(step: Callable, state: Tuple[torch.Tensor, ...], tol, max_iter: int, aux: bool = False):
     """Run ``step(state) -> (new_state, residual (T,) or (T, k)[, stuck (T,)])`` until every task's
     residuals are <= tol (or it is stuck: it stops there, unconverged).
 
@@ -60,6 +59,11 @@ def iterate(step: Callable, state: Tuple[torch.Tensor, ...], tol, max_iter: int
     runs exactly ``max_iter`` updates (then ``converged`` is False: nothing says the run is at an
     equilibrium).  Returns (state, SolverStats, per-task residuals).  Stops early when a residual is not
     finite (``diverged``).
+
+    ``aux=True``: the step returns ``(new_state, residual, extra)`` instead, ``extra`` anything it computed
+    at its input state (e.g. the force), and a fourth value is returned: the ``extra`` of the last call,
+    which was made at the state returned (every task, done ones included, is evaluated at each call), so a
+    caller gets it without evaluating the returned state again.
     """
     T = state[0].shape[0]
     done = torch.zeros(T, dtype=torch.bool, device=state[0].device)
@@ -70,7 +74,10 @@ def iterate(step: Callable, state: Tuple[torch.Tensor, ...], tol, max_iter: int
         while True:
             out = step(state)
             new, r = out[0], out[1]
-            stuck = out[2] if len(out) > 2 else None  # tasks that cannot move on (stop, not converged)
+            if aux:
+                extra, stuck = out[2], None
+            else:
+                stuck = out[2] if len(out) > 2 else None  # tasks that cannot move on (stop, not converged)
             res = r.detach().to(torch.float64)
             worst = res if res.dim() == 1 else res.amax(1)
             finite = torch.isfinite(worst)
@@ -88,7 +95,7 @@ def iterate(step: Callable, state: Tuple[torch.Tensor, ...], tol, max_iter: int
     st = SolverStats(iterations=k, residual=float(worst.max()) if not diverged else float("nan"),
                      converged=bool(flags[0]) and not diverged, diverged=diverged, per_sample=worst.cpu())
     st.stuck = bool(stuck.any()) if stuck is not None else False
-    return state, st, res
+    return (state, st, res, extra) if aux else (state, st, res)
 
 
 # ------------------------------------------------------------------------------- eigenvalue estimate
@@ -121,6 +128,8 @@ def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: f
     the run diverge.
     Otherwise (a user's inner_lr, momentum m) it is the plain dynamics.  Residual:
     ``|grad E(phi)| / |grad E(phi_start)|`` (the force left, relative to the force at the start).
+    Returns ``(new state, residual, grad E(phi))``: the gradient at the input state is returned too (see
+    :func:`iterate`'s ``aux``), so the force at the relaxed state costs no further gradient.
     """
     nudged = beta != 0.0
 
@@ -152,13 +161,13 @@ def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: f
             restart = bad | rise | uphill
             m_new = torch.where(restart, torch.zeros_like(a_new), momentum_for(a_new, mu))
             res = torch.where(bad, torch.full_like(res, float(1e30)), res)  # a rejected point is not a solution
-            g = {k: torch.where(bad, torch.zeros_like(g[k]), g[k]) for k in g}
+            g0, g = g, {k: torch.where(bad, torch.zeros_like(g[k]), g[k]) for k in g}
             vel_n = {k: m_new * vel[k] - a_new * g[k] for k in vel}
             base = {k: torch.where(bad, phi_prev[k], phi[k]) for k in phi}  # non-finite: back to the last point
             phi_n = {k: base[k] + vel_n[k] for k in phi}
-            return (phi_n, vel_n, base, torch.where(bad, e_prev, e), a_new, m_new, scale), res
+            return (phi_n, vel_n, base, torch.where(bad, e_prev, e), a_new, m_new, scale), res, g0
         vel_n = {k: m * vel[k] - a * g[k] for k in vel}
-        return ({k: phi[k] + vel_n[k] for k in phi}, vel_n, phi_prev, e, a, m, scale), res
+        return ({k: phi[k] + vel_n[k] for k in phi}, vel_n, phi_prev, e, a, m, scale), res, g
 
     return one
 
@@ -189,21 +198,22 @@ def control_map(system, omega: Tree, lam: Tree, beta: float) -> Callable:
 
 
 # ------------------------------------------------------------------ control at a fixed inner state
-def cg_step(A: Callable[[Tree], Tree], x: Tree, r: Tree, p: Tree, rs: torch.Tensor, active: torch.Tensor):
-    """One conjugate-gradient step on ``A x = b`` (residual ``r = b - A x``, search direction ``p``,
-    ``rs = r . r``), taken only where ``active``.  An active task whose curvature ``p^T A p`` is not positive
-    (an indefinite system, or NaN) is flagged ``bad`` and does not move.  Returns
-    ``(x, r, p, rs, bad, moved)``; shared by LCP's control (:func:`cg_control`) and iMAML's CG."""
-    Ap = A(p)
-    pAp = tree_dot(p, Ap)
+def cg_step(Ap: Tree, x: Tree, r: Tree, p: Tree, rs: torch.Tensor, active: torch.Tensor, batched: bool = True):
+    """One conjugate-gradient step on ``A x = b`` given the product ``Ap = A p`` (residual ``r = b - A x``,
+    search direction ``p``, ``rs = r . r``), taken only where ``active``.  An active task whose curvature
+    ``p^T A p`` is not positive (an indefinite system, or NaN) is flagged ``bad`` and does not move.  Returns
+    ``(x, r, p, rs, bad, moved)``.  ``batched``: the trees carry a leading task dim and ``rs``/``active`` are
+    per task (the bookkeeping then runs on the batched tensors, outside vmap); else one task (inside vmap)."""
+    col = (lambda t, like: t.view(-1, *([1] * (like.dim() - 1)))) if batched else (lambda t, like: t)
+    pAp = tree_dot(p, Ap, batched)
     bad = active & ~(pAp > 0)
     go = active & ~bad
     alpha = torch.where(go, rs / torch.where(go, pAp, torch.ones_like(pAp)), 0 * rs)
-    x = {k: x[k] + alpha * p[k] for k in x}
-    r = {k: r[k] - alpha * Ap[k] for k in r}
-    rs_new = tree_dot(r, r)
+    x = {k: x[k] + col(alpha, p[k]) * p[k] for k in x}
+    r = {k: r[k] - col(alpha, Ap[k]) * Ap[k] for k in r}
+    rs_new = tree_dot(r, r, batched)
     ratio = torch.where(go, rs_new / torch.where(go, rs, torch.ones_like(rs)), 0 * rs)
-    p = {k: torch.where(go, r[k] + ratio * p[k], p[k]) for k in p}
+    p = {k: torch.where(col(go, p[k]), r[k] + col(ratio, p[k]) * p[k], p[k]) for k in p}
     return x, r, p, torch.where(go, rs_new, rs), bad, go
 
 
@@ -216,18 +226,29 @@ def cg_control(tmap: Callable, system, lam: Tree, phi: Tree, g: Tree, xs, ys, to
     ``u* = -(Hess l_in + lam)^-1 grad l_out`` in at most dim(u) steps (far fewer for the clustered spectra of
     few-shot problems) instead of ~sqrt(condition number) per digit.
 
-    Task-batched (``g = grad l_out(phi)`` per task); each task stops once its residual
+    Task-batched (``g = grad l_out(phi)`` per task); the loop runs until every task's residual
     ``|(Hess l_in + lam) u + g| / |g|`` is <= tol.  That residual is CG's recursive one (``r = -(A u + g)``
     up to round-off), known after each step without a further product with A, so a step is never spent only
-    on certifying the last one; a task that is done is frozen by :func:`cg_step`'s mask.  A task whose
-    curvature ``p^T A p`` is not positive (Hess l_in + lam indefinite at phi) stops at its last iterate and
-    is flagged.  Returns (u, SolverStats (``stuck``: some task was flagged), residuals (T,), flagged (T,)).
+    on certifying the last one.  The tasks are stepped together (vmapped, or masked in a loop): a task that
+    meets tol before the others costs the same whether it is frozen or stepped, so it goes on stepping while
+    others run (its residual is <= tol at the end all the same: the certificate holds, the solution is only
+    more exact).  A task whose curvature ``p^T A p`` is not positive
+    (Hess l_in + lam indefinite at phi) stops at its last iterate; it is flagged where its residual was
+    still above tol (a task that met tol simply stops there).  Returns (u, SolverStats (``stuck``: some task
+    was flagged), residuals (T,), flagged (T,)).
     """
 
-    def one(phi, u, r, p, rs, active, xs, ys):
-        return cg_step(lambda v: system.curvature(phi, v, lam, xs, ys), u, r, p, rs, active)
+    def curvature(ph, v, x, y):
+        return system.curvature(ph, v, lam, x, y)
 
-    mapped = tmap(one, (0,) * 8)
+    def fixed_steps(ph, u, r, p, rs, live, x, y):  # one task, all max_iter steps inside one vmap
+        bad_any = torch.zeros_like(live)
+        for _ in range(max_iter):
+            u, r, p, rs, bad, go = cg_step(curvature(ph, p, x, y), u, r, p, rs, live, batched=False)
+            bad_any, live = bad_any | bad, go & (rs > 0)
+        return u, r, p, rs, bad_any
+
+    product = tmap(curvature, (0, 0, 0, 0))
     with torch.no_grad():
         if u0 is None:
             u = tree_zeros_like(g)
@@ -238,14 +259,22 @@ def cg_control(tmap: Callable, system, lam: Tree, phi: Tree, g: Tree, xs, ys, to
         rs = tree_dot(r, r, batched=True)
         gn = tree_norm(g, batched=True)
         res = safe_ratio(rs.sqrt(), gn)  # from 0: 1 (0 where grad l_out = 0, NaN for non-finite data)
-        active = res > tol
-        flagged = torch.zeros_like(active)
+        need = res > tol  # tasks whose residual is above tol: the loop runs while there are any
+        live = need.clone()  # tasks that are stepped (a task met tol at its start has nothing to improve)
+        flagged = torch.zeros_like(need)
         k = 0
-        while k < max_iter and bool(active.any()):
-            u, r, p, rs, bad, go = mapped(phi, u, r, p, rs, active, xs, ys)
-            flagged = flagged | bad
+        if tol <= 0 and max_iter > 0:  # a fixed number of steps (iMAML's cg_steps): no residual to check
+            # between steps, so the whole loop runs in one task-mapped call (fewer vmap boundaries)
+            u, r, p, rs, flagged = tmap(fixed_steps, (0,) * 8)(phi, u, r, p, rs, live, xs, ys)
+            res, k, need = safe_ratio(rs.sqrt(), gn), max_iter, torch.zeros_like(need)
+        while k < max_iter and bool(need.any()):
+            u, r, p, rs, bad, go = cg_step(product(phi, p, xs, ys), u, r, p, rs, live)
+            flagged = flagged | (bad & need)
             res = safe_ratio(rs.sqrt(), gn)
-            active = go & (res > tol)
+            live = go & (rs > 0)  # stepped while others run; r = 0 is exact (no direction left)
+            # (CG's residual norm need not fall monotonically: a task that met tol and rose above it again
+            # counts as unfinished, so the loop ends with every residual <= tol, or at max_iter unconverged)
+            need = live & (res > tol)
             k += 1
     res = res.to(torch.float64)
     finite = bool(torch.isfinite(res).all())

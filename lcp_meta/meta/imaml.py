@@ -12,10 +12,9 @@ from typing import Optional
 
 import torch
 
-from ..core.tree import tree_dot
+from ..core.tree import tree_map
 from .base import MetaGradient, MetaMethod, MetaStats, check_positive
-from .dynamics import cg_step
-from .functional import grad_and_hvp
+from .dynamics import cg_control
 
 __all__ = ["IMAML"]
 
@@ -50,30 +49,17 @@ class IMAML(MetaMethod):
         check_positive("damping", damping, allow_zero=True)
         self.cg_steps, self.cg_tol, self.damping = int(cg_steps), cg_tol, float(damping)
 
-    def _cg(self, system, lam):
-        """Per-task CG on (Hess l_in(phi) + lam + damping) y = b from y = 0, masked per task: a task stops
-        when its residual meets cg_tol or its curvature p^T A p is not positive (indefinite system)."""
-        damping, steps, cg_tol = self.damping, self.cg_steps, self.cg_tol
-
-        def cg(phi, b, xs, ys):
-            def A(v):
-                _, hv = grad_and_hvp(system.loss, phi, v, xs, ys)
-                return {k: hv[k] + (lam[k] + damping) * v[k] for k in v}
-
-            y = {k: torch.zeros_like(v) for k, v in b.items()}
-            r, p = dict(b), dict(b)
-            rs = tree_dot(r, r)
-            bnorm = rs.sqrt()
-            active = bnorm > 0
-            indefinite = torch.zeros_like(active)
-            for _ in range(steps):
-                if cg_tol is not None:
-                    active = active & (rs.sqrt() > cg_tol * bnorm)
-                y, r, p, rs, bad, active = cg_step(A, y, r, p, rs, active)
-                indefinite = indefinite | bad
-            return y, rs.sqrt() / bnorm.clamp_min(torch.finfo(bnorm.dtype).tiny), indefinite
-
-        return system.tmap(cg, (0, 0, 0, 0))
+    def _cg(self, system, lam, phi, b, xs, ys):
+        """(Hess l_in(phi) + lam + damping) y = b per task by CG from y = 0: the same routine as LCP's
+        control at a fixed inner state (:func:`~lcp_meta.meta.dynamics.cg_control`, which solves
+        ``A u = -g``, so ``g = -b``), for exactly ``cg_steps`` steps, or until every task's relative residual
+        meets ``cg_tol``.  A task whose curvature p^T A p is not positive (indefinite system) stops at its
+        last iterate and is flagged.  Returns (y, relative residuals (T,), flagged (T,))."""
+        damped = lam if self.damping == 0 else {k: v + self.damping for k, v in lam.items()}
+        tol = 0.0 if self.cg_tol is None else self.cg_tol  # 0: no task stops before cg_steps (unless exact)
+        y, _, res, flagged = cg_control(self._tmap, system, damped, phi, tree_map(torch.neg, b), xs, ys, tol,
+                                        self.cg_steps)
+        return y, res, flagged
 
     def _meta_gradient(self, system, params, tb):
         omega = {k: v.detach() for k, v in params.items()}
@@ -84,7 +70,7 @@ class IMAML(MetaMethod):
         st.phase = "inner"
         with torch.no_grad():
             go = system.grads(phi, tb.x_query, tb.y_query)
-            y, cg_res, indefinite = self._cg(system, lam)(phi, go, tb.x_support, tb.y_support)
+            y, cg_res, indefinite = self._cg(system, lam, phi, go, tb.x_support, tb.y_support)
             grads = {k: (lam[k] * y[k]).mean(0) for k in omega}
             lam_grads = {k: (-(phi[k] - omega[k]) * y[k]).mean(0) for k in omega} if self.learn_lam else None
             stats.control_residual = float(cg_res.max())
