@@ -185,14 +185,14 @@ class _MethodRun:
             "optimizer": self.opt.state_dict(), "curve": self.curve, "step_times": self.step_times,
             "peak_mib": self.peak_mib, "divergences": self.divergences,
             # a method's own state beyond the model (e.g. CML's Polyak average of the meta-parameters)
-            "method_buffers": self._method_buffers()}, self.ckpt_path)
+            "method_buffers": {k: b.detach().cpu() for k, b in self._method_buffers().items()}}, self.ckpt_path)
 
     def _method_buffers(self) -> dict:
-        method = self.method
-        if not isinstance(method, torch.nn.Module):
+        """The method's own buffers (not the model's), by name: saved with and restored from the checkpoint."""
+        if not isinstance(self.method, torch.nn.Module):
             return {}
         inside = {id(b) for b in self.model.buffers()}
-        return {k: b.detach().cpu() for k, b in method.named_buffers() if id(b) not in inside}
+        return {k: b for k, b in self.method.named_buffers() if id(b) not in inside}
 
     def restore(self) -> bool:
         if not self.ckpt_path.is_file():
@@ -207,7 +207,7 @@ class _MethodRun:
         self.opt.load_state_dict(ckpt["optimizer"])
         self.step, self.curve, self.step_times = ckpt["step"], ckpt["curve"], ckpt["step_times"]
         self.peak_mib, self.divergences = ckpt["peak_mib"], ckpt["divergences"]
-        buffers = dict(self.method.named_buffers()) if isinstance(self.method, torch.nn.Module) else {}
+        buffers = self._method_buffers()
         with torch.no_grad():
             for k, saved in ckpt.get("method_buffers", {}).items():  # absent in checkpoints before 2026-11-28
                 buffers[k].copy_(saved.to(buffers[k].device))
