@@ -75,12 +75,15 @@ def test_closed_form_rnn_jacobian_equals_forward_mode(loss, kp, bias):
     z = torch.randn(5, 9, dtype=DT)
     oh = newton.onehot
 
-    def one(zr, cr, ohr):
-        return newton.residual(zr[None], cr[None], ohr[None])[0]
+    def one(zr, cr, ohr):  # the generic residual (the model's g and VJPs), not the closed form
+        return StragglerNewton.residual(newton, zr[None], cr[None], ohr[None])[0]
 
     with torch.no_grad():
         ref = torch.func.vmap(torch.func.jacfwd(one))(z, c, oh)
         torch.testing.assert_close(newton.jacobian(z, c, oh), ref, rtol=1e-12, atol=1e-12)
+        # the tanh rnn's closed-form residual is the generic one
+        torch.testing.assert_close(newton.residual(z, c, oh), StragglerNewton.residual(newton, z, c, oh),
+                                   rtol=1e-13, atol=1e-13)
 
 
 # -------------------------------------------------------------------------- (a) settling samples: same update

@@ -233,13 +233,13 @@ def _reduced_flat(p: ControlProblem, v0, s0: SolverStats, budget: int, inner: st
     n, b = c.shape[1], out.b
     ce = out.loss == "ce"
     plain_y = ce and b <= PLAIN_Y_MAX_B
-    per_row = RowCache(c, out.onehot)
+    per_row = RowCache(c, out.onehot, b * out.onehot)
 
     def step(z, rows=None):
-        cr, oh = per_row(rows)
+        cr, oh, boh = per_row(rows)
         v, e, y = z[0][:, :n], z[0][:, n:2 * n], z[0][:, 2 * n:]
         sm = torch.softmax(y, 1) if ce else y
-        u = -b * (sm - oh)  # the batch-mean loss: b = beta / (the whole batch's size)
+        u = torch.add(boh, sm, alpha=-b)  # -b (sm - onehot); the batch-mean loss: b = beta / (the whole batch's size)
         vn, en, h = m.controlled_terms(cr, v, e, u, fb)
         yn = h + u if plain_y else out.newton_step(y, h, sm if ce else None, oh)
         return (torch.cat([vn, en, yn], 1),)

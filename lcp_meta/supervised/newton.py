@@ -39,6 +39,8 @@ class StragglerNewton:
         self.b = prob.out.b  # the output controller's per-sample strength (batch-mean loss)
         self.max_iter, self.stability, self.reach = max_iter, stability, reach
         self.jacobian = _tanh_rnn_jacobian(self) if _is_tanh_rnn(self.model) else None  # None: torch.func.jacfwd
+        if _is_tanh_rnn(self.model):  # the same residual in a third of the torch ops (Newton's steps cost per op)
+            self.residual = _tanh_rnn_residual(self)
         self.handed = self.solved = self.iterations = self.jacobians = self.far = 0
         self.samples = set()  # the distinct samples handed over (a sample may be handed again at a later look)
         self.moves = []  # relative distance |x* - x0| / |x0| of each root found from the handed state
@@ -150,6 +152,26 @@ def _tanh_rnn_jacobian(newton):
         return torch.cat([torch.cat([jvv, jvy], 2), torch.cat([jyv, eye_k - dudy], 2)], 1)
 
     return jacobian
+
+
+def _tanh_rnn_residual(newton):
+    """:meth:`StragglerNewton.residual` for the tanh rnn, ``s = tanh(v)``, ``e = v - W s - c``:
+    ``r_v = e - S (M e + N u)`` (``M``, ``N`` as in :func:`_tanh_rnn_jacobian`), ``r_y = y - D s - d - u``."""
+    m, fb = newton.model, newton.fb
+    W, D = m.W.weight, m.readout.weight
+    M = W if not fb else fb["W"].t()
+    N = D if not fb else fb["readout"].t()
+    n = W.shape[0]
+
+    def residual(x, c, oh):
+        v, y = x[:, :n], x[:, n:]
+        s = torch.tanh(v)
+        e = v - (torch.addmm(c, s, W.t()) if m.W.bias is None else torch.addmm(c + m.W.bias, s, W.t()))
+        u = newton._u(y, oh)
+        r_v = e - (1 - s * s) * torch.addmm(u @ N, e, M)
+        return torch.cat([r_v, y - m.readout(s) - u], 1)
+
+    return residual
 
 
 def _spectral_radius(step, z, rows) -> float:
