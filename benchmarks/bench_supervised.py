@@ -264,6 +264,9 @@ def main(argv=None):
     p.add_argument("--also-newton-off", action="store_true",
                    help="also time LCP-DI without its per-sample Newton for stalled samples (newton='off'; reported in "
                         "variant_rows, not in rows or ratios)")
+    p.add_argument("--also-generic-map", action="store_true",
+                   help="also time rnn LCP-DI with the generic reduced map (model.step_terms, Newton output step) "
+                        "instead of the flat one (model.controlled_terms); reported in variant_rows")
     p.add_argument("--frozen", action="store_true",
                    help="skip the optimizer step: time the updates at the initial parameters (no training drift); "
                         "writes supervised_<device>_frozen.*")
@@ -299,6 +302,11 @@ def main(argv=None):
                 runners.append(Ours(model_name, method_name, in_shape, device, args.seed, tol=args.also_tol))
             if method_name == "lcp-di" and args.also_newton_off:  # the same solver without per-sample Newton
                 runners.append(Ours(model_name, method_name, in_shape, device, args.seed, newton="off"))
+            if method_name == "lcp-di" and args.also_generic_map and model_name == "rnn":  # the map before issue 9's
+                # flat state: the instance attribute hides the method, and control.py takes the generic map
+                runners.append(Ours(model_name, method_name, in_shape, device, args.seed))
+                runners[-1].model.controlled_terms = None
+                runners[-1].impl += " generic-map"
             if args.peer and method_name in Peer.SETTINGS and model_name in ("ff", "rnn") and \
                     not (method_name == "bp" and model_name == "rnn"):
                 runners.append(Peer(args.peer, model_name, method_name, in_shape, device, args.seed,
