@@ -14,8 +14,6 @@ reduced iterations can settle to another one than the dynamics themselves.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
 import statistics
 import sys
