@@ -86,11 +86,15 @@ def collect(args, models, methods, seeds, codes):
     rows = []
     for model in models:
         for method in methods:
-            accs, info = [], {}
+            accs, info, partial = [], {}, []
             for seed in seeds:
                 f = Path(args.out) / run_name(model, method, seed) / "result.json"
                 if f.is_file():
                     r = json.loads(f.read_text())
+                    if r.get("status") != "finished" and r.get("epochs"):  # running or interrupted: shown apart
+                        partial.append({"seed": seed, "status": r.get("status"), "epochs": len(r["epochs"]),
+                                        "of": r.get("config", {}).get("epochs"),
+                                        "curve": [100 * e["test_accuracy"] for e in r["epochs"]]})
                     if r.get("status") == "finished" and r.get("epochs"):
                         accs.append(100 * r["final_test_accuracy"])
                         sums = [e.get("residuals") for e in r["epochs"] if e.get("residuals")]
@@ -103,7 +107,7 @@ def collect(args, models, methods, seeds, codes):
                                 "device": r.get("device_name")}
             failed = [s for s in seeds if codes.get(run_name(model, method, s), 0) != 0]
             rows.append({"model": model, "method": method, "accuracies": accs, "failed_seeds": failed,
-                         "paper": PAPER.get((model, method)), **info})
+                         "paper": PAPER.get((model, method)), "unfinished": partial, **info})
     return rows
 
 
@@ -135,6 +139,11 @@ def write_report(args, rows, path):
                  if r.get("applied") else "-")
         lines.append(f"| {r['model']} | {r['method']} | {ours} | {paper} | {r.get('epochs', '-')} | {it} | "
                      f"{above} | {r.get('skipped', '-')} | {hours} |")
+    unfinished = [(r, u) for r in rows for u in r.get("unfinished", [])]
+    if unfinished:
+        lines += ["", "Runs not finished (not in the table above; test accuracy % after each epoch so far):", ""]
+        lines += [f"- {r['model']} {r['method']} seed {u['seed']} ({u['status']}, {u['epochs']} of {u['of'] or '?'} "
+                  f"epochs): " + ", ".join(f"{a:.2f}" for a in u["curve"]) for r, u in unfinished]
     lines += ["", "Final residual of the controlled / free+adjoint solves per epoch (relative change at the last step; "
               "'above tol': the solve hit its iteration cap, its update was applied from the state reached):", "",
               "| model | method | seed | epoch | batches | above tol | share | max residual | median residual | "
