@@ -102,3 +102,19 @@ def test_flat_reduced_on_settling_samples_with_newton_hand_overs_equals_tight_eu
     got, st = _update(model, "lcp-di", x, y, tol=1e-12, newton_options={"window": 1, "min_iter": 10}, **gains)
     assert st["converged"] and st["newton_samples"] == 8 and st["newton_solved"] == 8
     assert _rel(got, ref) < 1e-8
+
+
+def test_the_batch_wide_stop_of_the_paper_preset_keeps_the_generic_map(monkeypatch):
+    model, x, y = _rnn()
+    gains = dict(alpha=0.5, k_i=1.0, k_p=0.5, tol=1e-10)
+    flat, _ = _update(model, "lcp-di", x, y, **gains)  # the default: per-sample stop, flat map
+
+    def refuse(*args, **kw):
+        raise AssertionError("the batch-wide stop must not take the flat map")
+
+    monkeypatch.setattr(type(model), "controlled_terms", refuse)
+    wide, st = _update(model, "lcp-di", x, y, stop_rule="batch", **gains)
+    assert st["converged"] and "mean_iterations" not in st
+    generic, _ = _update(model, "lcp-di", x, y, generic=True, stop_rule="batch", **gains)
+    torch.testing.assert_close(wide, generic, rtol=0, atol=0)
+    assert _rel(wide, flat) < 1e-7

@@ -199,7 +199,8 @@ def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw:
         return (v, y, e, u), _finish([s0, s1], s0.iterations + s1.iterations)
 
     ce, batch = out.loss == "ce", c.shape[0]
-    if getattr(m, "controlled_terms", None) is not None and c.dim() == 2:
+    if p.active_set and getattr(m, "controlled_terms", None) is not None and c.dim() == 2:
+        # (the per-sample stop only: the batch-wide stop of the paper preset keeps the map it was measured with)
         return _reduced_flat(p, v0, s0, budget, inner, inner_kw)
 
     per_row = RowCache(c, out.onehot)
@@ -224,10 +225,10 @@ PLAIN_Y_MAX_B = 0.5
 
 
 def _reduced_flat(p: ControlProblem, v0, s0: SolverStats, budget: int, inner: str, inner_kw: dict):
-    """The reduced map of :func:`_reduced` (finite beta) for a model with ``controlled_terms`` (the rnn), on one
-    flat state ``[v, e, y]`` per sample: the same fixed point and the same stop rule (the relative change of the
-    concatenated state), with a third of the torch ops per step, which is what the iteration of the last few
-    samples costs.  ``y`` takes the plain step ``h + u(y)`` for the cross-entropy loss under weak control
+    """The reduced map of :func:`_reduced` (finite beta, per-sample stop) for a model with ``controlled_terms``
+    (the rnn), on one flat state ``[v, e, y]`` per sample: the same fixed point and the same stop rule (the
+    relative change of the concatenated state), with a third of the torch ops per step, which is what the
+    iteration of the last few samples costs.  ``y`` takes the plain step ``h + u(y)`` for the cross-entropy loss under weak control
     (``PLAIN_Y_MAX_B``), else the Newton step (exact in one step for MSE)."""
     m, c, out, fb = p.model, p.c, p.out, p.fb
     n, b = c.shape[1], out.b
