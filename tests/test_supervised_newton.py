@@ -61,10 +61,11 @@ def test_newton_rows_solves_each_row_and_gives_up_where_there_is_no_root():
     assert counts["jacobians"] <= 3 * 10 and counts["steps"] >= counts["jacobians"] // 3
 
 
+@pytest.mark.parametrize("act", ["tanh", "relu", "linear"])
 @pytest.mark.parametrize("loss,kp,bias", [("ce", False, False), ("mse", False, True), ("ce", True, True)])
-def test_closed_form_rnn_jacobian_equals_forward_mode(loss, kp, bias):
+def test_closed_form_rnn_jacobian_equals_forward_mode(loss, kp, bias, act):
     torch.manual_seed(3)
-    model = build_model("rnn", in_shape=(4,), num_classes=3, hidden=6, recurrent_bias=bias).to(DT)
+    model = build_model("rnn", in_shape=(4,), num_classes=3, hidden=6, recurrent_bias=bias, activation=act).to(DT)
     x, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
     with torch.no_grad():
         c = model.encode(x)
@@ -81,7 +82,7 @@ def test_closed_form_rnn_jacobian_equals_forward_mode(loss, kp, bias):
     with torch.no_grad():
         ref = torch.func.vmap(torch.func.jacfwd(one))(z, c, oh)
         torch.testing.assert_close(newton.jacobian(z, c, oh), ref, rtol=1e-12, atol=1e-12)
-        # the tanh rnn's closed-form residual is the generic one
+        # the rnn's closed-form residual is the generic one
         torch.testing.assert_close(newton.residual(z, c, oh), StragglerNewton.residual(newton, z, c, oh),
                                    rtol=1e-13, atol=1e-13)
 

@@ -262,6 +262,44 @@ class RecurrentEquilibrium(EquilibriumModel):
         N = self.readout.weight if not fb else fb["readout"].t()
         return torch.addmm(ce, s, self.W.weight.t()), sp * torch.addmm(u @ N, e, M), self.readout(s)
 
+    def _feedback(self, fb):
+        """``(M, N)``: the matrices of ``J_g^T e = s' (e M)`` and ``J_h^T u = s' (u N)`` (``W``, ``D``; KP: ``B^T``)."""
+        return (self.W.weight if not fb else fb["W"].t()), (self.readout.weight if not fb else fb["readout"].t())
+
+    def fixed_point_residual(self, c, v, u, fb=None):
+        """LCP-DI's fixed-point equation in ``v`` for a given output control ``u``, and ``h(v)``:
+        ``r_v = e - J_g(v)^T e - J_h(v)^T u`` with ``e = v - g(c, v)`` (per-sample Newton, supervised/newton.py;
+        in few ops: Newton's steps on a few samples cost per op)."""
+        s = _act(v, self.activation)
+        sp = _act_prime(v, s, self.activation)
+        M, N = self._feedback(fb)
+        e = v - torch.addmm(c if self.W.bias is None else c + self.W.bias, s, self.W.weight.t())
+        return e - sp * torch.addmm(u @ N, e, M), self.readout(s)
+
+    def fixed_point_jacobian(self, c, v, u, fb=None, cache=None):
+        """The Jacobians of :meth:`fixed_point_residual` in closed form, per sample: ``d r_v / d v`` (B, n, n),
+        ``d r_v / d u`` (B, n, K) and ``d h / d v`` (B, K, n).  With ``S = diag(s')``, ``q = M e + N u``::
+
+            d r_v / d v = (I - S M^T)(I - W S) - diag(s'' q) = I - W S - S M^T + S (M^T W) S - diag(s'' q)
+            d r_v / d u = -S N^T,     d h / d v = D S
+
+        ``M^T W`` is formed once per ``cache`` (a dict the caller keeps while the parameters stay), so a Jacobian
+        costs elementwise operations on n x n matrices, not an n^3 product per sample (~0.6 ms by the product vs
+        ~8 ms by forward mode for the MNIST rnn on one CPU thread; the Jacobian is what Newton's cost is)."""
+        W, D = self.W.weight, self.readout.weight
+        M, N = self._feedback(fb)
+        s = _act(v, self.activation)
+        sp = _act_prime(v, s, self.activation)
+        cache = {} if cache is None else cache
+        if "mtw" not in cache:
+            cache["mtw"] = M.t() @ W
+        e = v - torch.addmm(c if self.W.bias is None else c + self.W.bias, s, W.t())
+        spc = sp[:, :, None]
+        jvv = spc * (cache["mtw"] * sp[:, None, :] - M.t()) - W * sp[:, None, :]  # S M^T W S - S M^T - W S
+        spp = -2 * s * sp if self.activation == "tanh" else torch.zeros_like(s)  # s'' (0 a.e. for relu, linear)
+        jvv.diagonal(dim1=1, dim2=2).add_(1 - spp * torch.addmm(u @ N, e, M))  # + I - diag(s'' q)
+        return jvv, -(spc * N.t()), D * sp[:, None, :]
+
 
 def _batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update: bool) -> torch.Tensor:
     """Batch norm that, in training mode, uses the batch statistics *without* moving the running ones

@@ -2,7 +2,8 @@
 
 :class:`StragglerNewton` is handed the stalled samples by the active-set Euler iteration (through
 :class:`~lcp_meta.core.solvers.StallRescue`, see ``supervised/di.py``) and solves their controlled-equilibrium
-equations by Newton's method (:func:`~lcp_meta.core.solvers.newton_rows`); the tanh rnn's Jacobian is in closed form.
+equations by Newton's method (:func:`~lcp_meta.core.solvers.newton_rows`); the rnn's Jacobian is in closed form
+(``RecurrentEquilibrium.fixed_point_jacobian``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import math
 import torch
 
 from ..core.solvers import newton_rows, relative_change
-from ..models.networks import RecurrentEquilibrium
 
 __all__ = ["StragglerNewton"]
 
@@ -27,8 +27,9 @@ class StragglerNewton:
         r_v = e - J_g(v)^T e - J_h(v)^T u(y),     r_y = y - h(v) - u(y),     u(y) = -beta/B grad_y l_i(y)
 
     with the dense (n + classes)^2 Jacobian by forward mode (``torch.func.jacfwd``, vmapped over the stalled
-    samples; in closed form for the tanh rnn; ``fb`` the KP feedback weights).  A sample counts as solved only
-    where the reduced map itself (``step``) moves it by less than half the tolerance: the stop rule is Euler's.
+    samples; in closed form where the model has one, ``fixed_point_jacobian``: the rnn; ``fb`` the KP feedback
+    weights).  A sample counts as solved only where the reduced map itself (``step``) moves it by less than half
+    the tolerance: the stop rule is Euler's.
     Where the Jacobian turns singular without a root (a local minimum of ``|r|``: no fixed point near that point
     of the orbit), Newton gives up after a few steps and the sample goes on as without it, until a later look
     hands it over again from elsewhere on its orbit."""
@@ -38,9 +39,9 @@ class StragglerNewton:
         self.onehot, self.ce = prob.out.onehot, prob.out.loss == "ce"
         self.b = prob.out.b  # the output controller's per-sample strength (batch-mean loss)
         self.max_iter, self.stability, self.reach = max_iter, stability, reach
-        self.jacobian = _tanh_rnn_jacobian(self) if _is_tanh_rnn(self.model) else None  # None: torch.func.jacfwd
-        if _is_tanh_rnn(self.model):  # the same residual in a third of the torch ops (Newton's steps cost per op)
-            self.residual = _tanh_rnn_residual(self)
+        self.jacobian = None  # None: torch.func.jacfwd
+        if hasattr(self.model, "fixed_point_jacobian"):  # the model's closed forms (the rnn)
+            self.jacobian, self.residual = _closed_form(self)
         self.handed = self.solved = self.iterations = self.jacobians = self.far = 0
         self.samples = set()  # the distinct samples handed over (a sample may be handed again at a later look)
         self.moves = []  # relative distance |x* - x0| / |x0| of each root found from the handed state
@@ -109,69 +110,36 @@ class StragglerNewton:
         return out
 
 
-def _is_tanh_rnn(model) -> bool:
-    return type(model) is RecurrentEquilibrium and model.activation == "tanh"
+def _closed_form(newton):
+    """``(jacobian, residual)`` of :meth:`StragglerNewton.residual` from the model's closed forms
+    (``fixed_point_jacobian``, ``fixed_point_residual``; tests/test_supervised_newton.py checks them against forward
+    mode and the generic residual), with the output controller's part: ``u = u(y)``, ``r_y = y - h(v) - u``::
 
-
-def _tanh_rnn_jacobian(newton):
-    """The Jacobian of :meth:`StragglerNewton.residual` for the tanh rnn ``g = W s(v) + c``, ``h = D s(v) + d``, in
-    closed form: ~13x cheaper than forward mode on the MNIST rnn (0.6 vs 8 ms per sample on one CPU thread),
-    and the Jacobian is what Newton's cost is.  With ``S = diag(s')``, ``M``, ``N`` the matrices that the VJPs
-    use (``W``, ``D``, or KP's ``B^T``), ``q = M^T e + N^T u``::
-
-        d r_v / d v = (I - S M^T)(I - W S) - diag(s'' q),   d r_v / d y = -S N^T du/dy,
-        d r_y / d v = -D S,                                  d r_y / d y = I - du/dy
-    The product is expanded as ``I - W S - S M^T + S (M^T W) S`` with ``M^T W`` formed once per batch: a Jacobian
-    then costs elementwise operations on n x n matrices instead of an n^3 product per sample
-    (tests/test_supervised_newton.py checks it against forward mode)."""
+        d r_v / d y = (d r_v / d u) du/dy,   d r_y / d v = -dh/dv,   d r_y / d y = I - du/dy"""
     m, fb = newton.model, newton.fb
-    W, D = m.W.weight.detach(), m.readout.weight.detach()
-    M = W if not fb else fb["W"].t().detach()
-    N = D if not fb else fb["readout"].t().detach()
-    n, k = W.shape[0], D.shape[0]
-    mtw = []  # M^T W, formed at the first Jacobian (most batches need none)
-
-    def jacobian(x, c, oh):
-        v, y = x[:, :n], x[:, n:]
-        s = torch.tanh(v)
-        sp = 1 - s * s
-        e = v - m.g(c, v)
-        p = torch.softmax(y, -1) if newton.ce else None
-        u = newton._u(y, oh)
-        q = e @ M + u @ N
-        if not mtw:
-            mtw.append(M.t() @ W)
-        spc = sp[:, :, None]
-        jvv = spc * (mtw[0] * sp[:, None, :] - M.t()) - W * sp[:, None, :]  # S M^T W S - S M^T - W S
-        jvv.diagonal(dim1=1, dim2=2).add_(1 + 2 * s * sp * q)  # + I - diag(s'' q)  (s'' = -2 s s')
-        eye_k = torch.eye(k, dtype=x.dtype, device=x.device)
-        dudy = (-newton.b * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) if newton.ce
-                else (-newton.b * eye_k).expand(x.shape[0], k, k))
-        jvy = -(sp[:, :, None] * N.t()) @ dudy
-        jyv = -D * sp[:, None, :]
-        return torch.cat([torch.cat([jvv, jvy], 2), torch.cat([jyv, eye_k - dudy], 2)], 1)
-
-    return jacobian
-
-
-def _tanh_rnn_residual(newton):
-    """:meth:`StragglerNewton.residual` for the tanh rnn, ``s = tanh(v)``, ``e = v - W s - c``:
-    ``r_v = e - S (M e + N u)`` (``M``, ``N`` as in :func:`_tanh_rnn_jacobian`), ``r_y = y - D s - d - u``."""
-    m, fb = newton.model, newton.fb
-    W, D = m.W.weight, m.readout.weight
-    M = W if not fb else fb["W"].t()
-    N = D if not fb else fb["readout"].t()
-    n = W.shape[0]
+    n = math.prod(newton.c.shape[1:])
+    cache = {}  # M^T W, formed at the first Jacobian (most batches need none)
 
     def residual(x, c, oh):
         v, y = x[:, :n], x[:, n:]
-        s = torch.tanh(v)
-        e = v - (torch.addmm(c, s, W.t()) if m.W.bias is None else torch.addmm(c + m.W.bias, s, W.t()))
         u = newton._u(y, oh)
-        r_v = e - (1 - s * s) * torch.addmm(u @ N, e, M)
-        return torch.cat([r_v, y - m.readout(s) - u], 1)
+        r_v, h = m.fixed_point_residual(c, v, u, fb)
+        return torch.cat([r_v, y - h - u], 1)
 
-    return residual
+    def jacobian(x, c, oh):
+        v, y = x[:, :n], x[:, n:]
+        u = newton._u(y, oh)
+        jvv, jvu, jhv = m.fixed_point_jacobian(c, v, u, fb, cache)
+        k = y.shape[1]
+        eye_k = torch.eye(k, dtype=x.dtype, device=x.device)
+        if newton.ce:
+            p = torch.softmax(y, -1)
+            dudy = -newton.b * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+        else:
+            dudy = (-newton.b * eye_k).expand(x.shape[0], k, k)
+        return torch.cat([torch.cat([jvv, jvu @ dudy], 2), torch.cat([-jhv, eye_k - dudy], 2)], 1)
+
+    return jacobian, residual
 
 
 def _spectral_radius(step, z, rows) -> float:
