@@ -9,7 +9,10 @@ relaxation (automatic step from a power-iteration estimate, residual tolerance `
 (CG-integrated control at the relaxed state, certified by its own residual; at beta = 1e-3 rounds of
 relaxation under beta u where beta u moves the inner equilibrium by more than tol).  Both methods are
 searched over the same two dimensions: the inner tolerance, and how exactly the linear system is solved
-(iMAML: cg_steps; LCP: control_tol).
+(iMAML: cg_steps; LCP: control_tol).  Both solve it with the same CG routine (``meta.dynamics.cg_control``):
+iMAML for a fixed count, LCP until every task's residual meets control_tol (the tasks step together, so a task
+that meets it first goes on with the others at no cost).  The two cheapest settings are then timed again head
+to head (``--final-reps`` interleaved pairs) for the ratio.
 
     python benchmarks/hypergrad_accuracy.py [--reps 7]
     # writes benchmarks/results/hypergrad_accuracy_cpu.md and .json
@@ -32,9 +35,9 @@ from lcp_meta.utils import harness
 DT = torch.float64
 LAM = 1.0
 TARGET = 0.99
-TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-6)  # inner tolerance, both methods
-CG_STEPS = (1, 2, 3, 4, 5, 6, 8, 10)             # iMAML's linear solve
-CONTROL_TOLS = (0.3, 0.1, 0.05, 0.03, 0.01, 1e-3)  # LCP's (and its default, control_tol = tol)
+TOLS = (1e-1, 5e-2, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-6)  # inner tolerance, both methods
+CG_STEPS = (1, 2, 3, 4, 5, 6, 7, 8, 10)                   # iMAML's linear solve
+CONTROL_TOLS = (0.3, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03, 0.02, 0.01, 1e-3)  # LCP's (and its default, control_tol = tol)
 
 
 def problem(seed=1, T=4, n=10):
@@ -74,6 +77,7 @@ def run(method, tasks):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--final-reps", type=int, default=41, help="head-to-head pairs of the two cheapest settings")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -99,6 +103,9 @@ def main(argv=None):
             cg_indefinite=st.extra.get("cg_indefinite"), times=[])
         if method == "imaml":  # power iteration + CG steps (+ one HVP per CG step)
             rows[(method, setting)]["hvps"] = m.power_iters + m.cg_steps
+        # gradient evaluations of the inner relaxation (LCP's iterations also count its CG steps)
+        cg = m.cg_steps if method == "imaml" else (st.extra.get("control_iterations") or 0)
+        rows[(method, setting)]["relax_steps"] = st.iterations - (0 if method == "imaml" else cg)
     order = list(range(len(cands)))
     rng = random.Random(0)
     for _ in range(args.reps):  # interleaved timing
@@ -113,9 +120,39 @@ def main(argv=None):
         ok = [r for r in rows.values() if r["method"] == name and r["cosine"] >= TARGET and r["converged"] is not None]
         best[name] = min(ok, key=lambda r: r["median_ms"]) if ok else None
     ratio = best["lcp"]["median_ms"] / best["imaml"]["median_ms"] if best["lcp"] and best["imaml"] else None
+    # the same choice by work instead of by a noisy median: the cost of a setting modelled as
+    # c0 + c1 (relaxation steps) + c2 (Hessian-vector products), fitted by least squares to every row's median
+    # (both methods pooled: the per-step costs are properties of the problem, not of the method)
+    X = torch.tensor([[1.0, r["relax_steps"], r["hvps"]] for r in rows.values()], dtype=torch.float64)
+    y = torch.tensor([r["median_ms"] for r in rows.values()], dtype=torch.float64)
+    coef = torch.linalg.lstsq(X, y.unsqueeze(1)).solution.squeeze(1).tolist()
+    work = lambda r: coef[1] * r["relax_steps"] + coef[2] * r["hvps"]  # noqa: E731
+    least = {}
+    for name in ("lcp", "imaml"):
+        ok = [r for r in rows.values() if r["method"] == name and r["cosine"] >= TARGET and r["converged"] is not None]
+        least[name] = min(ok, key=lambda r: (work(r), r["median_ms"])) if ok else None
+    head = None
+    if ratio is not None and args.final_reps > 0:  # the two least-work settings alone, in pairs of random order
+        pick = {n: next(m for meth, sett, m in cands if meth == n and sett == least[n]["setting"]) for n in least}
+        pairs = []
+        for _ in range(args.final_reps):
+            order2 = list(pick)
+            rng.shuffle(order2)
+            t = {n: run(pick[n], tasks)[2] for n in order2}
+            pairs.append((t["lcp"], t["imaml"]))
+        lt, it = [1e3 * a for a, _ in pairs], [1e3 * b for _, b in pairs]
+        ratios = sorted(a / b for a, b in pairs)
+        q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731
+        head = dict(pairs=len(pairs), lcp=least["lcp"]["setting"], imaml=least["imaml"]["setting"],
+                    lcp_work=(least["lcp"]["hvps"], least["lcp"]["relax_steps"]),
+                    imaml_work=(least["imaml"]["hvps"], least["imaml"]["relax_steps"]),
+                    lcp_ms=statistics.median(lt), imaml_ms=statistics.median(it),
+                    ratio_of_medians=statistics.median(lt) / statistics.median(it),
+                    median_pair_ratio=statistics.median(ratios), pair_ratio_q25=q(0.25), pair_ratio_q75=q(0.75))
 
     prov = harness.provenance("cpu", "python benchmarks/hypergrad_accuracy.py" + (
-        f" --reps {args.reps}" if args.reps != 7 else ""))
+        f" --reps {args.reps}" if args.reps != 7 else "") + (
+        f" --final-reps {args.final_reps}" if args.final_reps != 41 else ""))
     lines = ["# Meta-gradient accuracy against the exact hypergradient, and its cost (CPU, float64)", "",
              *harness.provenance_lines(prov),
              "- times are CPU times of the computing thread (one torch thread), medians of "
@@ -127,16 +164,25 @@ def main(argv=None):
              + "; ".join(f"{n}: {b['setting']} ({b['median_ms']:.1f} ms, cosine {b['cosine']:.5f})" if b else f"{n}: none"
                          for n, b in best.items())
              + (f". **LCP / iMAML time: {ratio:.2f}x** (target <= 1.0x)." if ratio else ""),
+             *([] if head is None else [
+                 "", f"**Head to head at the least work reaching cosine >= {TARGET}** (work: the fit "
+                 f"{coef[0]:.1f} ms + {coef[1]:.2f} ms per relaxation step + {coef[2]:.2f} ms per Hessian-vector product "
+                 f"over all rows; {head['pairs']} interleaved pairs): LCP {head['lcp']} ({head['lcp_work'][0]} "
+                 f"HVPs, {head['lcp_work'][1]} relaxation steps) {head['lcp_ms']:.1f} ms, iMAML {head['imaml']} "
+                 f"({head['imaml_work'][0]} HVPs, {head['imaml_work'][1]} relaxation steps) {head['imaml_ms']:.1f} ms "
+                 f"(medians): **{head['ratio_of_medians']:.3f}x**; "
+                 f"per-pair ratio median {head['median_pair_ratio']:.3f} (quartiles {head['pair_ratio_q25']:.3f} - "
+                 f"{head['pair_ratio_q75']:.3f})."]),
              "", "| method | setting | cosine | relative error | median CPU ms | iterations | HVPs | LCP rounds "
-             "| control residual | inner residual | converged | CG stopped at p^T A p <= 0 (tasks) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| control residual | inner residual | converged | CG stopped at p^T A p <= 0 (tasks) | relaxation steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows.values():
         cr = "-" if r["control_residual"] is None else f"{r['control_residual']:.1e}"
         ir = "-" if r["inner_residual"] is None else f"{r['inner_residual']:.1e}"
         lines.append(f"| {r['method']} | {r['setting']} | {r['cosine']:.6f} | {r['rel_error']:.1e} | "
                      f"{r['median_ms']:.1f} | {r['iterations']} | {r['hvps']} | "
                      f"{'-' if r['rounds'] is None else r['rounds']} | {cr} | {ir} | {r['converged']} | "
-                     f"{'-' if r['cg_indefinite'] is None else r['cg_indefinite']} |")
+                     f"{'-' if r['cg_indefinite'] is None else r['cg_indefinite']} | {r['relax_steps']} |")
     if raised:
         lines += ["", "Settings that raised (DivergenceError; nothing accumulated):", "", "| method | setting | error |",
                   "|---|---|---|"] + raised
@@ -144,7 +190,7 @@ def main(argv=None):
               "control residual is the CG residual.  LCP is converged only when its inner residual is below tol and "
               "its control residual below control_tol (default: tol)."]
     harness.write_results(Path(args.out) / "hypergrad_accuracy_cpu", {
-        **prov, "shared_machine": True, "target_cosine": TARGET, "best": best, "lcp_over_imaml_time": ratio,
+        **prov, "shared_machine": True, "target_cosine": TARGET, "best": best, "lcp_over_imaml_time": ratio, "head_to_head": head, "cost_fit_ms": coef,
         "rows": list(rows.values()), "raised": raised}, lines)
     print("\n".join(lines))
 
