@@ -267,6 +267,9 @@ def main(argv=None):
     p.add_argument("--also-generic-map", action="store_true",
                    help="also time rnn LCP-DI with the generic reduced map (model.step_terms, Newton output step) "
                         "instead of the flat one (model.controlled_terms); reported in variant_rows")
+    p.add_argument("--also-solver", default=None,
+                   help="comma list of LCP-DI solvers to time beside the default (e.g. 'euler-flat': the faithful "
+                        "Euler dynamics on one flat state with an active set)")
     p.add_argument("--frozen", action="store_true",
                    help="skip the optimizer step: time the updates at the initial parameters (no training drift); "
                         "writes supervised_<device>_frozen.*")
@@ -307,6 +310,8 @@ def main(argv=None):
                 runners.append(Ours(model_name, method_name, in_shape, device, args.seed))
                 runners[-1].model.controlled_terms = None
                 runners[-1].impl += " generic-map"
+            for solver in (args.also_solver.split(",") if args.also_solver and method_name == "lcp-di" else []):
+                runners.append(Ours(model_name, method_name, in_shape, device, args.seed, solver=solver))
             if args.peer and method_name in Peer.SETTINGS and model_name in ("ff", "rnn") and \
                     not (method_name == "bp" and model_name == "rnn"):
                 runners.append(Peer(args.peer, model_name, method_name, in_shape, device, args.seed,

@@ -5,7 +5,8 @@
 Loads the model of a ``lcp_meta.supervised`` training checkpoint (copy it first if a run is still writing it),
 computes the update of MNIST batches of 64 at those parameters (no optimizer step) with: LCP-DI's default path
 ('auto': the flat reduced map with per-sample Newton), the same with ``newton='off'``, the generic reduced map
-(``model.step_terms``, Newton output step; the map before issue 9's flat state), and RBP; interleaved, one torch
+(``model.step_terms``, Newton output step; the map before issue 9's flat state), the faithful Euler dynamics on
+one flat state with an active set (solver 'euler-flat'), and RBP; interleaved, one torch
 thread, process CPU time.  With ``--reference N`` the first N batches are also solved by the faithful Euler
 simulation of the joint dynamics in float64 to relative change 1e-10 (at most 15000 steps), and each update is
 compared with it (1 - cosine) where that simulation settles: where the controlled equilibrium is not unique, the
@@ -35,6 +36,7 @@ from lcp_meta.utils import harness  # noqa: E402
 VARIANTS = {  # name: (method, overrides, generic map)
     "lcp-di (default)": ("lcp-di", {}, False),
     "lcp-di newton=off": ("lcp-di", {"newton": "off"}, False),
+    "lcp-di euler-flat": ("lcp-di", {"solver": "euler-flat"}, False),
     "lcp-di generic map": ("lcp-di", {}, True),
     "rbp": ("rbp", {}, False),
 }

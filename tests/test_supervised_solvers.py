@@ -52,10 +52,10 @@ def rel_err(a, b):
 # the conv DEQ's settings are the spec's conv-rnn ones (stronger control puts the tiny net in a limit cycle)
 GAINS = {"ff": dict(alpha=0.5, k_i=1.0, k_p=0.5), "rnn": dict(alpha=0.5, k_i=1.0, k_p=0.5),
          "conv-ff": dict(alpha=0.1, k_i=0.1), "conv-rnn": dict(alpha=1.0, k_i=0.3)}
-CASES = [("ff", s) for s in ("sweep", "reduced", "warm-anderson", "auto")] + \
-        [("conv-ff", s) for s in ("sweep", "warm-anderson", "auto")] + \
-        [("rnn", s) for s in ("reduced", "warm-anderson", "auto")] + \
-        [("conv-rnn", s) for s in ("reduced", "warm-anderson", "auto")]
+CASES = [("ff", s) for s in ("sweep", "reduced", "warm-anderson", "euler-flat", "auto")] + \
+        [("conv-ff", s) for s in ("sweep", "warm-anderson", "euler-flat", "auto")] + \
+        [("rnn", s) for s in ("reduced", "warm-anderson", "euler-flat", "auto")] + \
+        [("conv-rnn", s) for s in ("reduced", "warm-anderson", "euler-flat", "auto")]
 
 
 @pytest.mark.parametrize("name,solver", CASES)
@@ -86,7 +86,7 @@ def test_every_registered_solver_is_covered():
 
 
 @pytest.mark.parametrize("name,solver", [("ff", "sweep"), ("ff", "reduced"), ("rnn", "reduced"),
-                                         ("rnn", "warm-anderson")])
+                                         ("rnn", "warm-anderson"), ("rnn", "euler-flat")])
 def test_kp_solver_update_equals_tight_euler_update(name, solver):
     model, x, y = tiny(name, seed=1)
     ref, _ = update(model, "lcp-di-kp", x, y, solver="euler", tol=1e-14, max_iter=50000)

@@ -13,6 +13,9 @@ These solvers reach the *same* fixed point with far fewer evaluations; at it (sp
   sweep gives the exact ``e`` and one forward sweep the exact ``v = g(c, v) + e``.  Everything is then a
   function of ``v`` alone: ``v <- T(v)`` is iterated from the free equilibrium (one forward pass), with
   Anderson acceleration.  The coupling is weak (``u`` is O(beta / batch)), so a few sweeps suffice.
+- ``"euler-flat"`` (any net; fastest on the rnn): not a solver of the equations but the faithful Euler dynamics
+  of ``supervised/di.py`` themselves (same ``dt``, same leaky-integral output controller ``u_I``, from 0) on one
+  flat state per sample with fused products: where several equilibria exist it reaches the dynamics' own.
 - ``"warm-anderson"`` (any net): Anderson on the reduced state ``(v, e)`` with the output controller solved
   exactly at every step, warm-started from the free equilibrium (itself solved by Anderson).
 
@@ -103,6 +106,11 @@ class ControlProblem:
     inner_kw: Optional[dict] = None  # options of the inner solver (e.g. Anderson's memory m)
     start: Optional[tuple] = None  # (v, e, y) to continue from ('reduced' only; no free phase then)
     active_set: bool = False  # batch-independent model: plain iteration steps only the samples not yet converged
+    # 'euler-flat' only (the faithful dynamics): the output controller (k_i, k_p, alpha), the Euler step and whether
+    # a converged sample keeps its state while a coupled batch goes on (the per-sample stop without an active set)
+    gains: Optional[object] = None
+    dt: float = 1.0
+    freeze_converged: bool = False
 
 
 CONTROL_SOLVERS: Dict[str, Callable] = {}
@@ -292,3 +300,50 @@ def warm_anderson(p: ControlProblem):
     to ``warm_tol``, default 1e-4).  Fastest where the Jacobian's spectrum leaves room for acceleration
     (eigenvalues near 1); on a random-init rnn (spectrum a disk around 0) plain iteration is as fast."""
     return _reduced(p, 1e-4 if p.warm_tol is None else p.warm_tol, "anderson", p.inner_kw or {})
+
+
+@register_control_solver("euler-flat")
+def euler_flat(p: ControlProblem):
+    """The faithful joint Euler dynamics of LCP-DI (``DynamicInversion.controlled_step``: state ``(v, y, e, u_I)``
+    from 0, the leaky-integral output controller ``p.gains``, step ``p.dt``) on one flat state ``[v, e, y, u_I]``
+    per sample: the same iterates and the same stop rule (the relative change of the whole state), with the
+    rnn's fused ``controlled_terms`` (other models: ``step_terms``) and, on a batch-independent model, the
+    active set (a sample that meets ``tol`` leaves).  Unlike the reduced map, whose output controller is settled
+    instantly, it follows the controller's lag, so the equilibrium it reaches is the dynamics' own by construction
+    (at trained MNIST rnn parameters several exist, and the reduced map often falls into another basin)."""
+    m, c, out, fb, gains = p.model, p.c, p.out, p.fb, p.gains
+    if gains is None:
+        raise ValueError("solver 'euler-flat' needs the output controller's gains (ControlProblem.gains)")
+    if p.start is not None:
+        raise ValueError("solver 'euler-flat' runs the dynamics from 0; it does not continue from a start state")
+    k_i, k_p, alpha, dt = gains.k_i, gains.k_p, gains.alpha, float(p.dt)
+    batch, shape = c.shape[0], c.shape[1:]
+    n, k = math.prod(shape), out.onehot.shape[1]
+    ce = out.loss == "ce"
+    fused = getattr(m, "controlled_terms", None) is not None and c.dim() == 2
+    active = p.active_set  # (the model's samples are independent: grad l of the batch-mean loss is per sample)
+    # grad l(y) = (softmax(y) - onehot) / B with B the whole batch's size, in one op from -onehot / B
+    per_row = RowCache(c, out.onehot * (-1.0 / batch))
+
+    def step(z, rows=None):
+        z = z[0]
+        cr, noh = per_row(rows)
+        v, e, y, ui = z[:, :n], z[:, n:2 * n], z[:, 2 * n:2 * n + k], z[:, 2 * n + k:]
+        gl = torch.add(noh, torch.softmax(y, 1) if ce else y, alpha=1.0 / batch)
+        u = (ui if k_i == 1 else k_i * ui) if not k_p else torch.add(k_i * ui, gl, alpha=-k_p)
+        if fused:
+            vn, en, h = m.controlled_terms(cr, v, e, u, fb)  # g + e, J_g^T e + J_h^T u, h
+        else:
+            g, h, jg, jh = m.step_terms(cr, v.reshape(-1, *shape), e.reshape(-1, *shape), u, fb)
+            vn, en = (g + e.reshape(g.shape)).flatten(1), (jg + jh).flatten(1)
+        # the dt = 1 step of each component: v <- g + e, e <- J^T (e, u), y <- h + u, u_I <- (1 - alpha) u_I - grad l
+        z1 = torch.cat([vn, en, h + u, torch.sub(ui if alpha == 0 else (1 - alpha) * ui, gl)], 1)
+        return (z1 if dt == 1 else torch.lerp(z, z1, dt),)
+
+    z0 = c.new_zeros(batch, 2 * n + 2 * k)
+    kw = {"active_set": True} if active else {"freeze_converged": p.freeze_converged}
+    (z,), stats = solve(step, (z0,), solver="euler", tol=p.tol, max_iter=p.max_iter, check_every=p.check_every, **kw)
+    v, e, y, ui = z[:, :n], z[:, n:2 * n], z[:, 2 * n:2 * n + k], z[:, 2 * n + k:]
+    gl = out.grad_l(y)
+    u = k_i * ui - k_p * gl
+    return (v.reshape(c.shape), y, e.reshape(c.shape), u), _finish([stats], stats.iterations)

@@ -38,7 +38,9 @@ class DynamicInversion(Method):
     """LCP-DI.  ``alpha`` leak of the integral controller, ``k_i`` integral gain, ``k_p`` proportional
     gain, ``dt`` Euler step (spec defaults: 0.1, 1, 0, 1; stop at relative change 1e-6 or 800 steps).
     ``solver``: 'auto' (default: the fastest exact solver, see ``core/control.py``), 'sweep' (layered nets),
-    'warm-anderson', or 'euler' / 'anderson' on the joint dynamics (``dt`` matters only for these).
+    'reduced', 'warm-anderson', 'euler-flat' (the Euler dynamics below on one flat state per sample with an
+    active set: the same iterates as 'euler', fast), or 'euler' / 'anderson' on the joint dynamics (``dt``
+    matters only for 'euler', 'euler-flat' and 'anderson').
 
     ``newton``: 'auto' (default) hands the samples whose reduced iteration stops settling to per-sample Newton
     on the same fixed-point equations (:class:`StragglerNewton`), where that applies: the reduced iteration with
@@ -151,7 +153,9 @@ def _network(ctrl, method, system, target):
     if name in CONTROL_SOLVERS:
         out = OutputControl(target, method.model.num_classes, c.dtype, method.loss, method.beta)
         prob = ControlProblem(method.model, c, out, system.fb, method.tol, method.max_iter,
-                              method.check_every or default_check_every(c.device), **method.control_options)
+                              method.check_every or default_check_every(c.device), gains=method.output,
+                              dt=method.dt, freeze_converged=method.stop_rule == "per-sample",
+                              **method.control_options)
         if "active_set" not in method.control_options:
             prob.active_set = method.samples_leave
         fallback = method.solver == "auto" and name == "reduced" and method.max_iter >= 2
