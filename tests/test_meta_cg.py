@@ -71,12 +71,15 @@ def _flat(tree, names, t):
 
 
 @pytest.mark.parametrize("use_vmap", [True, False])
-def test_tasks_step_together_until_the_last_meets_tol(use_vmap):
-    """A task that meets tol before the others keeps stepping (free in a batched step): every task returns the
-    dense CG iterate of the loop's step count, and every residual is <= tol (the certificate)."""
+@pytest.mark.parametrize("stop_rule", ["per-task", "batch"])
+def test_stop_rules_against_dense_cg(use_vmap, stop_rule):
+    """per-task: each task returns the dense CG iterate of the first step where it meets tol (independent of
+    its batch-mates); batch: a task that meets tol before the others keeps stepping (free in a batched step),
+    every task returns the iterate of the loop's step count.  Every residual is <= tol (the certificate)."""
     lam, tol = 4.0, 1e-4
     model, tb, system, m, phi, phi_vec, lam_tree, g, names = _setup(lam, use_vmap)
-    u, st, res, flagged = cg_control(m._tmap, system, lam_tree, phi, g, tb.x_support, tb.y_support, tol, 200)
+    u, st, res, flagged = cg_control(m._tmap, system, lam_tree, phi, g, tb.x_support, tb.y_support, tol, 200,
+                                     stop_rule=stop_rule)
     K = st.iterations
     assert st.converged and not flagged.any() and float(res.max()) <= tol
     first = []
@@ -84,9 +87,30 @@ def test_tasks_step_together_until_the_last_meets_tol(use_vmap):
         assert float(torch.linalg.eigvalsh(A)[0]) > 0  # a positive definite system: CG's case
         xs, rr = _dense_cg(A, -gt, K)
         first.append(next(k for k, r in enumerate(rr) if r <= tol))
-        torch.testing.assert_close(_flat(u, names, t), xs[K], rtol=1e-10, atol=1e-12)
-        assert float(res[t]) == pytest.approx(rr[K], rel=1e-8)
-    assert min(first) < K == max(first)  # some task met tol earlier and went on: the case under test
+        k = K if stop_rule == "batch" else first[-1]
+        torch.testing.assert_close(_flat(u, names, t), xs[k], rtol=1e-10, atol=1e-12)
+        assert float(res[t]) == pytest.approx(rr[k], rel=1e-8)
+    assert min(first) < K == max(first)  # some task met tol before the last one: the case under test
+
+
+def test_per_task_stop_does_not_depend_on_the_batch():
+    """The default rule: a task solved alone and inside a batch gets the same control (a batch split across
+    ranks gives the same meta-gradient)."""
+    lam, tol = 4.0, 1e-4
+    model, tb, system, m, phi, phi_vec, lam_tree, g, names = _setup(lam)
+    u, *_ = cg_control(m._tmap, system, lam_tree, phi, g, tb.x_support, tb.y_support, tol, 200)
+    one = lambda tree: {k: v[:1] for k, v in tree.items()}  # noqa: E731
+    u1, *_ = cg_control(m._tmap, system, lam_tree, one(phi), one(g), tb.x_support[:1], tb.y_support[:1], tol, 200)
+    for k in names:
+        torch.testing.assert_close(u1[k][0], u[k][0], rtol=0, atol=0)
+
+
+def test_unknown_stop_rule_is_refused():
+    model, _ = _problem()
+    with pytest.raises(ValueError, match="control_stop must be one of"):
+        LCP(model, F.mse_loss, control_stop="sometimes")
+    with pytest.raises(ValueError, match="cg_stop must be one of"):
+        IMAML(model, F.mse_loss, cg_stop="all")
 
 
 @pytest.mark.parametrize("use_vmap", [True, False])
@@ -104,9 +128,10 @@ def test_fixed_steps_in_one_mapped_call_equal_dense_cg(use_vmap):
 
 def test_imaml_and_lcp_give_the_same_meta_gradient_at_the_same_cg_count():
     """At equal work the two are the same computation: iMAML with k CG steps and LCP whose control_tol stops
-    its (shared) CG at k steps, at the same relaxed inner state, give the same meta-gradient (beta small)."""
+    its (shared) CG at k steps under the batch rule, at the same relaxed inner state, give the same meta-gradient
+    (beta small)."""
     model, tb = _problem()
-    lcp = LCP(model, F.mse_loss, lam=1.0, tol=1e-3, control_tol=1e-2, beta=1e-8)
+    lcp = LCP(model, F.mse_loss, lam=1.0, tol=1e-3, control_tol=1e-2, beta=1e-8, control_stop="batch")
     stats = lcp.meta_backward(tb)
     g_lcp = torch.cat([p.grad.reshape(-1).clone() for p in model.parameters()])
     k = stats.extra["control_iterations"]

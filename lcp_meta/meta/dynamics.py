@@ -21,6 +21,7 @@ updates.  The residual reported is therefore the residual of the state returned.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Tuple
 
 import torch
@@ -30,7 +31,7 @@ from ..core.controllers import DI
 from ..core.solvers import SolverStats
 from ..core.tree import Tree, tree_dot, tree_map, tree_norm, tree_zeros_like
 
-__all__ = ["iterate", "safe_ratio", "power_iteration", "momentum_for", "relax_map", "control_map", "cg_step",
+__all__ = ["STOP_RULES", "iterate", "safe_ratio", "power_iteration", "momentum_for", "relax_map", "control_map", "cg_step",
            "cg_control", "SAFETY"]
 
 # the step is 1 / (SAFETY * estimated largest eigenvalue): power iteration estimates it from below
@@ -217,8 +218,11 @@ def cg_step(Ap: Tree, x: Tree, r: Tree, p: Tree, rs: torch.Tensor, active: torch
     return x, r, p, torch.where(go, rs_new, rs), bad, go
 
 
+STOP_RULES = ("per-task", "batch")
+
+
 def cg_control(tmap: Callable, system, lam: Tree, phi: Tree, g: Tree, xs, ys, tol: float, max_iter: int,
-               u0: Tree = None, r0: Tree = None):
+               u0: Tree = None, r0: Tree = None, stop_rule: str = "per-task"):
     """The control dynamics ``du/dt = -(Hess l_in(phi) + lam) u - grad l_out(phi)`` at a fixed (solved) inner
     state phi, from u = 0 (or from ``u0`` with its force ``r0 = -(A u0 + g)``), integrated by heavy-ball steps
     whose step and momentum come from an exact line search each step: that is the conjugate-gradient method,
@@ -229,32 +233,55 @@ def cg_control(tmap: Callable, system, lam: Tree, phi: Tree, g: Tree, xs, ys, to
     Task-batched (``g = grad l_out(phi)`` per task); the loop runs until every task's residual
     ``|(Hess l_in + lam) u + g| / |g|`` is <= tol.  That residual is CG's recursive one (``r = -(A u + g)``
     up to round-off), known after each step without a further product with A, so a step is never spent only
-    on certifying the last one.  The tasks are stepped together (vmapped, or masked in a loop): a task that
-    meets tol before the others costs the same whether it is frozen or stepped, so it goes on stepping while
-    others run (its residual is <= tol at the end all the same: the certificate holds, the solution is only
-    more exact).  A task whose curvature ``p^T A p`` is not positive
-    (Hess l_in + lam indefinite at phi) stops at its last iterate; it is flagged where its residual was
-    still above tol (a task that met tol simply stops there).  Returns (u, SolverStats (``stuck``: some task
-    was flagged), residuals (T,), flagged (T,)).
+    on certifying the last one.  ``stop_rule``:
+
+    - ``"per-task"`` (default): a task stops at the first step where its residual meets tol; its result does not
+      depend on the other tasks of the batch, so a batch split across ranks gives the same meta-gradient.
+    - ``"batch"``: the tasks step together until the last one meets tol.  A task done before the others goes on,
+      which costs nothing in a batched step and makes its solve more exact.  Its residual is still <= tol at
+      the end (a task whose residual rises above tol again counts as unfinished), but its result now depends on
+      its batch-mates within that tolerance.
+
+    A task whose curvature ``p^T A p`` is not positive (Hess l_in + lam indefinite at phi) stops at its last
+    iterate; it is flagged where its residual was still above tol.  ``tol <= 0`` runs exactly ``max_iter``
+    steps (iMAML's ``cg_steps``) in one task-mapped call.  Returns (u, SolverStats (``stuck``: some task was
+    flagged), residuals (T,), flagged (T,)).
     """
+    if stop_rule not in STOP_RULES:
+        raise ValueError(f"stop_rule must be one of {STOP_RULES}, got {stop_rule!r}")
+    lockstep = stop_rule == "batch"
+    # CG runs on one flat vector per task: each tree operation is then one tensor operation, and a call of the
+    # task-mapped product passes two tensors across the vmap boundary instead of two trees
+    keys = list(g)
+    shapes = [g[k].shape[1:] for k in keys]
+    sizes = [math.prod(sh) for sh in shapes]
 
-    def curvature(ph, v, x, y):
-        return system.curvature(ph, v, lam, x, y)
+    def flat(tree):  # task-batched tree -> (T, n)
+        return {"v": torch.cat([tree[k].reshape(tree[k].shape[0], -1) for k in keys], 1)}
 
-    def fixed_steps(ph, u, r, p, rs, live, x, y):  # one task, all max_iter steps inside one vmap
+    def tree_of(vec):  # one task's (n,) -> tree (views)
+        return {k: c.reshape(sh) for k, c, sh in zip(keys, vec.split(sizes), shapes)}
+
+    def curvature(ph, v, x, y):  # one task: (Hess l_in(phi) + lam) v, flat in and out
+        av = system.curvature(tree_of(ph), tree_of(v), lam, x, y)
+        return torch.cat([av[k].reshape(-1) for k in keys])
+
+    def fixed_steps(ph, u, r, p, rs, live, x, y):  # one task, all max_iter steps inside one mapped call
         bad_any = torch.zeros_like(live)
+        u, r, p = {"v": u}, {"v": r}, {"v": p}
         for _ in range(max_iter):
-            u, r, p, rs, bad, go = cg_step(curvature(ph, p, x, y), u, r, p, rs, live, batched=False)
+            u, r, p, rs, bad, go = cg_step({"v": curvature(ph, p["v"], x, y)}, u, r, p, rs, live, batched=False)
             bad_any, live = bad_any | bad, go & (rs > 0)
-        return u, r, p, rs, bad_any
+        return u["v"], r["v"], p["v"], rs, bad_any
 
     product = tmap(curvature, (0, 0, 0, 0))
     with torch.no_grad():
+        phf = flat(phi)["v"]
         if u0 is None:
-            u = tree_zeros_like(g)
-            r = tree_map(torch.neg, g)  # the force on u at u = 0, no product with A needed
+            u = {"v": torch.zeros_like(phf)}
+            r = {"v": -flat(g)["v"]}  # the force on u at u = 0, no product with A needed
         else:
-            u, r = dict(u0), dict(r0)
+            u, r = flat(u0), flat(r0)
         p = dict(r)
         rs = tree_dot(r, r, batched=True)
         gn = tree_norm(g, batched=True)
@@ -265,17 +292,22 @@ def cg_control(tmap: Callable, system, lam: Tree, phi: Tree, g: Tree, xs, ys, to
         k = 0
         if tol <= 0 and max_iter > 0:  # a fixed number of steps (iMAML's cg_steps): no residual to check
             # between steps, so the whole loop runs in one task-mapped call (fewer vmap boundaries)
-            u, r, p, rs, flagged = tmap(fixed_steps, (0,) * 8)(phi, u, r, p, rs, live, xs, ys)
+            uv, rv, pv, rs, flagged = tmap(fixed_steps, (0,) * 8)(phf, u["v"], r["v"], p["v"], rs, live, xs, ys)
+            u, r, p = {"v": uv}, {"v": rv}, {"v": pv}
             res, k, need = safe_ratio(rs.sqrt(), gn), max_iter, torch.zeros_like(need)
         while k < max_iter and bool(need.any()):
-            u, r, p, rs, bad, go = cg_step(product(phi, p, xs, ys), u, r, p, rs, live)
+            u, r, p, rs, bad, go = cg_step({"v": product(phf, p["v"], xs, ys)}, u, r, p, rs, live)
             flagged = flagged | (bad & need)
             res = safe_ratio(rs.sqrt(), gn)
-            live = go & (rs > 0)  # stepped while others run; r = 0 is exact (no direction left)
-            # (CG's residual norm need not fall monotonically: a task that met tol and rose above it again
-            # counts as unfinished, so the loop ends with every residual <= tol, or at max_iter unconverged)
+            live = go & (rs > 0)  # r = 0 is exact: no direction left
+            # (CG's residual norm need not fall monotonically: under the batch rule a task that met tol and rose
+            # above it again counts as unfinished, so the loop ends with every residual <= tol, or at max_iter)
             need = live & (res > tol)
+            if not lockstep:  # per task: a task that meets tol stops there
+                live = need
             k += 1
+        T = phf.shape[0]
+        u = {k_: c.reshape(T, *sh) for k_, c, sh in zip(keys, u["v"].split(sizes, 1), shapes)}
     res = res.to(torch.float64)
     finite = bool(torch.isfinite(res).all())
     st = SolverStats(iterations=k, residual=float(res.max()) if finite else float("nan"),

@@ -14,7 +14,7 @@ import torch
 
 from ..core.tree import tree_map
 from .base import MetaGradient, MetaMethod, MetaStats, check_positive
-from .dynamics import cg_control
+from .dynamics import STOP_RULES, cg_control
 
 __all__ = ["IMAML"]
 
@@ -27,6 +27,8 @@ class IMAML(MetaMethod):
         cg_tol: stop CG when the relative residual ``|(Hess l_in + lam) y - grad l_out| / |grad l_out|``
             is below it (None: exactly ``cg_steps``).
         damping: added to the diagonal, ``(Hess l_in + lam + damping) y = grad l_out`` (0: the exact system).
+        cg_stop: with ``cg_tol``, ``"per-task"`` (default: each task stops when it meets cg_tol) or ``"batch"``
+            (all step until the last meets it); see :func:`~lcp_meta.meta.dynamics.cg_control`.
 
     CG needs a positive definite system.  Hess l_in + lam is indefinite where the inner loss curves down
     by more than lam (or the inner problem is not solved); CG then meets a direction with
@@ -38,7 +40,7 @@ class IMAML(MetaMethod):
     name = "imaml"
 
     def __init__(self, model, loss_fn=None, *, cg_steps: int = 5, cg_tol: Optional[float] = None,
-                 damping: float = 0.0, **kwargs):
+                 damping: float = 0.0, cg_stop: str = "per-task", **kwargs):
         if loss_fn is not None:
             kwargs["loss_fn"] = loss_fn
         kwargs.setdefault("lam", 2.0)
@@ -47,7 +49,9 @@ class IMAML(MetaMethod):
             raise ValueError(f"cg_steps must be an integer >= 1, got {cg_steps!r}")
         check_positive("cg_tol", cg_tol, allow_none=True)
         check_positive("damping", damping, allow_zero=True)
-        self.cg_steps, self.cg_tol, self.damping = int(cg_steps), cg_tol, float(damping)
+        if cg_stop not in STOP_RULES:
+            raise ValueError(f"cg_stop must be one of {STOP_RULES}, got {cg_stop!r}")
+        self.cg_steps, self.cg_tol, self.damping, self.cg_stop = int(cg_steps), cg_tol, float(damping), cg_stop
 
     def _cg(self, system, lam, phi, b, xs, ys):
         """(Hess l_in(phi) + lam + damping) y = b per task by CG from y = 0: the same routine as LCP's
@@ -58,7 +62,7 @@ class IMAML(MetaMethod):
         damped = lam if self.damping == 0 else {k: v + self.damping for k, v in lam.items()}
         tol = 0.0 if self.cg_tol is None else self.cg_tol  # 0: no task stops before cg_steps (unless exact)
         y, _, res, flagged = cg_control(self._tmap, system, damped, phi, tree_map(torch.neg, b), xs, ys, tol,
-                                        self.cg_steps)
+                                        self.cg_steps, stop_rule=self.cg_stop)
         return y, res, flagged
 
     def _meta_gradient(self, system, params, tb):
