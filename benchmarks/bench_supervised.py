@@ -270,6 +270,9 @@ def main(argv=None):
     p.add_argument("--also-solver", default=None,
                    help="comma list of LCP-DI solvers to time beside the default (e.g. 'euler-flat': the faithful "
                         "Euler dynamics on one flat state with an active set)")
+    p.add_argument("--lcp-options", default=None,
+                   help="JSON dict of LCP-DI settings for every lcp-di configuration, e.g. the paper preset's stop "
+                        "'{\"stop_rule\": \"batch\", \"max_residual\": Infinity}'")
     p.add_argument("--frozen", action="store_true",
                    help="skip the optimizer step: time the updates at the initial parameters (no training drift); "
                         "writes supervised_<device>_frozen.*")
@@ -297,8 +300,9 @@ def main(argv=None):
     runners, skipped = [], []
     for model_name in args.models.split(","):
         for method_name in methods:
+            lcp = json.loads(args.lcp_options) if args.lcp_options and method_name == "lcp-di" else {}
             try:
-                runners.append(Ours(model_name, method_name, in_shape, device, args.seed))
+                runners.append(Ours(model_name, method_name, in_shape, device, args.seed, **lcp))
             except (ValueError, TypeError, NotImplementedError) as exc:  # a combination the registry rejects
                 skipped.append(f"{model_name}/{method_name}: {exc}")
             if method_name == "lcp-di" and args.also_tol:  # the same solver at the baseline's tolerance
@@ -311,7 +315,7 @@ def main(argv=None):
                 runners[-1].model.controlled_terms = None
                 runners[-1].impl += " generic-map"
             for solver in (args.also_solver.split(",") if args.also_solver and method_name == "lcp-di" else []):
-                runners.append(Ours(model_name, method_name, in_shape, device, args.seed, solver=solver))
+                runners.append(Ours(model_name, method_name, in_shape, device, args.seed, **lcp, solver=solver))
             if args.peer and method_name in Peer.SETTINGS and model_name in ("ff", "rnn") and \
                     not (method_name == "bp" and model_name == "rnn"):
                 runners.append(Peer(args.peer, model_name, method_name, in_shape, device, args.seed,

@@ -373,11 +373,13 @@ def euler_flat(p: ControlProblem):
             first.mean_iterations = (first.mean_iterations or first.iterations) + (st.mean_iterations or st.iterations)
             first.iterations += st.iterations
             budget -= st.iterations
-        # else: the dynamics go on from where they were (a sample that left froze: its trajectory is unchanged)
-        (z,), stats = run(z1, p.tol, max(budget, 1))
-        stats.mean_iterations = None if stats.mean_iterations is None else \
-            stats.mean_iterations + (first.mean_iterations or first.iterations)
-        stats.iterations += first.iterations
+        if budget < 1:  # the dynamics used the whole budget without settling: report that
+            z, stats = z1, first
+        else:  # the dynamics go on from where they were (a sample that left froze: its trajectory is unchanged)
+            (z,), stats = run(z1, p.tol, budget)
+            stats.mean_iterations = None if stats.mean_iterations is None else \
+                stats.mean_iterations + (first.mean_iterations or first.iterations)
+            stats.iterations += first.iterations
     v, e, y, ui = z[:, :n], z[:, n:2 * n], z[:, 2 * n:2 * n + k], z[:, 2 * n + k:]
     gl = out.grad_l(y)
     u = k_i * ui - k_p * gl
