@@ -65,9 +65,12 @@ class Ours:
         self.model = build_model(model_name, in_shape=in_shape, num_classes=10).to(device)
         hp = {k: v for k, v in default_hparams(model_name, method_name).items() if k not in TRAINER_KEYS}
         hp.update(overrides)
+        control = hp.pop("control_options", None)  # ControlProblem fields (e.g. euler-flat's handover_tol)
         self.hp = hp
         self.initial = copy.deepcopy(self.model)  # for the update cosine at the initial parameters
         self.method = make_method(method_name, self.model, **hp)
+        if control:
+            self.method.control_options = control
         self.clip = trainer_defaults("mnist", model_name, method_name)["grad_clip"]
         self.params = list(self.method.parameters())
         self.opt = torch.optim.Adam(self.params, lr=1e-3)

@@ -154,3 +154,18 @@ def test_handover_to_the_reduced_map_gives_the_tight_euler_update(case):
     got = torch.cat([p.grad.reshape(-1) for p in method.parameters()])
     assert st["converged"] and st["mean_iterations"] != st_alone["mean_iterations"]  # (the reduced map ran)
     assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_handover_where_a_sample_does_not_get_near_settling_ends_as_the_dynamics_alone():
+    # handover_tol 1e-12 is not reached in half the 300-step budget: every sample goes on under the dynamics, and
+    # the result is the dynamics' own after 300 steps (the samples that left at 1e-12 are not reported unsettled)
+    model, x, y = _rnn(seed=2)
+    gains = dict(alpha=0.1, k_i=1.0, k_p=0.0, tol=1e-13, max_iter=300, max_residual=float("inf"))
+    alone, st_alone = _update(model, "lcp-di", x, y, solver="euler-flat", **gains)
+    method = _method(model, solver="euler-flat", **gains)
+    method.control_options = {"handover_tol": 1e-12}
+    model.zero_grad(set_to_none=True)
+    st = method.backward(x, y)
+    got = torch.cat([p.grad.reshape(-1) for p in method.parameters()])
+    assert not st_alone["converged"] and st["iterations"] == st_alone["iterations"] == 300
+    torch.testing.assert_close(got, alone, rtol=1e-12, atol=1e-15)
