@@ -3,6 +3,7 @@
 float64, tiny nets.  Every check compares against an independent reference: a hand-written step from the
 equations, the unfrozen joint iteration, finite differences, or the parameters before the update.
 """
+import copy
 import math
 
 import pytest
@@ -38,7 +39,7 @@ def tiny_rnn(seed=0, **kw):
 # ------------------------------------------------------------------------- no batch is ever skipped
 def test_unsettled_solve_still_updates_and_default_still_refuses():
     model, x, y = tiny_rnn(recurrent_bias=True)
-    kw = dict(solver="euler", max_iter=2, **preset_overrides("mnist", "rnn", "lcp-di", "paper")[0])
+    kw = {**preset_overrides("mnist", "rnn", "lcp-di", "paper")[0], "solver": "euler", "max_iter": 2}
     method = make_method("lcp-di", model, **kw)
     before = [p.detach().clone() for p in method.parameters()]
     stats = method.backward(x, y)
@@ -296,7 +297,6 @@ def test_paper_rbp_applies_a_grown_but_finite_adjoint_like_the_authors():
 
 def _rbp_grads_settled(model, x, y):
     """RBP's gradient with W scaled into the contracting regime (a finite, settled reference scale)."""
-    import copy
     m = copy.deepcopy(model)
     with torch.no_grad():
         m.W.weight.mul_(0.5 / 1.05)
@@ -305,12 +305,32 @@ def _rbp_grads_settled(model, x, y):
     return [p.grad for p in method.parameters()]
 
 
+@pytest.mark.parametrize("name", ["lcp-di", "lcp-di-kp"])
+def test_paper_preset_rnn_update_is_the_authors_simulation(name):
+    """The preset's rnn DI / KP update equals the Euler simulation of the joint dynamics with the batch-wide stop
+    (the authors' computation), float64, here where the solve settles."""
+    model, x, y = tiny_rnn(recurrent_bias=True)
+    preset = {**preset_overrides("mnist", "rnn", name, "paper")[0], "tol": 1e-9, "max_iter": 20000}
+    grads = []
+    for kw in (preset, {**preset, "solver": "euler"}):
+        m = copy.deepcopy(model)
+        torch.manual_seed(1)  # KP draws its feedback weights: the same for both
+        method = make_method(name, m, **kw)
+        stats = method.backward(x, y)
+        assert stats["converged"]
+        grads.append(torch.cat([p.grad.reshape(-1) for p in method.parameters()]))
+    assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-8
+
+
 def test_paper_preset_settings_and_default_unchanged():
     assert preset_overrides("mnist", "rnn", "lcp-di", "default") == ({}, {}, {})
     meth, mod, ev = preset_overrides("mnist", "rnn", "lcp-ebd", "paper")
     assert meth == {"max_residual": math.inf, "stop_rule": "batch", "tol": 1e-4, "max_iter": 200}
     assert mod == {"recurrent_bias": True} and ev == {}
     assert preset_overrides("mnist", "ff", "lcp-di-kp", "paper")[0]["kp_decay"] == "before-batch"
+    for name in ("lcp-di", "lcp-di-kp"):  # the authors' simulation (flat state) on the rnn, not a structured solver
+        assert preset_overrides("mnist", "rnn", name, "paper")[0]["solver"] == "euler-flat"
+        assert "solver" not in preset_overrides("mnist", "ff", name, "paper")[0]
     assert preset_overrides("mnist", "ff", "bp", "paper")[0] == {}
     _, mod, ev = preset_overrides("cifar10", "conv-rnn", "lcp-di", "paper")
     assert mod == {"variant": "authors"} and ev == {"batch_stats": True, "eval_batch_size": 64}

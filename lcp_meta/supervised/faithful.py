@@ -17,6 +17,12 @@ What ``paper`` changes, and why (docs/fidelity.md has the full list, with what w
   batches refused in epoch 3, test accuracy 94.9 -> 70.1 %), where applying the solves' finite results recovers
   (benchmarks/results/rnn_short_cpu.md, rnn_rbp_first_epoch_cpu.md).
 - rnn: ``recurrent_bias=True`` (the authors' recurrent layer has its own bias).
+- lcp-di / lcp-di-kp on the rnn: ``solver="euler-flat"``, the authors' Euler simulation of the joint dynamics
+  (leaky-integral output controller included) on one flat state per sample; with the batch-wide stop it gives
+  the ``euler`` simulation's update (test to 1e-10).  The structured solvers of ``auto`` reach *an* equilibrium of
+  the same equations, but at trained parameters several exist, and the reduced map (output controller settled
+  instantly) fell into another basin than the authors' dynamics on 11 of 12 batches of an epoch-7 checkpoint,
+  where ``euler-flat`` agreed on 11 of 12 and cost 0.89x (benchmarks/results/supervised_cpu.md, 2026-11-29).
 - lcp-ebd on the rnn: the free-equilibrium start and the evaluation use the authors' solver settings
   (tol 1e-4, 200 iterations) instead of 1e-6 / 800.
 - lcp-di-kp: ``kp_decay="before-batch"`` (every implicit-module, decoder and feedback parameter decays before
@@ -56,6 +62,8 @@ def preset_overrides(dataset: str, model: str, method: str, preset: str = "defau
     ev: Dict[str, Any] = {}
     if model == "rnn":
         mod["recurrent_bias"] = True
+        if method in ("lcp-di", "lcp-di-kp"):
+            meth["solver"] = "euler-flat"
         if method == "lcp-ebd":
             meth.update(tol=1e-4, max_iter=200)
     if method == "lcp-di-kp":

@@ -94,8 +94,9 @@ class RunConfig:
                                      "skipped because the dynamics diverged", metavar="SHARE")
     solver: Optional[str] = option(
         None, "solver of the dynamics (default: the method's; LCP-DI: auto, the fastest exact solver; euler: the "
-              "published simulation; sweep/reduced/warm-anderson: LCP-DI/DI-KP only)",
-        choices=("auto", "euler", "anderson", "sweep", "reduced", "warm-anderson"))
+              "published simulation; euler-flat: the same simulation on one flat state per sample (rnn, faster); "
+              "sweep/reduced/warm-anderson/euler-flat: LCP-DI/DI-KP only)",
+        choices=("auto", "euler", "anderson", "sweep", "reduced", "warm-anderson", "euler-flat"))
     tol: Optional[float] = option(None, "solver stop threshold on the relative change (default: the method's)")
     max_iter: Optional[int] = option(None, "solver iteration cap (default: the method's)")
     test_subset: Optional[int] = option(None, "evaluate on the first N test images only")
