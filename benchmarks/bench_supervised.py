@@ -300,10 +300,16 @@ def main(argv=None):
     x, y = load_mnist(args.data_root, "train", device=device)
     loader = TensorBatches(x, y, 64, drop_last=True, seed=args.seed)
     in_shape = tuple(x.shape[1:])
+    try:
+        lcp_options = json.loads(args.lcp_options) if args.lcp_options else {}
+    except json.JSONDecodeError as exc:
+        p.error(f"--lcp-options must be a JSON dict, got {args.lcp_options!r} ({exc})")
+    if not isinstance(lcp_options, dict):
+        p.error(f"--lcp-options must be a JSON dict, got {args.lcp_options!r}")
     runners, skipped = [], []
     for model_name in args.models.split(","):
         for method_name in methods:
-            lcp = json.loads(args.lcp_options) if args.lcp_options and method_name == "lcp-di" else {}
+            lcp = lcp_options if method_name == "lcp-di" else {}
             try:
                 runners.append(Ours(model_name, method_name, in_shape, device, args.seed, **lcp))
             except (ValueError, TypeError, NotImplementedError) as exc:  # a combination the registry rejects
