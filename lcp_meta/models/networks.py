@@ -258,8 +258,7 @@ class RecurrentEquilibrium(EquilibriumModel):
         s = _act(v, self.activation)
         sp = _act_prime(v, s, self.activation)
         ce = c + e if self.W.bias is None else c + e + self.W.bias
-        M = self.W.weight if not fb else fb["W"].t()
-        N = self.readout.weight if not fb else fb["readout"].t()
+        M, N = self._feedback(fb)
         return torch.addmm(ce, s, self.W.weight.t()), sp * torch.addmm(u @ N, e, M), self.readout(s)
 
     def _feedback(self, fb):
