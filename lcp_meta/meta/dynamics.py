@@ -21,15 +21,14 @@ updates.  The residual reported is therefore the residual of the state returned.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Tuple
 
 import torch
 from torch.func import grad_and_value
 
 from ..core.controllers import DI
-from ..core.solvers import SolverStats
-from ..core.tree import Tree, tree_dot, tree_map, tree_norm, tree_zeros_like
+from ..core.solvers import SolverStats, _flat, _unflat
+from ..core.tree import Tree, tree_dot, tree_norm
 
 __all__ = ["STOP_RULES", "iterate", "safe_ratio", "power_iteration", "momentum_for", "relax_map", "control_map", "cg_step",
            "cg_control", "SAFETY"]
@@ -199,22 +198,21 @@ def control_map(system, omega: Tree, lam: Tree, beta: float) -> Callable:
 
 
 # ------------------------------------------------------------------ control at a fixed inner state
-def cg_step(Ap: Tree, x: Tree, r: Tree, p: Tree, rs: torch.Tensor, active: torch.Tensor, batched: bool = True):
+def cg_step(Ap: torch.Tensor, x: torch.Tensor, r: torch.Tensor, p: torch.Tensor, rs: torch.Tensor,
+            active: torch.Tensor):
     """One conjugate-gradient step on ``A x = b`` given the product ``Ap = A p`` (residual ``r = b - A x``,
-    search direction ``p``, ``rs = r . r``), taken only where ``active``.  An active task whose curvature
-    ``p^T A p`` is not positive (an indefinite system, or NaN) is flagged ``bad`` and does not move.  Returns
-    ``(x, r, p, rs, bad, moved)``.  ``batched``: the trees carry a leading task dim and ``rs``/``active`` are
-    per task (the bookkeeping then runs on the batched tensors, outside vmap); else one task (inside vmap)."""
-    col = (lambda t, like: t.view(-1, *([1] * (like.dim() - 1)))) if batched else (lambda t, like: t)
-    pAp = tree_dot(p, Ap, batched)
+    search direction ``p``, ``rs = r . r``), taken only where ``active``.  Vectors are flat: ``(T, n)`` for a
+    batch of tasks (``rs``, ``active`` per task) or ``(n,)`` for one task inside vmap.  An active task whose
+    curvature ``p^T A p`` is not positive (an indefinite system, or NaN) is flagged ``bad`` and does not move.
+    Returns ``(x, r, p, rs, bad, moved)``."""
+    pAp = (p * Ap).sum(-1)
     bad = active & ~(pAp > 0)
     go = active & ~bad
-    alpha = torch.where(go, rs / torch.where(go, pAp, torch.ones_like(pAp)), 0 * rs)
-    x = {k: x[k] + col(alpha, p[k]) * p[k] for k in x}
-    r = {k: r[k] - col(alpha, Ap[k]) * Ap[k] for k in r}
-    rs_new = tree_dot(r, r, batched)
-    ratio = torch.where(go, rs_new / torch.where(go, rs, torch.ones_like(rs)), 0 * rs)
-    p = {k: torch.where(col(go, p[k]), r[k] + col(ratio, p[k]) * p[k], p[k]) for k in p}
+    alpha = torch.where(go, rs / torch.where(go, pAp, torch.ones_like(pAp)), 0 * rs).unsqueeze(-1)
+    x, r = x + alpha * p, r - alpha * Ap
+    rs_new = (r * r).sum(-1)
+    ratio = torch.where(go, rs_new / torch.where(go, rs, torch.ones_like(rs)), 0 * rs).unsqueeze(-1)
+    p = torch.where(go.unsqueeze(-1), r + ratio * p, p)
     return x, r, p, torch.where(go, rs_new, rs), bad, go
 
 
@@ -253,14 +251,11 @@ def cg_control(tmap: Callable, system, lam: Tree, phi: Tree, g: Tree, xs, ys, to
     # CG runs on one flat vector per task: each tree operation is then one tensor operation, and a call of the
     # task-mapped product passes two tensors across the vmap boundary instead of two trees
     keys = list(g)
-    shapes = [g[k].shape[1:] for k in keys]
-    sizes = [math.prod(sh) for sh in shapes]
-
-    def flat(tree):  # task-batched tree -> (T, n)
-        return {"v": torch.cat([tree[k].reshape(tree[k].shape[0], -1) for k in keys], 1)}
+    like = [g[k] for k in keys]
+    sizes = [t[0].numel() for t in like]
 
     def tree_of(vec):  # one task's (n,) -> tree (views)
-        return {k: c.reshape(sh) for k, c, sh in zip(keys, vec.split(sizes), shapes)}
+        return {k: c.reshape(t.shape[1:]) for k, c, t in zip(keys, vec.split(sizes), like)}
 
     def curvature(ph, v, x, y):  # one task: (Hess l_in(phi) + lam) v, flat in and out
         av = system.curvature(tree_of(ph), tree_of(v), lam, x, y)
@@ -268,22 +263,21 @@ def cg_control(tmap: Callable, system, lam: Tree, phi: Tree, g: Tree, xs, ys, to
 
     def fixed_steps(ph, u, r, p, rs, live, x, y):  # one task, all max_iter steps inside one mapped call
         bad_any = torch.zeros_like(live)
-        u, r, p = {"v": u}, {"v": r}, {"v": p}
         for _ in range(max_iter):
-            u, r, p, rs, bad, go = cg_step({"v": curvature(ph, p["v"], x, y)}, u, r, p, rs, live, batched=False)
+            u, r, p, rs, bad, go = cg_step(curvature(ph, p, x, y), u, r, p, rs, live)
             bad_any, live = bad_any | bad, go & (rs > 0)
-        return u["v"], r["v"], p["v"], rs, bad_any
+        return u, r, p, rs, bad_any
 
     product = tmap(curvature, (0, 0, 0, 0))
+    flat = lambda tree: _flat([tree[k] for k in keys])  # noqa: E731  (task-batched tree -> (T, n))
     with torch.no_grad():
-        phf = flat(phi)["v"]
+        phf = flat(phi)
         if u0 is None:
-            u = {"v": torch.zeros_like(phf)}
-            r = {"v": -flat(g)["v"]}  # the force on u at u = 0, no product with A needed
+            u, r = torch.zeros_like(phf), -flat(g)  # the force on u at u = 0, no product with A needed
         else:
             u, r = flat(u0), flat(r0)
-        p = dict(r)
-        rs = tree_dot(r, r, batched=True)
+        p = r
+        rs = (r * r).sum(-1)
         gn = tree_norm(g, batched=True)
         res = safe_ratio(rs.sqrt(), gn)  # from 0: 1 (0 where grad l_out = 0, NaN for non-finite data)
         need = res > tol  # tasks whose residual is above tol: the loop runs while there are any
@@ -292,11 +286,10 @@ def cg_control(tmap: Callable, system, lam: Tree, phi: Tree, g: Tree, xs, ys, to
         k = 0
         if tol <= 0 and max_iter > 0:  # a fixed number of steps (iMAML's cg_steps): no residual to check
             # between steps, so the whole loop runs in one task-mapped call (fewer vmap boundaries)
-            uv, rv, pv, rs, flagged = tmap(fixed_steps, (0,) * 8)(phf, u["v"], r["v"], p["v"], rs, live, xs, ys)
-            u, r, p = {"v": uv}, {"v": rv}, {"v": pv}
+            u, r, p, rs, flagged = tmap(fixed_steps, (0,) * 8)(phf, u, r, p, rs, live, xs, ys)
             res, k, need = safe_ratio(rs.sqrt(), gn), max_iter, torch.zeros_like(need)
         while k < max_iter and bool(need.any()):
-            u, r, p, rs, bad, go = cg_step({"v": product(phf, p["v"], xs, ys)}, u, r, p, rs, live)
+            u, r, p, rs, bad, go = cg_step(product(phf, p, xs, ys), u, r, p, rs, live)
             flagged = flagged | (bad & need)
             res = safe_ratio(rs.sqrt(), gn)
             live = go & (rs > 0)  # r = 0 is exact: no direction left
@@ -306,8 +299,7 @@ def cg_control(tmap: Callable, system, lam: Tree, phi: Tree, g: Tree, xs, ys, to
             if not lockstep:  # per task: a task that meets tol stops there
                 live = need
             k += 1
-        T = phf.shape[0]
-        u = {k_: c.reshape(T, *sh) for k_, c, sh in zip(keys, u["v"].split(sizes, 1), shapes)}
+        u = dict(zip(keys, _unflat(u, like)))
     res = res.to(torch.float64)
     finite = bool(torch.isfinite(res).all())
     st = SolverStats(iterations=k, residual=float(res.max()) if finite else float("nan"),

@@ -211,21 +211,15 @@ class LCP(MetaMethod):
         """|f(omega)| = |grad l_in(omega)| per task: the scale of the inner residual."""
         return tree_norm(system.tmap(system.grad, (None, 0, 0))(omega, tb.x_support, tb.y_support), batched=True)
 
-    def _cg_control(self, system, omega, lam, tb, phi, tols, steps, scale_in, u0=None, f=None):
+    def _cg_control(self, system, omega, lam, tb, phi, tols, steps, scale_in, f=None, u0=None):
         """The control at the inner state phi by CG (:func:`~lcp_meta.meta.dynamics.cg_control`) from u = 0
         (or ``u0``) until its residual meets the control tolerance.  Returns (u, SolverStats, stuck,
         residuals (T, 2)): the joint DI step's (control, inner) residuals at (phi, u).  From u = 0 they cost
         no Hessian-vector product beyond CG's own: the control residual is CG's recursive one and the inner
-        one ``|f(phi) + beta u| / |f(omega)|`` needs f(phi) only (``f``: given by the relaxation that reached
-        phi, else one gradient).  From ``u0`` one product gives the true residual of u0 (and CG's start): if
-        it already meets the tolerance, no CG step is taken."""
+        one ``|f(phi) + beta u| / |f(omega)|`` needs f(phi) only, which the relaxation that reached phi gives
+        (``f``, required from u = 0).  From ``u0`` one product gives the true residual of u0 (and CG's start):
+        if it already meets the tolerance, no CG step is taken."""
         xs, ys = tb.x_support, tb.y_support
-
-        def start(p, x, y, xq, yq):  # grad l_out and f at phi: two gradients
-            return system.grad(p, xq, yq), system.force(p, omega, lam, x, y)
-
-        def query_grad(p, xq, yq):  # f known already: grad l_out only
-            return system.grad(p, xq, yq)
 
         def restart(p, u, x, y, xq, yq):  # and the force on u, -(A u + grad l_out): one HVP with f
             g = system.grad(p, xq, yq)
@@ -233,10 +227,8 @@ class LCP(MetaMethod):
             return g, t.f, DI.inversion(t._replace(jh=_neg(g)))
 
         with torch.no_grad():
-            if u0 is None and f is not None:
-                g, r0 = self._tmap(query_grad, (0,) * 3)(phi, tb.x_query, tb.y_query), None
-            elif u0 is None:
-                (g, f), r0 = self._tmap(start, (0,) * 5)(phi, xs, ys, tb.x_query, tb.y_query), None
+            if u0 is None:
+                g, r0 = system.grads(phi, tb.x_query, tb.y_query), None  # f known already: grad l_out only
             else:
                 g, f, r0 = self._tmap(restart, (0,) * 6)(phi, u0, xs, ys, tb.x_query, tb.y_query)
         u, st, res_u, flagged = cg_control(self._tmap, system, lam, phi, g, xs, ys, tols[0], steps, u0, r0,
