@@ -10,7 +10,8 @@ their tolerance, per epoch).  Each run is a ``lcp-meta supervised`` subprocess (
 own run folder ``OUT/MODEL_METHOD_seedS`` and log ``OUT/MODEL_METHOD_seedS.log``; runs are started with
 ``--resume``, so calling the script again continues unfinished runs and skips finished ones.  At the end
 ``benchmarks/results/mnist_reproduction.md`` (and ``.json``) holds the test accuracy of every run (mean +- std
-over seeds) beside the numbers reported for the paper.  ``--report-only`` rebuilds the table from OUT.
+over seeds) beside the numbers reported for the paper, with the difference and whether it lies within the paper's
++- std, and ``.png`` the learning curves (``--no-plot``: none).  ``--report-only`` rebuilds the table from OUT.
 """
 from __future__ import annotations
 
@@ -86,11 +87,12 @@ def collect(args, models, methods, seeds, codes):
     rows = []
     for model in models:
         for method in methods:
-            accs, info, partial = [], {}, []
+            accs, info, partial, curves = [], {}, [], {}
             for seed in seeds:
                 f = Path(args.out) / run_name(model, method, seed) / "result.json"
                 if f.is_file():
                     r = json.loads(f.read_text())
+                    curves[seed] = [100 * e["test_accuracy"] for e in r.get("epochs", [])]
                     if r.get("status") != "finished" and r.get("epochs"):  # running or interrupted: shown apart
                         partial.append({"seed": seed, "status": r.get("status"), "epochs": len(r["epochs"]),
                                         "of": r.get("config", {}).get("epochs"),
@@ -107,7 +109,7 @@ def collect(args, models, methods, seeds, codes):
                                 "device": r.get("device_name")}
             failed = [s for s in seeds if codes.get(run_name(model, method, s), 0) != 0]
             rows.append({"model": model, "method": method, "accuracies": accs, "failed_seeds": failed,
-                         "paper": PAPER.get((model, method)), "unfinished": partial, **info})
+                         "paper": PAPER.get((model, method)), "unfinished": partial, "curves": curves, **info})
     return rows
 
 
@@ -119,6 +121,7 @@ def write_report(args, rows, path):
 
     reduced = bool(args.max_batches or (args.epochs and args.epochs < 30) or args.test_subset)
     from lcp_meta.utils import harness, resolve_device  # the launcher itself stays light until here
+    from lcp_meta.supervised.report import verdict
     prov = harness.provenance(resolve_device(args.device), ["python", "benchmarks/reproduce_mnist.py", *sys.argv[1:]])
     lines = ["# MNIST reproduction (test accuracy %, free-equilibrium prediction)", "", *harness.provenance_lines(prov),
              f"- epochs {args.epochs or 'published (30)'}, max batches per epoch {args.max_batches or 'all'}, "
@@ -127,9 +130,9 @@ def write_report(args, rows, path):
         lines.append("- **reduced budget: a pipeline check, not a reproduction of the published numbers**")
     lines.append(f"- preset {args.preset}" + (" (trained as the authors' code trains: updates applied from the "
                                               "state reached; docs/fidelity.md)" if args.preset == "paper" else ""))
-    lines += ["", "| model | method | ours | paper | epochs | mean iterations (last epoch) | solves above tol "
-              "(share of applied batches) | skipped batches | hours |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | method | ours | paper | ours - paper | inside the paper's +- std | epochs | "
+              "mean iterations (last epoch) | solves above tol (share of applied batches) | skipped batches | hours |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         paper = f"{r['paper'][0]:.2f} +- {r['paper'][1]:.2f}" if r["paper"] else "-"
         ours = fmt(r["accuracies"]) + (f" ({len(r['failed_seeds'])} failed)" if r["failed_seeds"] else "")
@@ -137,8 +140,9 @@ def write_report(args, rows, path):
         hours = f"{r['hours']:.2f}" if "hours" in r else "-"
         above = (f"{r['above_tol']}/{r['applied']} ({100 * r['above_tol'] / r['applied']:.1f}%)"
                  if r.get("applied") else "-")
-        lines.append(f"| {r['model']} | {r['method']} | {ours} | {paper} | {r.get('epochs', '-')} | {it} | "
-                     f"{above} | {r.get('skipped', '-')} | {hours} |")
+        diff, inside = verdict(r["accuracies"], r["paper"])
+        lines.append(f"| {r['model']} | {r['method']} | {ours} | {paper} | {diff} | {inside} | "
+                     f"{r.get('epochs', '-')} | {it} | {above} | {r.get('skipped', '-')} | {hours} |")
     unfinished = [(r, u) for r in rows for u in r.get("unfinished", [])]
     if unfinished:
         lines += ["", "Runs not finished (not in the table above; test accuracy % after each epoch so far):", ""]
@@ -155,7 +159,19 @@ def write_report(args, rows, path):
                 lines.append(f"| {r['model']} | {r['method']} | {seed} | {ep} | {x['batches']} | {x['above_tol']} | "
                              f"{100 * x['share_above_tol']:.1f}% | {x['max']:.2e} | {x['median']:.2e} | {mat} | "
                              f"{x['tol']:.0e} |")
-    lines += ["", "Paper column: the talk's table (spec section 3); LCP-EBD has no published MNIST number there.", ""]
+    lines += ["", "Paper column: the talk's table (spec section 3); LCP-EBD has no published MNIST number there. "
+              "'inside the paper's +- std': our mean over the finished seeds lies within the paper's mean +- its "
+              "std (the talk's error bar).", ""]
+    if args.plot and rows:
+        from lcp_meta.utils import plots
+        if plots.available():
+            from lcp_meta.supervised.report import plot_reproduction
+            png = plot_reproduction(rows, path.with_suffix(".png"), epochs=args.epochs)
+            lines += [f"![test accuracy per epoch]({png.name})", "",
+                      "Plot: test accuracy per epoch, each seed thin, the mean over seeds bold (unfinished runs "
+                      "included), the paper's mean +- std as a diamond right of the last epoch.", ""]
+        else:
+            print(plots.MISSING)
     harness.write_results(path.with_suffix(""), {**prov, "args": vars(args), "rows": rows}, lines)
 
 
@@ -177,6 +193,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder of the run folders and logs")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "mnist_reproduction.md"))
     p.add_argument("--report-only", action="store_true", help="only rebuild the table from OUT")
+    p.add_argument("--no-plot", dest="plot", action="store_false",
+                   help="no PNG of the learning curves beside the results file")
     args = p.parse_args(argv)
     models = args.models.split(",")
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")

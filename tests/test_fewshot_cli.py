@@ -213,3 +213,14 @@ def test_threads_option_is_restored_after_the_command(tmp_path):
                  "--out", str(tmp_path / "t"), *TINY]) == 0
     assert torch.get_num_threads() == before
     assert main(["fewshot", "--threads", "0", "--out", str(tmp_path / "t")]) == 2
+
+
+def test_comparison_without_matplotlib_keeps_its_results(tmp_path, monkeypatch):
+    """The plots come last: without matplotlib the comparison warns and keeps its tables, not a traceback."""
+    from lcp_meta.utils import plots
+    monkeypatch.setattr(plots, "available", lambda: False)
+    out = tmp_path / "t"
+    with pytest.warns(RuntimeWarning, match="matplotlib is not installed"):
+        assert main(["fewshot", "--methods", "fomaml", "--meta-steps", "1", "--out", str(out), *TINY]) == 0
+    assert (out / "results.md").is_file() and (out / "results.json").is_file()
+    assert not list(out.glob("*.png"))

@@ -1,7 +1,6 @@
 """Result files of a few-shot comparison: the markdown table (and its parser), CSV curves, PNG plots.
 
-Plots are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot global state, no display
-needed, and the caller's matplotlib backend is left alone.
+Plots go through :mod:`lcp_meta.utils.plots` (the Agg canvas, no pyplot state).
 """
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from ..utils.errors import UserInputError
+from ..utils.plots import figure, save
 
 CURVE_FIELDS = ("step", "query_loss", "query_metric", "val_metric", "val_ci95", "time_s", "sec_per_step",
                 "peak_memory_mib", "inner_residual", "control_residual", "converged")
@@ -206,26 +206,10 @@ def _running_mean(values: Sequence[float], window: int = 10) -> List[float]:
     return out
 
 
-def _figure(ncols: int, width: float = 5.0, height: float = 3.6):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-    return fig, axes
-
-
-def _save(fig, path: "str | Path") -> Path:
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
-
-
 def plot_curves(results: Sequence[Mapping], path: "str | Path") -> Path:
     """Meta-training curves: query loss after adaptation (training tasks) and the validation metric."""
     metric = results[0]["metric"]
-    fig, (ax_loss, ax_val) = _figure(2)
+    fig, (ax_loss, ax_val) = figure(2)
     for r in results:
         pts = [(c["step"], c["query_loss"]) for c in r["curve"] if c.get("query_loss") is not None]
         # each point is one meta-batch: smooth with a running mean so that methods can be told apart
@@ -241,14 +225,14 @@ def plot_curves(results: Sequence[Mapping], path: "str | Path") -> Path:
     ax_val.set(xlabel="meta-step", title="validation",
                ylabel="accuracy (%)" if metric == "accuracy" else "MSE")
     ax_loss.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_test_metric(results: Sequence[Mapping], path: "str | Path", episodes: int) -> Path:
     """Test metric per method with 95% confidence-interval bars."""
     metric = results[0]["metric"]
     scale = 100.0 if metric == "accuracy" else 1.0
-    fig, (ax,) = _figure(1, width=max(4.5, 0.9 * len(results) + 2))
+    fig, (ax,) = figure(1, width=max(4.5, 0.9 * len(results) + 2))
     names = [r["method"] for r in results]
     ax.bar(names, [scale * r["test_mean"] for r in results], yerr=[scale * r["test_ci95"] for r in results],
            capsize=4, color="tab:blue", alpha=0.8)
@@ -256,12 +240,12 @@ def plot_test_metric(results: Sequence[Mapping], path: "str | Path", episodes: i
     if metric == "accuracy":
         lo = min(scale * (r["test_mean"] - r["test_ci95"]) for r in results)
         ax.set_ylim(max(0.0, lo - 5), 100)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_cost(results: Sequence[Mapping], path: "str | Path", memory_kind: str) -> Path:
     """Wall-clock seconds and peak memory per meta-step."""
-    fig, (ax_t, ax_m) = _figure(2)
+    fig, (ax_t, ax_m) = figure(2)
     names = [r["method"] for r in results]
     ax_t.bar(names, [r["sec_per_step"] for r in results], color="tab:orange")
     ax_t.set(ylabel="seconds / meta-step", title="wall-clock")
@@ -272,7 +256,7 @@ def plot_cost(results: Sequence[Mapping], path: "str | Path", memory_kind: str) 
     ax_m.set(ylabel="MiB", title=f"peak memory per meta-step\n({memory_kind})")
     for ax in (ax_t, ax_m):
         ax.tick_params(axis="x", labelrotation=30)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_sinusoid_fits(fits: Mapping, path: "str | Path") -> Path:
@@ -283,7 +267,7 @@ def plot_sinusoid_fits(fits: Mapping, path: "str | Path") -> Path:
     import numpy as np
 
     tasks = fits["tasks"]
-    fig, axes = _figure(len(tasks), width=4.0, height=3.2)
+    fig, axes = figure(len(tasks), width=4.0, height=3.2)
     x = np.asarray(fits["x"])
     for ax, task in zip(axes, tasks):
         ax.plot(x, task["amplitude"] * np.sin(x - task["phase"]), "k-", lw=2, label="true")
@@ -292,4 +276,4 @@ def plot_sinusoid_fits(fits: Mapping, path: "str | Path") -> Path:
         ax.plot(task["x_support"], task["y_support"], "k^", ms=6, label="support")
         ax.set(xlabel="x", title=f"A={task['amplitude']:.2f}, phase={task['phase']:.2f}")
     axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    return save(fig, path)

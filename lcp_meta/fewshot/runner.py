@@ -34,6 +34,7 @@ from ..data.episodes import mean_ci95
 from ..data.omniglot import score_one_shot_runs
 from ..utils import atomic_write_text, harness, resolve_device
 from ..utils.errors import UserInputError
+from ..utils import plots as figures
 from . import report
 from .config import DTYPES, FewShotConfig, jsonable
 from .defaults import EQUILIBRIUM_CAP, EQUILIBRIUM_METHODS, method_defaults
@@ -409,7 +410,9 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
             f"{cfg.test_episodes} fixed test episodes (seed {cfg.seed}), 95% CI = 1.96 std / sqrt(n); "
             f"sec/meta-step: mean wall-clock of a meta-step after the first on {config_record['device_name']}; "
             f"skipped: meta-steps whose update was dropped because the method diverged.\n", out / "results.md")
-    if results and cfg.plots:
+    if results and cfg.plots and not figures.available():  # the tables and JSON above are the results
+        warnings.warn(figures.MISSING, RuntimeWarning)
+    elif results and cfg.plots:
         plots = [report.plot_curves(results, out / "curves.png"),
                  report.plot_test_metric(results, out / "test_metric.png", cfg.test_episodes),
                  report.plot_cost(results, out / "cost.png", mk)]

@@ -10,7 +10,8 @@ Exit codes: 0 done; 2 bad input (nothing written); 4 more than --max-skipped of 
 (diverged).  A run folder that already holds a run is refused unless --resume or --overwrite is given.
 
 Every option left out takes the published setting (spec, section 3).  The run folder receives
-``checkpoint.pt`` (after every epoch) and ``result.json``; ``--resume`` continues from the checkpoint.
+``checkpoint.pt``, ``result.json`` and ``curves.png`` (learning curves; ``--no-plots``: none), each rewritten after
+every epoch; ``--resume`` continues from the checkpoint.
 """
 from __future__ import annotations
 

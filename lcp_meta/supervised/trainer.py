@@ -40,7 +40,7 @@ from .faithful import PRESETS
 __all__ = ["DATASETS", "MODEL_NAMES", "TRAINER_KEYS", "RunConfig", "trainer_defaults", "resolve_hparams",
            "load_dataset", "evaluate", "train", "SkippedBatchWarning"]
 
-CHECKPOINT_NAME, RESULT_NAME = "checkpoint.pt", "result.json"
+CHECKPOINT_NAME, RESULT_NAME, PLOT_NAME = "checkpoint.pt", "result.json", "curves.png"
 # what a resume needs from a checkpoint (the harness adds the RNG states)
 _STATE = ("model", "method", "optimizer", "scheduler", "epoch", "batch", "step", "history", "skipped", "config")
 
@@ -103,6 +103,8 @@ class RunConfig:
     eval_batch_size: int = 1000
     checkpoint_every: int = option(0, "also checkpoint every N batches within an epoch")
     progress: bool = option(True, "no progress bars (log lines only)")
+    plots: bool = option(True, "no PNG plot of the learning curves (curves.png in the run folder, redrawn after "
+                               "every epoch; needs matplotlib)")
     method_kwargs: Dict[str, Any] = option(
         help="override a method setting, e.g. --set alpha=0.1 (repeatable)", default_factory=dict, flag="--set",
         action="append", metavar="KEY=VALUE", convert=lambda items: parse_assignments(items, "--set"))
@@ -233,7 +235,7 @@ def _seed_everything(seed: int) -> None:
 def _comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The part of a config that must match for a resumed run to be the same run."""
     ignore = {"device", "data_root", "out", "resume", "progress", "eval_batch_size", "checkpoint_every", "overwrite",
-              "max_skipped"}
+              "max_skipped", "plots"}
     return {k: v for k, v in cfg.items() if k not in ignore}
 
 
@@ -288,7 +290,8 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     elif cfg.resume:
         log(f"no checkpoint in {out}; starting a new run there")
     # before any data is read or any batch trained
-    harness.prepare_run_folder(out, [ckpt_path, out / RESULT_NAME], resume=cfg.resume, overwrite=cfg.overwrite)
+    harness.prepare_run_folder(out, [ckpt_path, out / RESULT_NAME, out / PLOT_NAME], resume=cfg.resume,
+                               overwrite=cfg.overwrite)
 
     # data first: a missing data set is reported before any model is built
     if data is None:
@@ -366,6 +369,13 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
                                  "skipped": result["skipped_batches"], "partial": part,
                                  "config": dataclasses.asdict(cfg), "date_started": result["date_started"]}, ckpt_path)
 
+    plotting = {"on": cfg.plots and distributed.is_main()}
+
+    def write_result() -> None:
+        harness.write_json(result, out / RESULT_NAME)
+        if plotting["on"] and result["epochs"]:
+            plotting["on"] = _plot(result, out / PLOT_NAME, log)
+
     from ..utils.progress import progress as progress_bar
     while epoch < trainer_hp["epochs"]:
         acc = partial or {"n": 0, "loss": 0.0, "iterations": 0.0, "residual": 0.0, "converged": 0,
@@ -442,7 +452,7 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         save(epoch, 0, {})
         result["final_test_accuracy"] = ev["accuracy"]
         if epoch < trainer_hp["epochs"]:
-            harness.write_json(result, out / RESULT_NAME)
+            write_result()
     result["status"] = "finished"
     seen = sum(r["batches"] + r["skipped_batches"] for r in result["epochs"])
     result["batches_seen"] = seen
@@ -450,5 +460,20 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     result["date_finished"] = harness.utc_now()
     if result["epochs"]:
         result["final_test_accuracy"] = result["epochs"][-1]["test_accuracy"]
-    harness.write_json(result, out / RESULT_NAME)
+    write_result()
     return result
+
+
+def _plot(result: Dict[str, Any], path: Path, log: Callable[[str], None]) -> bool:
+    """Redraw the run's learning curves; where matplotlib is missing, say so and return False (no more tries).
+    A run goes on where a figure fails: it is not worth a lost training run."""
+    from ..utils import plots
+    if not plots.available():
+        log(plots.MISSING)
+        return False
+    from .report import plot_run
+    try:
+        plot_run(result, path)
+    except Exception as exc:  # (reported, not hidden)
+        log(f"could not draw {path.name}: {type(exc).__name__}: {exc}")
+    return True
