@@ -54,3 +54,22 @@ def test_trainer_evaluates_a_controlled_strategy_run_by_the_free_euler_iteration
     ref = evaluate(model, data[2], data[3], solver="euler", tol=1e-6, max_iter=6)
     assert res["epochs"][-1]["test_loss"] == ref["loss"]
     assert res["epochs"][-1]["test_accuracy"] == ref["accuracy"]
+
+
+def test_anderson_that_stops_unsettled_returns_the_point_its_residual_describes():
+    """At its iteration cap Anderson returned its next extrapolated point, which the step map never evaluated, with
+    the residual of the previous point: the returned state must be an evaluated step-map output ``z = T(x)`` whose
+    relative change ``|z - x| / |z|`` is the reported residual (the Euler convention)."""
+    g = torch.Generator().manual_seed(1)
+    d = 6
+    A = 0.9 * torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DT))[0]  # a slow rotation-contraction
+    b = torch.randn(3, d, generator=g, dtype=DT)
+
+    def step(z):
+        return (z[0] @ A.T + b,)
+
+    (z,), stats = solve(step, (torch.zeros(3, d, dtype=DT),), solver="anderson", tol=1e-14, max_iter=4)
+    assert not stats.converged and not stats.diverged
+    x = torch.linalg.solve(A, (z - b).T).T  # the point whose step-map output z is
+    torch.testing.assert_close(step((x,))[0], z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(relative_change((z,), (x,)), stats.per_sample.to(DT), rtol=1e-9, atol=0)

@@ -585,9 +585,10 @@ def anderson(step: StepFn, z0: State, stop: StopRule, m: int = 5, beta: float = 
                / torch.linalg.vector_norm(gx, dim=1).double().clamp_min(1e-12))
         x = x_new
         if stop(k + 1, rel, stats):
-            if stats.converged:
-                x = gx  # return an evaluated point of the step map
             break
+    # return the evaluated point of the step map whose relative change ``rel`` is, converged or not (at the cap the
+    # extrapolation x_new was never evaluated: its residual is unknown)
+    x = gx
     stats.per_sample = rel.detach().cpu()
     stats.residual = float(stats.per_sample.max())
     return _unflat(x, like), stats
