@@ -73,3 +73,50 @@ def test_anderson_that_stops_unsettled_returns_the_point_its_residual_describes(
     x = torch.linalg.solve(A, (z - b).T).T  # the point whose step-map output z is
     torch.testing.assert_close(step((x,))[0], z, rtol=0, atol=1e-12)
     torch.testing.assert_close(relative_change((z,), (x,)), stats.per_sample.to(DT), rtol=1e-9, atol=0)
+
+
+def _tiny_ff(seed=0):
+    torch.manual_seed(seed)
+    model = build_model("ff", in_shape=(6,), num_classes=3, hidden=(5, 4)).to(DT)
+    return model, torch.randn(4, 6, dtype=DT), torch.randint(0, 3, (4,))
+
+
+def test_ebd_that_misses_its_stop_tol_is_not_reported_converged():
+    """EBD with ``stop_tol`` reported ``converged=True`` whenever its state stayed finite, also when its steps ran
+    out with the relative change far above ``stop_tol``."""
+    model, x, y = _tiny_ff()
+    m = make_method("lcp-ebd", model, alpha=0.1, ebd_lr=0.01, ebd_steps=3, stop_tol=1e-12)
+    stats = m.backward(x, y)
+    assert stats["iterations"] == 3 and stats["residual"] > 1e-12
+    assert stats["converged"] is False
+    # one that meets it stops there and says so
+    m = make_method("lcp-ebd", model, alpha=0.1, ebd_lr=0.01, ebd_steps=5000, stop_tol=1e-3)
+    stats = m.backward(x, y)
+    assert stats["residual"] < 1e-3 and stats["iterations"] < 5000 and stats["converged"] is True
+
+
+@pytest.mark.parametrize("method,key", [("lcp-lf", "sigma"), ("lcp-lf", "tau_Q"), ("lcp-lf", "k_i"),
+                                        ("lcp-lf", "alpha"), ("lcp-ebd", "alpha"), ("lcp-ebd", "ebd_lr"),
+                                        ("lcp-ebd", "stop_tol")])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_lf_and_ebd_refuse_non_finite_settings_with_one_line(method, key, bad):
+    """LF and EBD accepted NaN settings (``min(nan, ...) <= 0`` and ``nan <= 0`` are False): every batch then failed
+    deep inside (or trained with a NaN control).  DI already refused them by name."""
+    model, _, _ = _tiny_ff()
+    with pytest.raises(ValueError, match=key):
+        make_method(method, model, **{key: bad})
+
+
+def test_kp_before_batch_decay_is_undone_when_the_batch_is_refused_with_a_warning(monkeypatch):
+    """KP with ``kp_decay='before-batch'`` decays before the dynamics and restored the parameters only when the batch
+    raised: under ``on_divergence='warn'`` a refused (non-finite) update left them decayed."""
+    model, x, y = _tiny_ff()
+    m = make_method("lcp-di-kp", model, kp_wd=0.1, kp_decay="before-batch")
+    m.on_divergence = "warn"
+    before = [p.detach().clone() for p in m.parameters()]
+    monkeypatch.setattr(m, "_update", lambda *a: [torch.full_like(p, math.nan) for p in a[-1]])
+    with pytest.warns(RuntimeWarning, match="turned NaN"):
+        m.backward(x, y)
+    assert not m.accumulated
+    for p, q in zip(m.parameters(), before):
+        assert torch.equal(p, q) and p.grad is None

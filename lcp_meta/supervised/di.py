@@ -330,17 +330,25 @@ class KolenPollack(DynamicInversion):
         if self.kp_decay != "before-batch" or not self.kp_wd:
             return super().backward(x, y)
         # the authors decay before the batch's dynamics, which then run with the decayed weights; a batch that
-        # fails restores them, so that a raised DivergenceError still leaves the parameters as they were
+        # fails restores them, so that a refused batch (a raised DivergenceError, or a warning under
+        # on_divergence="warn") leaves the parameters as they were
         params = self.decayed_parameters()
         saved = [p.detach().clone() for p in params]
-        self._decay()
-        try:
-            return super().backward(x, y)
-        except BaseException:
+
+        def restore():
             with torch.no_grad():
                 for p, s in zip(params, saved):
                     p.copy_(s)
+
+        self._decay()
+        try:
+            stats = super().backward(x, y)
+        except BaseException:
+            restore()
             raise
+        if not self.accumulated:
+            restore()
+        return stats
 
     def after_step(self):
         if self.kp_decay == "after-step":

@@ -20,7 +20,7 @@ from ..core.integrators import adam, apply
 from ..core.solvers import SolverStats, check_divergence
 from ..core.system import NetworkSystem, output_loss, output_loss_grad
 from ..core.tree import tree_map, tree_norm
-from .methods import Method
+from .methods import Method, check_finite
 
 __all__ = ["EnergyBased"]
 
@@ -37,6 +37,12 @@ class EnergyBased(Method):
                  ebd_init: str = "zeros", betas=(0.9, 0.999), stop_tol: Optional[float] = None, loss: str = "ce",
                  **kw):
         super().__init__(model, loss=loss, **kw)
+        for key, val in (("alpha", alpha), ("ebd_lr", ebd_lr), ("ebd_steps", ebd_steps)):
+            check_finite(self.name, key, val)
+        if stop_tol is not None:
+            check_finite(self.name, "stop_tol", stop_tol)
+            if stop_tol <= 0:
+                raise ValueError(f"{self.name}: stop_tol must be > 0 (or None: run every step), got {stop_tol!r}")
         if alpha <= 0 or ebd_lr <= 0 or int(ebd_steps) < 1:
             raise ValueError(f"expected alpha > 0, ebd_lr > 0, ebd_steps >= 1; got {alpha}, {ebd_lr}, {ebd_steps}")
         if ebd_init not in ("zeros", "free"):
@@ -92,7 +98,8 @@ def _network(ctrl, method, system, target):
         if method.stop_tol is not None and rel < method.stop_tol:
             break
     stats.residual = rel
-    stats.converged = not stats.diverged
+    # without stop_tol the fixed number of steps is the method (the official code's); with it, only a run that met it
+    stats.converged = not stats.diverged and (method.stop_tol is None or rel < method.stop_tol)
     check_divergence("energy minimisation (Adam on the states)", stats, who=method.name)
     g, h, _, _ = method.model.step_terms(c, v, None, None)
     return (v, y, v - g, y - h), stats

@@ -30,7 +30,7 @@ from ..core.controllers import LF, OutputController, OutputGain
 from ..core.solvers import check_divergence
 from ..core.method import Gradients
 from ..core.system import NetworkSystem, local_update, loss_grad_fn, output_loss_grad
-from .methods import Method
+from .methods import Method, check_finite
 
 __all__ = ["LinearFeedback"]
 
@@ -54,6 +54,9 @@ class LinearFeedback(Method):
         except NotImplementedError as exc:
             raise ValueError(f"lcp-lf needs a model whose state is a vector of pre-activations (ff, rnn, "
                              f"conv-ff): {exc}") from None
+        for key, val in (("alpha", alpha), ("k_i", k_i), ("k_p", k_p), ("dt", dt), ("sigma", sigma), ("wd_Q", wd_Q),
+                         ("tau_Q", tau_Q), ("timescale", timescale), ("tau_eps", tau_eps)):
+            check_finite(self.name, key, val)
         if min(sigma, tau_Q, timescale, tau_eps) <= 0 or wd_Q < 0 or alpha < 0 or not 0 < dt <= 1:
             raise ValueError("expected sigma, tau_Q, timescale, tau_eps > 0, wd_Q >= 0, alpha >= 0, 0 < dt <= 1")
         self.output, self.dt = OutputController(k_i, k_p, alpha), float(dt)
