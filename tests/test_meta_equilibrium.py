@@ -219,8 +219,10 @@ from lcp_meta.core.solvers import SolverStats  # noqa: E402
 
 @register_controller("newton-test")
 class DenseNewton(Controller):
-    """At the free inner equilibrium, the control's equilibrium (Hess l_in + lam) u = -grad l_out by one dense
-    solve, the matrix built column by column from the inner problem's curvature products (tiny problems)."""
+    """From the free inner equilibrium, the control's equilibrium (Hess l_in + lam) u = -grad l_out by one dense
+    solve, the matrix built column by column from the inner problem's curvature products (tiny problems); then
+    one Newton step of the inner equation f(phi) + beta u = 0 (its Jacobian is -(Hess l_in + lam)) and the
+    control solved again there: the controlled equilibrium at finite beta, to round-off."""
 
     calls = 0
 
@@ -232,13 +234,21 @@ class DenseNewton(Controller):
         sizes = [s.numel() for s in shapes]
         tree = lambda flat: {k: c.reshape(s) for k, c, s in zip(names, flat.split(sizes), shapes)}  # noqa: E731
         flat = lambda t: torch.cat([t[k].reshape(-1) for k in names])  # noqa: E731
-        us = []
+        phis, us = [], []
         for i in range(tb.num_tasks):
-            p = {k: v[i] for k, v in phi.items()}
+            xs, ys, xq, yq = tb.x_support[i], tb.y_support[i], tb.x_query[i], tb.y_query[i]
             eye = torch.eye(sum(sizes), dtype=DT)
-            A = torch.stack([flat(problem.curvature(p, tree(col), lam, tb.x_support[i], tb.y_support[i]))
-                             for col in eye], 1)
-            us.append(tree(torch.linalg.solve(A, -flat(problem.grad(p, tb.x_query[i], tb.y_query[i])))))
+
+            def control(p):  # (Hess l_in(p) + lam, u = -(Hess l_in(p) + lam)^-1 grad l_out(p))
+                A = torch.stack([flat(problem.curvature(p, tree(col), lam, xs, ys)) for col in eye], 1)
+                return A, torch.linalg.solve(A, -flat(problem.grad(p, xq, yq)))
+
+            p = {k: v[i] for k, v in phi.items()}
+            A, u = control(p)
+            p = tree(flat(p) + torch.linalg.solve(A, flat(problem.force(p, omega, lam, xs, ys)) + lcp.beta * u))
+            phis.append(p)
+            us.append(tree(control(p)[1]))
+        phi = {k: torch.stack([t[k] for t in phis]) for k in names}
         u = {k: torch.stack([t[k] for t in us]) for k in names}
         return phi, u, SolverStats(iterations=1, residual=0.0, converged=True), None
 

@@ -58,8 +58,9 @@ class ContrastiveMeta(MetaMethod):
             kwargs["loss_fn"] = loss_fn
         super().__init__(model, **kwargs)
         check_positive("beta", beta)
-        if nudged_steps is not None and int(nudged_steps) < 1:
-            raise ValueError(f"nudged_steps must be >= 1, got {nudged_steps}")
+        if nudged_steps is not None and (isinstance(nudged_steps, bool) or int(nudged_steps) != nudged_steps
+                                         or int(nudged_steps) < 1):
+            raise ValueError(f"nudged_steps must be an integer >= 1, got {nudged_steps!r}")
         self.beta, self.symmetric = float(beta), bool(symmetric)
         self.nudged_steps = int(nudged_steps) if nudged_steps is not None else None
         self.polyak_start = _count_or_none("polyak_start", polyak_start, 0, "the outer step the average starts at")

@@ -139,7 +139,7 @@ class LCP(MetaMethod):
             raise ValueError(f"control_stop must be one of {STOP_RULES}, got {control_stop!r}")
         check_positive("psi_lr", psi_lr, allow_none=True)
         check_positive("ebd_lr", ebd_lr)
-        if int(ebd_steps) < 1:
+        if isinstance(ebd_steps, bool) or int(ebd_steps) != ebd_steps or int(ebd_steps) < 1:
             raise ValueError(f"ebd_steps must be an integer >= 1, got {ebd_steps!r}")
         if not 0.0 <= ebd_momentum < 1.0:
             raise ValueError(f"ebd_momentum must be in [0, 1), got {ebd_momentum}")
@@ -238,27 +238,48 @@ class LCP(MetaMethod):
         return u, st, st.stuck, torch.stack([res_u, res_in.to(torch.float64)], 1)
 
     def _joint(self, system, omega, lam, tb, control, name, a_phi, a_u):
-        """Joint Euler dynamics of (phi, u = psi/beta) from phi = omega, u = 0 through the core solvers:
+        """Joint Euler dynamics of (phi, u = psi/beta) from phi = omega, u = 0:
         phi += eta (f(phi) + beta u) (heavy-ball with ``momentum``), u <- control(phi, u, psi_lr, data)
-        (which also returns f(phi))."""
+        (which also returns f(phi) and the control residual of its input state).  With ``solver="anderson"``
+        through the core solvers (their stop rule: the relative change of the state; residuals None), otherwise
+        stopped on the (control, inner) residuals of the state, which are returned (T, 2)."""
         beta = self.beta
 
-        def one(phi, u, vel, lr, plr, xs, ys, xq, yq):
-            f, u_new = control(phi, u, plr, xs, ys, xq, yq)
-            delta, vel = heavy_ball(lr, self.momentum).update(DI.drive(f, u, beta), vel)
-            return apply(phi, delta), u_new, vel
+        def one(phi, u, vel, lr, plr, scale, xs, ys, xq, yq):
+            f, u_new, r_u = control(phi, u, plr, xs, ys, xq, yq)
+            drive = DI.drive(f, u, beta)
+            r_in = safe_ratio(tree_norm(drive), scale)  # |f + beta u| / |f(omega)|
+            delta, vel = heavy_ball(lr, self.momentum).update(drive, vel)
+            return (apply(phi, delta), u_new, vel), torch.stack([r_u, r_in])
 
         phi0 = tree_expand(omega, tb.num_tasks)
         state, rebuild = tree_pack([phi0, tree_zeros_like(phi0), tree_zeros_like(phi0)])
-        mapped = system.tmap(one, (0,) * 9)
-        data = (a_phi, a_u, tb.x_support, tb.y_support, tb.x_query, tb.y_query)
+        mapped = system.tmap(one, (0,) * 10)
+        data = (a_phi, a_u, self._force_scale(system, omega, lam, tb), tb.x_support, tb.y_support, tb.x_query,
+                tb.y_query)
 
-        def step(z):
-            return tree_pack(mapped(*rebuild(z), *data))[0]
+        if self.solver == "anderson":
+            def step(z):
+                return tree_pack(mapped(*rebuild(z), *data)[0])[0]
 
-        z, st = self._dynamics(step, state, name=name)
+            z, st = self._dynamics(step, state, name=name)
+            res = None
+        else:
+            def step(z):
+                new, r = mapped(*rebuild(z), *data)
+                return tree_pack(new)[0], r
+
+            z, st, res = iterate(step, state, self.tols_for(phi0[next(iter(phi0))].dtype), self.inner_steps)
+            res = res.reshape(tb.num_tasks, 2)
         phi, u, _ = rebuild(z)
-        return phi, u, st
+        return phi, u, st, res
+
+    def _advice(self, tb, phase, stats) -> str:
+        if (self.controller == "ebd" and phase == "control" and not stats.diverged
+                and not getattr(stats, "indefinite", False)):
+            return (f"likely cause: too few energy-descent steps: raise ebd_steps (the cap, now {self.ebd_steps}), "
+                    f"ebd_lr (now {self.ebd_lr}) or ebd_momentum (now {self.ebd_momentum})")
+        return super()._advice(tb, phase, stats)
 
     # ----------------------------------------------------------------------------- meta-gradient
     def _residuals(self, system, omega, lam, tb, phi, u):
@@ -280,7 +301,6 @@ class LCP(MetaMethod):
         self._info = {}
         phi, u, st, res = self.control.equilibrium(self, system, (omega, lam, tb))
         stats.iterations = st.iterations
-        stats.converged = bool(st.converged and not st.diverged)
         stats.extra.update(self._info)
         if u is None:
             u = {k: torch.full_like(v, float("nan")) for k, v in phi.items()}
@@ -293,6 +313,14 @@ class LCP(MetaMethod):
             stats.inner_residual = float(res[:, 1].max())
             stats.residual = max(stats.control_residual, stats.inner_residual)
             st.residual = stats.residual
+            tols = self.tols_for(next(iter(omega.values())).dtype)
+            # the verdict is that of the residuals reported (a phase stopped on another quantity, e.g. the relative
+            # change of the state, can stop far from the equilibrium, where -lam u is not the meta-gradient); only
+            # solver="anderson" is documented to stop on the relative change of the state instead
+            if tols is not None and self.solver != "anderson" and st.converged and \
+                    not bool((res <= res.new_tensor(tols)).all()):
+                st.converged = False
+        stats.converged = bool(st.converged and not st.diverged)
         with torch.no_grad():
             grads, lam_grads = system.local_update(phi, omega, lam, u, bool(self.learn_lam))
             stats.control_norm = float(self.beta * tree_norm(u, batched=True).mean())
@@ -417,14 +445,15 @@ def _di_anderson(lcp, system, omega, lam, tb):
     a_phi, a_u = lcp._steps_at_omega(system, omega, lam, tb)
 
     def control(phi, u, plr, xs, ys, xq, yq):
-        t = system.terms(phi, u, _neg(system.grad(phi, xq, yq)), omega, lam, xs, ys)
+        go = system.grad(phi, xq, yq)
+        t = system.terms(phi, u, _neg(go), omega, lam, xs, ys)
         _, du = DI.field(t, u)  # -(Hess l_in + lam) u - grad l_out
-        return t.f, {k: u[k] + plr * du[k] for k in u}
+        return t.f, {k: u[k] + plr * du[k] for k in u}, safe_ratio(tree_norm(du), tree_norm(go))
 
-    phi, u, st = lcp._joint(system, omega, lam, tb, control, "LCP dynamic-inversion dynamics", a_phi, a_u)
+    phi, u, st, res = lcp._joint(system, omega, lam, tb, control, "LCP dynamic-inversion dynamics", a_phi, a_u)
     lcp._info = {"control_iterations": st.iterations}
     st.phase = "inner"
-    return phi, u, st, None
+    return phi, u, st, res
 
 
 @Direct.drives("inner")
@@ -437,13 +466,28 @@ def _direct(ctrl, lcp, system, batch):
                                           momentum=lcp.momentum, beta=lcp.beta, xq=tb.x_query, yq=tb.y_query,
                                           name="LCP direct-control dynamics",
                                           **lcp._solve_settings(next(iter(omega.values())).dtype))
-    else:
+    else:  # relative to |f(omega)|: the stop rule's residual is then the inner residual reported
         phi, st, info = lcp._relax(system, omega, lam, tb.x_support, tb.y_support, beta=lcp.beta,
-                                   xq=tb.x_query, yq=tb.y_query)
+                                   xq=tb.x_query, yq=tb.y_query, scale=lcp._force_scale(system, omega, lam, tb))
         lcp._info = {"inner_iterations": st.iterations, "step": float(info["a"].mean())}
     with torch.no_grad():
         u = _neg(system.grads(phi, tb.x_query, tb.y_query))
-    return phi, u, st, None
+    return phi, u, st, _output_control_residuals(lcp, system, omega, lam, tb, phi, u)
+
+
+def _output_control_residuals(lcp, system, omega, lam, tb, phi, u):
+    """(control, inner) residuals per task (T, 2) of the first-order controllers at (phi, u): their control's
+    own equation u = -grad l_out(phi), ``|u + grad l_out(phi)| / |grad l_out(phi)|`` (0 for the direct
+    controller, which sets u so; the leaky integrator's state approaches it), and ``|f(phi) + beta u| /
+    |f(omega)|``.  (The dynamic-inversion residual ``|(Hess l_in + lam) u + grad l_out|`` is not theirs: they
+    replace that system by u = -grad l_out.)"""
+    scale = lcp._force_scale(system, omega, lam, tb)
+    with torch.no_grad():
+        go = system.grads(phi, tb.x_query, tb.y_query)
+        f = system.tmap(lambda p, x, y: system.force(p, omega, lam, x, y), (0, 0, 0))(phi, tb.x_support, tb.y_support)
+        r_u = safe_ratio(tree_norm(tree_map(torch.add, u, go), batched=True), tree_norm(go, batched=True))
+        r_in = safe_ratio(tree_norm(tree_map(lambda fk, uk: fk + lcp.beta * uk, f, u), batched=True), scale)
+    return torch.stack([r_u, r_in], 1).to(torch.float64)
 
 
 @Leaky.drives("inner")
@@ -453,11 +497,13 @@ def _leaky(ctrl, lcp, system, batch):
     omega, lam, tb = batch
     a_phi, a_u = lcp._steps_at_omega(system, omega, lam, tb)
 
-    def control(phi, u, plr, xs, ys, xq, yq):
-        return system.force(phi, omega, lam, xs, ys), ctrl.output.integrate(u, system.grad(phi, xq, yq), plr)
+    def control(phi, u, plr, xs, ys, xq, yq):  # and the residual of u = -grad l_out, the control's equilibrium
+        go = system.grad(phi, xq, yq)
+        r_u = safe_ratio(tree_norm(tree_map(torch.add, u, go)), tree_norm(go))
+        return system.force(phi, omega, lam, xs, ys), ctrl.output.integrate(u, go, plr), r_u
 
-    phi, u, st = lcp._joint(system, omega, lam, tb, control, "LCP leaky direct-control dynamics", a_phi, a_u)
-    return phi, u, st, None
+    phi, u, st, res = lcp._joint(system, omega, lam, tb, control, "LCP leaky direct-control dynamics", a_phi, a_u)
+    return phi, u, st, (_output_control_residuals(lcp, system, omega, lam, tb, phi, u) if res is None else res)
 
 
 @EBD.drives("inner")
@@ -476,19 +522,32 @@ def _ebd(ctrl, lcp, system, batch):
 
     grad_e = grad(energy)  # = -(Hess l_in + lam) f + beta grad l_out: one HVP's worth of work
 
-    def one(phi, vel, *d):
-        delta, vel = descent.update(_neg(grad_e(phi, *d)), vel)
-        return apply(phi, delta), vel
+    def one(phi, vel, xs, ys, xq, yq):
+        # with u = -f / beta: grad_e / beta = (Hess l_in + lam) u + grad l_out, so the control residual
+        # |(Hess l_in + lam) u + grad l_out| / |grad l_out| of this state is |grad_e| / (beta |grad l_out|)
+        # (and the inner one, |f + beta u|, is 0 by construction)
+        ge = grad_e(phi, xs, ys, xq, yq)
+        res = safe_ratio(tree_norm(ge), beta * tree_norm(system.grad(phi, xq, yq)))
+        delta, vel = descent.update(_neg(ge), vel)
+        return (apply(phi, delta), vel), res
 
     descent = heavy_ball(lr, mom)
     data = (tb.x_support, tb.y_support, tb.x_query, tb.y_query)
     mapped = system.tmap(one, (0,) * 6)
     state, rebuild = tree_pack([phi0, descent.init(phi0)])
 
-    def step(z):
-        return tree_pack(mapped(*rebuild(z), *data))[0]
+    if lcp.solver == "anderson":  # the fixed-point solver's own stop rule (relative change of the state)
+        def step(z):
+            return tree_pack(mapped(*rebuild(z), *data)[0])[0]
 
-    z, st = lcp._dynamics(step, state, name="LCP energy-based descent", max_iter=lcp.ebd_steps)
+        z, st = lcp._dynamics(step, state, name="LCP energy-based descent", max_iter=lcp.ebd_steps)
+    else:  # stopped on the control residual that is reported (a small step is not a small residual)
+        def step(z):
+            new, res = mapped(*rebuild(z), *data)
+            return tree_pack(new)[0], res
+
+        tols = lcp.tols_for(next(iter(omega.values())).dtype)
+        z, st, _ = iterate(step, state, None if tols is None else tols[0], lcp.ebd_steps)
     st.phase = "control"
     phi = rebuild(z)[0]
     with torch.no_grad():
