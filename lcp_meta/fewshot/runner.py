@@ -230,6 +230,13 @@ class _MethodRun:
             self.divergences.append({"step": self.step, "residual": residual, "message": str(exc)})
             self.opt.zero_grad(set_to_none=True)
             return None, time.perf_counter() - t0
+        if all(p.grad is None for p in self.params):
+            # nothing accumulated without an error: the method warned (on_divergence="warn") and left .grad alone
+            residual = getattr(stats, "residual", None)
+            residual = float("nan") if residual is None else float(residual)
+            self.divergences.append({"step": self.step, "residual": residual,
+                                     "message": "the method accumulated no meta-gradient (it warned); update skipped"})
+            return None, time.perf_counter() - t0
         if not grads_finite([p.grad for p in self.params if p.grad is not None]):
             self.divergences.append({"step": self.step, "residual": float("nan"),
                                      "message": "non-finite meta-gradient; update skipped"})
@@ -268,8 +275,11 @@ class _MethodRun:
                    disable=not cfg.progress, dynamic_ncols=True)
         while self.step < stop:
             batch = self.source.train_batch(self.step)
-            # the metric after adaptation, on this step's tasks, before the update (the same tasks as the loss)
+            # the metric after adaptation, on this step's tasks, before the update (the same tasks and parameters
+            # as the query loss the meta-step reports)
             logging = (self.step + 1) % log_every == 0 or self.step + 1 == cfg.meta_steps
+            query_metric = float(_evaluate(self.method, [batch], self.source.score, f"{self.name} step",
+                                           False).mean()) if logging else None
             stats, dt = self.meta_step(batch)
             self.step += 1
             self.step_times.append(dt)
@@ -280,8 +290,7 @@ class _MethodRun:
                        # where the method stopped: an equilibrium result is only as good as its residuals
                        "inner_residual": stats.get("inner_residual"), "control_residual": stats.get("control_residual"),
                        "converged": stats.get("converged")}
-                row["query_metric"] = float(_evaluate(self.method, [batch], self.source.score, f"{self.name} step",
-                                                      False).mean())
+                row["query_metric"] = query_metric
                 if self.step % val_every == 0 or self.step == cfg.meta_steps:
                     row["val_metric"], row["val_ci95"] = self.validate()
                 self.curve.append(row)
