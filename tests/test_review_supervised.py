@@ -120,3 +120,28 @@ def test_kp_before_batch_decay_is_undone_when_the_batch_is_refused_with_a_warnin
     assert not m.accumulated
     for p, q in zip(m.parameters(), before):
         assert torch.equal(p, q) and p.grad is None
+
+
+def test_warm_start_that_spends_the_whole_budget_settling_is_not_reported_as_a_settled_control():
+    """warm-anderson: when the free phase settled exactly at the iteration cap, the control never started (e = 0), yet
+    the solve reported the free phase's statistics, converged with its tiny residual, so the default policy accepted
+    the update of a controller that never ran.  The reported residual must be the reduced map's relative change at
+    the returned state (the stop rule's own measure), and the solve not converged."""
+    torch.manual_seed(0)
+    model = build_model("rnn", in_shape=(4,), num_classes=3, hidden=5).to(DT)
+    x, y = torch.randn(4, 4, dtype=DT), torch.randint(0, 3, (4,))
+    with torch.no_grad():
+        c = model.encode(x)
+    # the iterations the free phase of warm-anderson takes (Euler to max(tol, warm_tol = 1e-4))
+    _, free = model.free_equilibrium(c, solver="euler", tol=1e-4, max_iter=800, freeze_converged=False)
+    assert free.converged
+    method = make_method("lcp-di", model, solver="warm-anderson", max_iter=free.iterations, max_residual=1.0)
+    with torch.no_grad():
+        (v, yc, e, u), stats = method.controlled_equilibrium(c, y)
+        assert torch.equal(e, torch.zeros_like(e))  # the control never ran
+        # reference: one step of the reduced map (v <- g + e, e <- J_g^T e + J_h^T u, y <- the output solve) there
+        g, _, jg, jh = model.step_terms(c, v, e, u)
+        ref = relative_change((g + e, jg + jh, yc), (v, e, yc))
+    assert not stats.converged
+    torch.testing.assert_close(stats.per_sample.to(DT), ref, rtol=1e-12, atol=0)
+    assert stats.residual == pytest.approx(float(ref.max()), rel=1e-12)

@@ -32,7 +32,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .solvers import RowCache, SolverStats, solve
+from .solvers import RowCache, SolverStats, relative_change, solve
 from .losses import loss_grad_fn
 
 __all__ = ["OutputControl", "ControlProblem", "CONTROL_SOLVERS", "register_control_solver", "resolve_control_solver"]
@@ -190,9 +190,17 @@ def _reduced(p: ControlProblem, warm_tol: Optional[float], inner: str, inner_kw:
     if s0.diverged:  # (the caller raises on a diverged solve)
         return (v0, v0, v0, v0), s0
     budget = p.max_iter - s0.iterations  # max_iter bounds the whole solve, warm start included
-    if budget < 1:  # the free phase used it all without settling: report that state, control not yet started
+    if budget < 1:  # the free phase used it all: report that state, control not yet started (e = 0), never as
+        # settled, with the relative change of the reduced map there (the stop rule's measure; the free phase's
+        # residual says nothing about the control)
         y, u = out.solve(m.h(v0))
-        return (v0, y, torch.zeros_like(v0), u), s0
+        e0 = torch.zeros_like(v0)
+        g, _, jg, jh = m.step_terms(c, v0, e0, u, fb)
+        old, new = (v0, e0), (g + e0, jg + jh)
+        if not math.isinf(out.beta):  # (its state holds y too)
+            old, new = old + (y,), new + (y,)
+        per = relative_change(new, old).detach().cpu()
+        return (v0, y, e0, u), dataclasses.replace(s0, converged=False, residual=float(per.max()), per_sample=per)
     if inner == "euler":  # samples may be coupled (batch norm): they stop together, unless the model says they
         # are independent; only the finite-beta map below takes the rows of the active samples
         own = {"active_set": True} if p.active_set and not math.isinf(out.beta) else {"freeze_converged": False}
