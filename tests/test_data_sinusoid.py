@@ -46,10 +46,14 @@ def test_seeded_reproducible_and_seeds_differ():
     assert not torch.equal(first.amplitude, second.amplitude)
 
 
-def test_support_points_do_not_depend_on_the_query_count():
+def test_task_parameters_do_not_depend_on_the_query_count():
+    """Amplitude and phase do not; the inputs do (drawn as one (T, K + Q) block), except the first task's support
+    points.  (This test was named for the support points, which it never compared.)"""
     a = SinusoidTasks(shots=5, queries=5).sample(6, seed=9)
     b = SinusoidTasks(shots=5, queries=20).sample(6, seed=9)
     assert torch.equal(a.amplitude, b.amplitude) and torch.equal(a.phase, b.phase)
+    assert torch.equal(a.tasks.x_support[0], b.tasks.x_support[0])
+    assert not torch.equal(a.tasks.x_support[1], b.tasks.x_support[1])
 
 
 def test_dtype_and_device_placement():

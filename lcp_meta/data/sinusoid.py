@@ -76,7 +76,8 @@ class SinusoidTasks:
             generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         amp = self._uniform(generator, (num_tasks,), *self.amplitude)
         phase = self._uniform(generator, (num_tasks,), *self.phase)
-        # support and query inputs drawn in one call so that changing `queries` never shifts the support points
+        # support and query inputs are drawn in one call, (T, K + Q): amplitude and phase do not depend on `queries`,
+        # but the inputs of every task after the first do (changing `queries` changes the tasks' points)
         x = self._uniform(generator, (num_tasks, self.shots + self.queries, 1), *self.x_range)
         y = self.function(x, amp, phase)
         xs, xq = x[:, : self.shots], x[:, self.shots:]
