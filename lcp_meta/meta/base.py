@@ -69,9 +69,11 @@ class MetaStats(Stats):
     residual: the largest final residual, maximum over tasks (max of inner_residual and control_residual).
     inner_residual: ``|f(phi) + beta u| / |f(omega)|``, the inner force left at the returned state relative to
         the force at omega (maximum over tasks); None for unrolled methods.
-    control_residual: ``|(Hess l_in + lam) u + grad l_out| / |grad l_out|`` at the returned state (LCP; for
-        iMAML the conjugate-gradient residual of the same system; maximum over tasks); None where there
-        is no such system (MAML family, CML).
+    control_residual: ``|(Hess l_in + lam) u + grad l_out| / |grad l_out|`` at the returned state (LCP with the
+        dynamic-inversion or energy-based controller; for iMAML the conjugate-gradient residual of the same
+        system; LCP's first-order controllers: ``|u + grad l_out| / |grad l_out|``, the residual of their own
+        control u = -grad l_out, 0 for the direct one; maximum over tasks); None where there is no such system
+        (MAML family, CML).
     meta_grad_norm: norm of the accumulated mean meta-gradient of the model parameters.
     extra: method-specific numbers (CG residual, lam, step sizes, Hessian-vector products, ...).
     """
