@@ -145,3 +145,36 @@ def test_warm_start_that_spends_the_whole_budget_settling_is_not_reported_as_a_s
     assert not stats.converged
     torch.testing.assert_close(stats.per_sample.to(DT), ref, rtol=1e-12, atol=0)
     assert stats.residual == pytest.approx(float(ref.max()), rel=1e-12)
+
+
+def test_ebd_free_start_follows_the_batch_stop_rule(monkeypatch):
+    """EBD's free-equilibrium start (``ebd_init='free'``, the rnn's) froze each sample at its own stop whatever the
+    method's ``stop_rule``; under the paper preset's ``stop_rule='batch'`` (the authors' solver: the whole batch
+    iterates until its largest change is below tol) it must be the batch-wide iteration."""
+    torch.manual_seed(2)
+    model = build_model("rnn", in_shape=(4,), num_classes=3, hidden=6).to(DT)
+    with torch.no_grad():
+        model.W.weight.mul_(2.0)  # slower, sample-dependent settling
+    x = torch.randn(5, 4, dtype=DT) * torch.tensor([0.1, 1.0, 3.0, 0.5, 2.0], dtype=DT)[:, None]
+    y = torch.randint(0, 3, (5,))
+    with torch.no_grad():
+        c = model.encode(x)
+    kw = dict(alpha=0.1, ebd_lr=1e-3, ebd_steps=5, ebd_init="free", tol=1e-4, max_iter=200, stop_rule="batch")
+    # reference start: the whole batch iterated together (no sample frozen)
+    (ref_v,), st = solve(lambda z: (model.g(c, z[0]),), (torch.zeros_like(c),), solver="euler", tol=1e-4,
+                         max_iter=200, freeze_converged=False)
+    (v_per,), _ = solve(lambda z: (model.g(c, z[0]),), (torch.zeros_like(c),), solver="euler", tol=1e-4,
+                        max_iter=200, freeze_converged=True)
+    assert st.converged and not torch.equal(ref_v, v_per)  # the two rules give different starts here
+    seen = []
+    free = type(model).free_equilibrium
+
+    def spy(self, c_, **kw_):
+        v, s = free(self, c_, **kw_)
+        seen.append(v.clone())
+        return v, s
+
+    monkeypatch.setattr(type(model), "free_equilibrium", spy)
+    make_method("lcp-ebd", model, **kw).controlled_equilibrium(c, y)
+    monkeypatch.undo()
+    assert torch.equal(seen[0], ref_v)

@@ -75,9 +75,10 @@ def _network(ctrl, method, system, target):
     """EBD on the network: Adam on the states ``(v, y)`` from 0 or the free equilibrium; returns
     ``((v*, y*, e* = -f, u* = y* - h), SolverStats)``."""
     c = system.c
-    if method.init == "free":
+    if method.init == "free":  # (Euler under the method's stop rule: 'batch' iterates the whole batch together)
+        kw = {"freeze_converged": method.stop_rule == "per-sample"} if method.solver == "euler" else {}
         v, _ = method.model.free_equilibrium(c, solver=method.solver, tol=method.tol, max_iter=method.max_iter,
-                                             check_every=method.check_every)
+                                             check_every=method.check_every, **kw)
     else:
         v = method.model.init_state(c)
     y = method.model.h(v) if method.init == "free" else torch.zeros_like(method.model.h(v))
