@@ -1,4 +1,4 @@
-r'''A learn2learn MAML script switched to LCP (least-control meta-learning) with a three-line edit.
+r'''A learn2learn MAML script switched to LCP (least-control meta-learning) with a four-line edit.
 
 The script below is an ordinary learn2learn few-shot training loop (``clone()`` per task, support /
 query split with ``partition_task``, ``evaluation_error.backward()``, gradient averaged over the
@@ -9,16 +9,20 @@ meta-batch, Adam).  Compared with the MAML version it changes only:
    solves the regularised inner problem ``min_phi l_in(phi) + lam/2 |phi - omega|^2`` itself;
 3. ``learner.query_loss(x_query, y_query)`` replaces ``loss(learner(x_query), y_query)``: LCP needs the
    query targets in its single controlled phase, and the backward of this loss runs that phase and
-   deposits ``-lam psi* / beta`` (the LCP meta-gradient) in ``.grad``, task by task as before.
+   deposits ``-lam psi* / beta`` (the LCP meta-gradient) in ``.grad``, task by task as before;
+4. the hidden layer is ``nn.Tanh()`` instead of ``nn.ReLU()``: a ReLU network's inner problem has no smooth
+   stationary point for LCP to reach (docs/results.md, "Known limit 2").
 
-The inner step size and number of steps change because LCP's inner dynamics run to (near) equilibrium,
-not for MAML's few large steps.  ``LCPLearner(..., method="maml")`` would give learn2learn's own MAML
-gradient (checked in ``tests/test_adapters_l2l.py``).  For speed, all tasks of a meta-batch can also go
-through one vmapped call: ``maml.meta_backward(task_batch(train_tasks, meta_batch_size, shots))`` with
+The inner step size and number of steps change because LCP's inner dynamics run to their equilibrium
+(``adaptation_steps`` is then only a cap; a task that does not reach the residual tolerance raises
+``DivergenceError``), not for MAML's few large steps.  ``LCPLearner(..., method="maml")`` would give
+learn2learn's own MAML gradient (checked in ``tests/test_adapters_l2l.py``).  For speed, all tasks of a
+meta-batch can also go through one vmapped call: ``maml.meta_backward(task_batch(train_tasks, meta_batch_size, shots))`` with
 ``task_batch`` from ``lcp_meta.adapters.l2l``.
 
 Needs learn2learn 0.2.0 (``bash scripts/install_adapters.sh``).  Run:
-``python examples/learn2learn_maml_to_lcp.py --iterations 20``.
+``python examples/learn2learn_maml_to_lcp.py`` (5 iterations of 4 tasks, about a minute on a 2-core CPU;
+``--iterations 100 --meta-batch-size 16`` is the learn2learn script's budget).
 
 The edit (``examples/learn2learn_maml_to_lcp.diff``)::
 
@@ -48,11 +52,12 @@ The edit (``examples/learn2learn_maml_to_lcp.diff``)::
 
 
     -def main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.5, meta_batch_size=16, adaptation_steps=5,
-    +def main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.2, meta_batch_size=16, adaptation_steps=30,
+    +def main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.2, meta_batch_size=16, adaptation_steps=100,
               num_iterations=100, seed=42, device="cpu"):
          torch.manual_seed(seed)
          train_tasks, test_tasks = make_tasksets(ways, shots)
-         model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, ways)).to(device)
+    -    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, ways)).to(device)
+    +    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, ways)).to(device)
     -    maml = l2l.algorithms.MAML(model, lr=fast_lr, first_order=False)
     +    maml = LCPLearner(model, nn.CrossEntropyLoss(), lam=1.0, beta=0.01, inner_lr=fast_lr,
     +                      inner_steps=adaptation_steps)
@@ -100,11 +105,11 @@ def fast_adapt(batch, learner, loss, adaptation_steps, shots, device):
     return evaluation_error, accuracy(predictions, evaluation_labels)
 
 
-def main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.2, meta_batch_size=16, adaptation_steps=30,
+def main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.2, meta_batch_size=16, adaptation_steps=100,
          num_iterations=100, seed=42, device="cpu"):
     torch.manual_seed(seed)
     train_tasks, test_tasks = make_tasksets(ways, shots)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, ways)).to(device)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, ways)).to(device)
     maml = LCPLearner(model, nn.CrossEntropyLoss(), lam=1.0, beta=0.01, inner_lr=fast_lr,
                       inner_steps=adaptation_steps)
     opt = torch.optim.Adam(maml.parameters(), meta_lr)
@@ -138,8 +143,10 @@ def main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.2, meta_batch_size=16, adapta
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--meta-batch-size", type=int, default=16)
+    # command-line defaults sized for about a minute on a 2-core CPU (every task runs LCP to its equilibrium, about
+    # 1-2 s there); main()'s own defaults are the learn2learn script's 100 iterations of 16 tasks
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--meta-batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     main(num_iterations=args.iterations, meta_batch_size=args.meta_batch_size, device=args.device)
