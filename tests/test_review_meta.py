@@ -146,3 +146,25 @@ def test_step_counts_must_be_integers(make, value):
     """ebd_steps / nudged_steps of 2.5 were silently cut to 2 (inner_steps already refused it)."""
     with pytest.raises(ValueError, match=f"must be an integer >= 1, got {value!r}"):
         make(tanh_mlp(), value)
+
+
+def test_an_inner_step_past_the_stability_limit_is_named_when_the_run_stays_bounded():
+    """At inner_lr 0.2 one task's Hess l_in + lam has 0.2 lam_max > 2 at its solution (dense eigenvalues), so
+    gradient descent oscillates about it without blowing up (tanh saturates): the run ended unconverged with a
+    residual above 1 and the advice was 'too few steps: raise inner_steps', which cannot help."""
+    from lcp_meta.meta import IMAML
+    from lcp_meta.meta.reference import flat_loss, flatten_params, inner_solution
+    model, tasks = tanh_mlp((8,), seed=0), sine_tasks(3, 6, amplitude=(0.5, 1.0), seed=1)
+    lam, lr = 1.0, 0.2
+    loss, (omega, _, _) = flat_loss(model, F.mse_loss), flatten_params(model)
+    xs, ys = tasks.x_support, tasks.y_support
+    top = max(float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(
+        lambda v: loss(v, xs[t], ys[t]), inner_solution(loss, omega, lam, xs[t], ys[t]))).max()) + lam
+        for t in range(xs.shape[0]))
+    assert lr * top > 2  # the reference: past the stability limit at the solution
+    for make in (lambda: IMAML(model, F.mse_loss, lam=lam, inner_lr=lr, inner_steps=1000),
+                 lambda: LCP(model, F.mse_loss, lam=lam, beta=0.1, controller="direct", inner_lr=lr,
+                             inner_steps=1000)):
+        with pytest.raises(DivergenceError, match=r"made no progress .* inner_lr=0.2 is likely past their stability"):
+            make().meta_backward(tasks)
+        assert all(p.grad is None for p in model.parameters())

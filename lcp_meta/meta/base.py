@@ -359,6 +359,13 @@ class MetaMethod(GradientMethod, nn.Module):
             if bad:
                 return (f"likely cause: non-finite data ({', '.join(bad)} contain NaN/inf); clean the task "
                         "batch (hyper-parameters cannot fix this)")
+        stalled = stats.residual is not None and math.isfinite(stats.residual) and stats.residual >= 1
+        if not stats.diverged and stalled and phase == "inner" and self.inner_lr is not None:
+            # bounded but no nearer the solution than at the start: more steps will not help
+            return (f"likely cause: the inner dynamics made no progress (relative residual {stats.residual:.3g} >= 1, "
+                    f"its value at the start): inner_lr={self.inner_lr} is likely past their stability limit "
+                    "(inner_lr * largest eigenvalue of Hess l_in + lam must stay below 2): lower inner_lr, or leave "
+                    "it unset for a step from a power-iteration estimate")
         if not stats.diverged:
             return (f"likely cause: too few steps: raise inner_steps (the cap, now {self.inner_steps}) or tol "
                     f"(now {self.tol_for(next(iter(split_model(self.model)[0].values())).dtype)}), or leave inner_lr unset for the accelerated automatic step")
