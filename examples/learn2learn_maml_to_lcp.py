@@ -13,9 +13,10 @@ meta-batch, Adam).  Compared with the MAML version it changes only:
 4. the hidden layer is ``nn.Tanh()`` instead of ``nn.ReLU()``: a ReLU network's inner problem has no smooth
    stationary point for LCP to reach (docs/results.md, "Known limit 2").
 
-The inner step size and number of steps change because LCP's inner dynamics run to their equilibrium
-(``adaptation_steps`` is then only a cap; a task that does not reach the residual tolerance raises
-``DivergenceError``), not for MAML's few large steps.  ``LCPLearner(..., method="maml")`` would give
+The inner step size and number of steps change because LCP's inner dynamics run to their equilibrium,
+not for MAML's few large steps: ``fast_lr=None`` lets LCP set its step from a power-iteration estimate of the
+curvature, and ``adaptation_steps`` is only a cap (a task that does not reach the residual tolerance raises
+``DivergenceError``).  ``LCPLearner(..., method="maml")`` would give
 learn2learn's own MAML gradient (checked in ``tests/test_adapters_l2l.py``).  For speed, all tasks of a
 meta-batch can also go through one vmapped call: ``maml.meta_backward(task_batch(train_tasks, meta_batch_size, shots))`` with
 ``task_batch`` from ``lcp_meta.adapters.l2l``.
@@ -52,7 +53,7 @@ The edit (``examples/learn2learn_maml_to_lcp.diff``)::
 
 
     -def main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.5, meta_batch_size=16, adaptation_steps=5,
-    +def main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.2, meta_batch_size=16, adaptation_steps=100,
+    +def main(ways=5, shots=1, meta_lr=0.003, fast_lr=None, meta_batch_size=16, adaptation_steps=1000,
               num_iterations=100, seed=42, device="cpu"):
          torch.manual_seed(seed)
          train_tasks, test_tasks = make_tasksets(ways, shots)
@@ -105,7 +106,7 @@ def fast_adapt(batch, learner, loss, adaptation_steps, shots, device):
     return evaluation_error, accuracy(predictions, evaluation_labels)
 
 
-def main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.2, meta_batch_size=16, adaptation_steps=100,
+def main(ways=5, shots=1, meta_lr=0.003, fast_lr=None, meta_batch_size=16, adaptation_steps=1000,
          num_iterations=100, seed=42, device="cpu"):
     torch.manual_seed(seed)
     train_tasks, test_tasks = make_tasksets(ways, shots)
