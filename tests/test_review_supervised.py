@@ -178,3 +178,15 @@ def test_ebd_free_start_follows_the_batch_stop_rule(monkeypatch):
     make_method("lcp-ebd", model, **kw).controlled_equilibrium(c, y)
     monkeypatch.undo()
     assert torch.equal(seen[0], ref_v)
+
+
+@pytest.mark.parametrize("method", ["bp", "rbp", "lcp-lf", "lcp-ebd"])
+@pytest.mark.parametrize("solver", ["reduced", "auto", "euler-flat", "eulr"])
+def test_methods_without_structured_solvers_refuse_them_when_built(method, solver):
+    """RBP, LF, EBD (and BP) accepted any solver name: RBP and LF then failed at the first batch (after the data
+    were loaded), and EBD's free start silently ran Anderson for a structured name (``free_equilibrium``'s mapping)
+    or ignored it.  The structured solvers are LCP-DI/DI-KP's; the others must refuse them when built."""
+    model = _tiny_ff()[0]
+    with pytest.raises(ValueError, match=f"{method}: unknown solver '{solver}'"):
+        make_method(method, model, solver=solver)
+    make_method(method, model, solver="anderson")  # (a solver of their dynamics is fine)

@@ -59,6 +59,7 @@ class DynamicInversion(Method):
 
     name = "lcp-di"
     controller = "di"  # the registered controller whose field the joint dynamics integrate
+    structured_solvers = True  # (core.control's; checked below)
     k_i, k_p, alpha = OutputGain(), OutputGain(), OutputGain()  # the output controller's gains (one copy)
     NEAR = 1e-2  # 'auto': a stalled reduced solve this close to settling is finished by warm-anderson
     # Newton on a stalled sample: a dense (n + classes)^2 Jacobian per sample (the tanh rnn's in closed form: ~0.6

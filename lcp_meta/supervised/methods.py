@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.controllers import make_controller
 from ..core.method import GradientMethod, Gradients, StepStats, check_number
-from ..core.solvers import DivergenceGuard, RowCache, SolverStats, check_divergence, solve
+from ..core.solvers import SOLVERS, DivergenceGuard, RowCache, SolverStats, check_divergence, solve
 from ..core.system import (LOSSES, EquilibriumModel, NetworkSystem, check_target, default_check_every, local_update,
                            output_loss, output_loss_grad)
 
@@ -44,6 +44,7 @@ class Method(GradientMethod):
     authors' solver does; needed where samples are coupled, e.g. by batch norm)."""
 
     name = "method"
+    structured_solvers = False  # True: the subclass also takes core.control's solvers (and checks its names itself)
 
     def __init__(self, model: EquilibriumModel, loss: str = "ce", solver: str = "euler", tol: float = 1e-6,
                  max_iter: int = 800, check_every: Optional[int] = None, max_residual: float = 1e-2,
@@ -58,6 +59,9 @@ class Method(GradientMethod):
         if stop_rule not in ("per-sample", "batch"):
             raise ValueError(f"{self.name}: stop_rule must be 'per-sample' or 'batch', got {stop_rule!r}")
         self.stop_rule = stop_rule
+        if solver not in SOLVERS and not self.structured_solvers:
+            raise ValueError(f"{self.name}: unknown solver {solver!r}; expected one of {sorted(SOLVERS)} (auto, sweep, "
+                             f"reduced, warm-anderson and euler-flat are LCP-DI/DI-KP's)")
         if tol <= 0 or int(max_iter) < 1 or max_residual <= 0:
             raise ValueError(f"expected tol > 0, max_iter >= 1, max_residual > 0; got {tol}, {max_iter}, {max_residual}")
         self.model, self.loss, self.solver = model, loss, solver
