@@ -20,7 +20,7 @@ raises ``DivergenceError`` on this ReLU / max-pool / BatchNorm net, whose inner 
 
 Needs torchmeta (``bash scripts/install_adapters.sh``).  Run (about a minute on a 2-core CPU: 5 meta-steps
 of 4 tasks): ``python examples/torchmeta_omniglot_style.py --data-root ../shared/data``.  A longer run, e.g.
-``--steps 100 --meta-batch 8``, took about 20 s per meta-step on the same (loaded) CPU.
+``--steps 100 --meta-batch 8``, costs about 20 s per meta-step there under heavy load (10 steps: 3 min 41 s).
 """
 import argparse
 import io
