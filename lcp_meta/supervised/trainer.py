@@ -179,6 +179,23 @@ def _stats_dict(stats: Any) -> Dict[str, Any]:
     return dict(stats)
 
 
+def evaluation_options(cfg: RunConfig, method_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The keyword arguments of :func:`evaluate` for a run: the method's solver settings for the free equilibrium,
+    and the preset's evaluation convention."""
+    from .faithful import preset_overrides
+    preset_eval = preset_overrides(cfg.dataset, cfg.model, cfg.method, cfg.preset)[2]
+    solver = method_kwargs.get("solver", cfg.solver or "euler")
+    if solver not in SOLVERS:
+        # a controlled-equilibrium strategy of LCP-DI (auto, sweep, reduced, warm-anderson, euler-flat) is no solver
+        # of the free dynamics (model.predict would take Anderson from 0, which left 173 of 2000 test samples of
+        # the paper-preset MNIST rnn unsettled where Euler left 5); prediction iterates them, as the authors do
+        solver = "euler"
+    return {"solver": solver, "tol": float(method_kwargs.get("tol", 1e-6) if cfg.tol is None else cfg.tol),
+            "max_iter": int(method_kwargs.get("max_iter", 800) if cfg.max_iter is None else cfg.max_iter),
+            "batch_size": preset_eval.get("eval_batch_size", cfg.eval_batch_size),
+            "batch_stats": bool(preset_eval.get("batch_stats", False))}
+
+
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000, solver: str = "euler",
              tol: float = 1e-6, max_iter: int = 800, batch_stats: bool = False) -> Dict[str, float]:
@@ -333,14 +350,7 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     # per-batch cosine annealing over the whole run, as in the official code
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=max(trainer_hp["epochs"] * per_epoch, 1), eta_min=trainer_hp["lr_final"])
-    eval_solver = method_kwargs.get("solver", cfg.solver or "euler")
-    if eval_solver not in SOLVERS:
-        # a controlled-equilibrium strategy of LCP-DI (auto, sweep, reduced, warm-anderson, euler-flat) is no solver
-        # of the free dynamics (model.predict would take Anderson from 0, which left 173 of 2000 test samples of
-        # the paper-preset MNIST rnn unsettled where Euler left 5); prediction iterates them, as the authors do
-        eval_solver = "euler"
-    eval_tol = float(method_kwargs.get("tol", 1e-6) if cfg.tol is None else cfg.tol)
-    eval_iter = int(method_kwargs.get("max_iter", 800) if cfg.max_iter is None else cfg.max_iter)
+    eval_opts = evaluation_options(cfg, method_kwargs)
 
     where = harness.provenance(device)
     where["date_started"] = where.pop("date")
@@ -433,10 +443,9 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         bar.close()
         train_seconds = acc["seconds"] + time.perf_counter() - t0
         t1 = time.perf_counter()
-        ev = evaluate(model, x_test, y_test, batch_size=preset_eval.get("eval_batch_size", cfg.eval_batch_size),
-                      solver=eval_solver, tol=eval_tol, max_iter=eval_iter,
-                      batch_stats=preset_eval.get("batch_stats", False))
-        res_sum = residual_summary(acc.get("residuals", []), acc.get("settled", []), getattr(method, "tol", eval_tol))
+        ev = evaluate(model, x_test, y_test, **eval_opts)
+        res_sum = residual_summary(acc.get("residuals", []), acc.get("settled", []),
+                                   getattr(method, "tol", eval_opts["tol"]))
         n = max(acc["n"], 1)
         record = {"epoch": epoch + 1, "train_loss": acc["loss"] / n, "test_accuracy": ev["accuracy"],
                   "test_loss": ev["loss"], "mean_iterations": acc["iterations"] / n,
