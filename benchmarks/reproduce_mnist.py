@@ -174,11 +174,13 @@ def write_report(args, rows, path):
                      f"{r.get('epochs', '-')} | {it} | {above} | {r.get('skipped', '-')} | {hours} |")
     again = [(r, x) for r in rows for x in r.get("rescored", [])]
     if again:
-        lines += ["", "Final test accuracy scored again from the final checkpoint with today's evaluation "
-                  "(`--rescore`; the table above uses these; the per-epoch curves are as recorded):", ""]
+        changed = [(r, x) for r, x in again if x["rescored"] != x["recorded"]]
+        lines += ["", f"Final test accuracy scored again from the final checkpoint with today's evaluation "
+                  f"(`--rescore`; the table above uses these; the per-epoch curves are as recorded): {len(again)} "
+                  f"runs, {len(again) - len(changed)} unchanged" + (", changed:" if changed else "."), ""]
         lines += [f"- {r['model']} {r['method']} seed {x['seed']}: recorded {x['recorded']:.2f}, rescored "
                   f"{x['rescored']:.2f} (free equilibrium by {x['eval']['solver']}, tol {x['eval']['tol']:g}, "
-                  f"{x['eval']['max_iter']} iterations)" for r, x in again]
+                  f"{x['eval']['max_iter']} iterations)" for r, x in changed]
     unfinished = [(r, u) for r in rows for u in r.get("unfinished", [])]
     if unfinished:
         lines += ["", "Runs not finished (not in the table above; test accuracy % after each epoch so far):", ""]
