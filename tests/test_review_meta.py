@@ -51,7 +51,8 @@ def test_ebd_stops_on_the_control_residual_it_reports():
     with pytest.raises(DivergenceError, match="ebd_steps"):
         LCP(model, F.mse_loss, lam=lam, beta=beta, controller="ebd").meta_backward(tasks)
     assert all(p.grad is None for p in model.parameters())
-    lcp = LCP(model, F.mse_loss, lam=lam, beta=beta, controller="ebd", ebd_steps=20000, ebd_momentum=0.9)
+    lcp = LCP(model, F.mse_loss, lam=lam, beta=beta, controller="ebd", ebd_lr=0.01, ebd_steps=20000,
+              ebd_momentum=0.9)
     stats = lcp.meta_backward(tasks)
     assert stats.converged and stats.control_residual <= 1e-6 and stats.inner_residual <= 1e-6, stats
     g = _grad_vec(model)

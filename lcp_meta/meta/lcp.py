@@ -49,16 +49,16 @@ equilibrium on the inner problem (``@DI.drives("inner")``), and ``LCP`` looks th
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
-from torch.func import grad
+from torch.func import grad, grad_and_value
 
 from ..core.controllers import CONTROLLERS, DI, EBD, Direct, Leaky, make_controller
 from ..core.integrators import apply, heavy_ball
-from ..core.tree import tree_expand, tree_map, tree_norm, tree_pack, tree_zeros_like
+from ..core.tree import tree_dot, tree_expand, tree_map, tree_norm, tree_pack, tree_zeros_like
 from .base import MetaGradient, MetaMethod, MetaStats, check_positive
-from .dynamics import STOP_RULES, cg_control, control_map, iterate, momentum_for, safe_ratio
+from .dynamics import SAFETY, STOP_RULES, cg_control, control_map, iterate, momentum_for, safe_ratio
 
 __all__ = ["LCP", "CONTROLLERS"]
 
@@ -90,7 +90,14 @@ class LCP(MetaMethod):
             see the module docstring; with ``solver="euler"`` / ``truncated``: inner_lr).
         first_order: deprecated spelling of ``controller="direct"`` (no second derivatives).
         ebd_lr, ebd_steps, ebd_momentum: step size, number of steps (cap when tol is set) and momentum of
-            the energy descent of the ``"ebd"`` controller.
+            the energy descent of the ``"ebd"`` controller.  ``ebd_lr=None`` (the default): per task
+            ``1 / (SAFETY L)`` with L a power-iteration estimate (``power_iters`` Hessian-vector products of
+            the energy, at the free state the descent starts from) of the largest curvature of
+            E = 1/2 |f|^2 + beta l_out, about lam_max(Hess l_in + lam)^2, and heavy-ball momentum
+            ``(1 - sqrt(ebd_lr mu^2))^2`` (mu the smallest lam, mu^2 E's curvature where Hess l_in >= 0);
+            ``ebd_momentum`` must then be left at 0; the momentum restarts and the step shrinks where E rises
+            (the guards of the inner relaxation), so a curvature above the estimate cannot make it diverge.
+            A fixed ebd_lr above about 2 / L diverges (lam_max = 10 needs ebd_lr < 0.02).
         leaky: direct controller only, the same as ``controller="leaky"``: psi is a leaky integral of the
             query-loss gradient, ``u += psi_lr (-grad l_out(phi) - u)`` with psi = beta u (same equilibrium,
             smoother dynamics).
@@ -111,7 +118,7 @@ class LCP(MetaMethod):
     name = "lcp"
 
     def __init__(self, model, loss_fn=None, *, beta: float = 1e-3, controller: str = "di",
-                 psi_lr: Optional[float] = None, first_order: bool = False, ebd_lr: float = 0.01,
+                 psi_lr: Optional[float] = None, first_order: bool = False, ebd_lr: Optional[float] = None,
                  ebd_steps: int = 200, ebd_momentum: float = 0.0, leaky: bool = False, truncated: bool = False,
                  control_tol: Optional[float] = None, control_stop: str = "per-task", **kwargs):
         if loss_fn is not None:
@@ -138,11 +145,15 @@ class LCP(MetaMethod):
         if control_stop not in STOP_RULES:
             raise ValueError(f"control_stop must be one of {STOP_RULES}, got {control_stop!r}")
         check_positive("psi_lr", psi_lr, allow_none=True)
-        check_positive("ebd_lr", ebd_lr)
+        check_positive("ebd_lr", ebd_lr, allow_none=True)
         if isinstance(ebd_steps, bool) or int(ebd_steps) != ebd_steps or int(ebd_steps) < 1:
             raise ValueError(f"ebd_steps must be an integer >= 1, got {ebd_steps!r}")
-        if not 0.0 <= ebd_momentum < 1.0:
-            raise ValueError(f"ebd_momentum must be in [0, 1), got {ebd_momentum}")
+        if not (isinstance(ebd_momentum, (int, float)) and not isinstance(ebd_momentum, bool)
+                and 0.0 <= ebd_momentum < 1.0):
+            raise ValueError(f"ebd_momentum must be a number in [0, 1), got {ebd_momentum!r}")
+        if ebd_lr is None and ebd_momentum != 0.0:
+            raise ValueError(f"ebd_momentum={ebd_momentum} needs a given ebd_lr (the former default was 0.01): with "
+                             "ebd_lr=None (automatic) the momentum is set from the estimated curvature")
         if truncated and controller != "di":
             raise ValueError("truncated=True is the fixed-step dynamic-inversion controller (lcp-truncated)")
         if truncated and self.tol is not None:
@@ -159,7 +170,8 @@ class LCP(MetaMethod):
         self.control_stop = control_stop
         self.name = "lcp-truncated" if truncated else NAMES.get(controller, f"lcp-{controller}")
         self.psi_lr_given = float(psi_lr) if psi_lr is not None else None
-        self.ebd_lr, self.ebd_steps, self.ebd_momentum = float(ebd_lr), int(ebd_steps), float(ebd_momentum)
+        self.ebd_lr = None if ebd_lr is None else float(ebd_lr)
+        self.ebd_steps, self.ebd_momentum = int(ebd_steps), float(ebd_momentum)
         self.leaky = controller == "leaky"
         self.control = make_controller(controller)
 
@@ -275,8 +287,17 @@ class LCP(MetaMethod):
         return phi, u, st, res
 
     def _advice(self, tb, phase, stats) -> str:
+        if self.controller == "ebd" and phase == "control" and stats.diverged and self.ebd_lr is not None:
+            return (f"likely cause: ebd_lr={self.ebd_lr} is above the stable step of the energy descent, about "
+                    "2 / lam_max(Hess l_in + lam)^2: lower it, or leave ebd_lr=None (automatic, from a curvature "
+                    "estimate)")
         if (self.controller == "ebd" and phase == "control" and not stats.diverged
                 and not getattr(stats, "indefinite", False)):
+            if self.ebd_lr is None:
+                step = self._info.get("ebd_lr")
+                return (f"likely cause: too few energy-descent steps: raise ebd_steps (the cap, now {self.ebd_steps}); "
+                        f"the automatic step (now {step:.3g}) and momentum follow E's curvature, whose condition "
+                        "number is about (lam_max / lam)^2: a larger lam also shortens the descent")
             return (f"likely cause: too few energy-descent steps: raise ebd_steps (the cap, now {self.ebd_steps}), "
                     f"ebd_lr (now {self.ebd_lr}) or ebd_momentum (now {self.ebd_momentum})")
         return super()._advice(tb, phase, stats)
@@ -508,9 +529,13 @@ def _leaky(ctrl, lcp, system, batch):
 
 @EBD.drives("inner")
 def _ebd(ctrl, lcp, system, batch):
-    """Free equilibrium, then descent on E(phi) = 1/2 |f(phi)|^2 + beta l_out(phi); psi = -f."""
+    """Free equilibrium, then descent on E(phi) = 1/2 |f(phi)|^2 + beta l_out(phi); psi = -f.
+
+    The descent's step: ``lcp.ebd_lr`` (heavy-ball with ``ebd_momentum``), or with ``ebd_lr=None`` per task
+    1 / (SAFETY L) with L the power-iteration estimate of E's largest curvature at the start (:func:`_ebd_step`)
+    and momentum ``(1 - sqrt(a mu^2))^2``."""
     omega, lam, tb = batch
-    beta, lr, mom = lcp.beta, lcp.ebd_lr, lcp.ebd_momentum
+    beta = lcp.beta
     phi0, st0 = lcp._free(system, omega, lam, tb.x_support, tb.y_support)
     if st0.diverged or (lcp.tol_for(tb.x_support.dtype if tb.x_support.is_floating_point() else
                                     next(iter(omega.values())).dtype) is not None and not st0.converged):
@@ -521,20 +546,42 @@ def _ebd(ctrl, lcp, system, batch):
         return EBD.energy(system.force(phi, omega, lam, xs, ys), beta, system.loss(phi, xq, yq))
 
     grad_e = grad(energy)  # = -(Hess l_in + lam) f + beta grad l_out: one HVP's worth of work
+    auto = lcp.ebd_lr is None
+    ref = next(iter(phi0.values()))
 
-    def one(phi, vel, xs, ys, xq, yq):
+    def control_residual(ge, phi, xq, yq):
         # with u = -f / beta: grad_e / beta = (Hess l_in + lam) u + grad l_out, so the control residual
         # |(Hess l_in + lam) u + grad l_out| / |grad l_out| of this state is |grad_e| / (beta |grad l_out|)
         # (and the inner one, |f + beta u|, is 0 by construction)
-        ge = grad_e(phi, xs, ys, xq, yq)
-        res = safe_ratio(tree_norm(ge), beta * tree_norm(system.grad(phi, xq, yq)))
-        delta, vel = descent.update(_neg(ge), vel)
-        return (apply(phi, delta), vel), res
+        return safe_ratio(tree_norm(ge), beta * tree_norm(system.grad(phi, xq, yq)))
 
-    descent = heavy_ball(lr, mom)
+    if auto:  # per-task step and momentum from E's curvature at phi0, adapted on the way (_ebd_guarded)
+        mu2 = lcp._mu(lam) ** 2
+        a, m, L = _ebd_step(lcp, system, grad_e, lam, tb, phi0)
+        lcp._info = {**lcp._info, "ebd_lr": float(a.min()), "ebd_momentum": float(momentum_for(a, mu2).max()),
+                     "ebd_curvature": float(L.max()), "hvps_ebd_estimate": lcp.power_iters}
+    if auto and lcp.solver == "anderson":  # Anderson accelerates plain steps of the estimated size itself
+        def one(phi, a_, xs, ys, xq, yq):
+            ge = grad_e(phi, xs, ys, xq, yq)
+            return ({k: phi[k] - a_ * ge[k] for k in phi}, a_), control_residual(ge, phi, xq, yq)
+
+        state, rebuild = tree_pack([phi0, a])
+    elif auto:
+        one = _ebd_guarded(energy, control_residual, mu2, ref.dtype)
+        inf = torch.full_like(a, float("inf"))
+        state, rebuild = tree_pack([phi0, tree_zeros_like(phi0), dict(phi0), inf, a, m])
+    else:
+        descent = heavy_ball(lcp.ebd_lr, lcp.ebd_momentum)
+
+        def one(phi, vel, xs, ys, xq, yq):
+            ge = grad_e(phi, xs, ys, xq, yq)
+            delta, vel = descent.update(_neg(ge), vel)
+            return (apply(phi, delta), vel), control_residual(ge, phi, xq, yq)
+
+        state, rebuild = tree_pack([phi0, descent.init(phi0)])
     data = (tb.x_support, tb.y_support, tb.x_query, tb.y_query)
-    mapped = system.tmap(one, (0,) * 6)
-    state, rebuild = tree_pack([phi0, descent.init(phi0)])
+    n_state = len(rebuild(state))
+    mapped = system.tmap(one, (0,) * (n_state + len(data)))
 
     if lcp.solver == "anderson":  # the fixed-point solver's own stop rule (relative change of the state)
         def step(z):
@@ -553,7 +600,68 @@ def _ebd(ctrl, lcp, system, batch):
     with torch.no_grad():
         f = system.tmap(lambda p, x, y: system.force(p, omega, lam, x, y), (0, 0, 0))(phi, tb.x_support, tb.y_support)
     u = {k: -f[k] / beta for k in f}  # u = psi / beta with psi = -f
+    lcp._info = {**lcp._info, "free_iterations": st0.iterations, "ebd_iterations": st.iterations}
     st.iterations += st0.iterations
     st.converged = st.converged and st0.converged
     st.residual = max(st.residual, st0.residual)
     return phi, u, st, None
+
+
+def _ebd_guarded(energy, control_residual, mu2: float, dtype) -> Callable:
+    """Per-task step of the automatic energy descent, state (phi, vel, phi_prev, E_prev, a, m): heavy-ball
+    ``vel <- m vel - a grad E;  phi += vel`` with the guards of the inner relaxation
+    (:func:`~lcp_meta.meta.dynamics.relax_map`), since E is not convex away from its minimiser and its
+    curvature changes along the path: the momentum restarts when E rises or the velocity points uphill, a plain
+    gradient step that raises E shortens the step (x 0.7), and a non-finite point is undone (step / 4, its
+    residual reported as 1e30), so a curvature above the estimate cannot make the descent diverge."""
+    gv = grad_and_value(energy)
+    rel = max(1e-12, 64 * torch.finfo(dtype).eps)  # a rise of E below this (relative) is round-off
+
+    def one(phi, vel, phi_prev, e_prev, a, m, xs, ys, xq, yq):
+        g, e = gv(phi, xs, ys, xq, yq)
+        res = control_residual(g, phi, xq, yq)
+        bad = ~(torch.isfinite(e) & torch.isfinite(tree_norm(g)))
+        rise = e > e_prev + rel * e_prev.abs()
+        uphill = tree_dot(g, vel) > 0
+        a_new = torch.where(bad, 0.25 * a, torch.where(rise & (m == 0), 0.7 * a, a))
+        m_new = torch.where(bad | rise | uphill, torch.zeros_like(a_new), momentum_for(a_new, mu2))
+        res = torch.where(bad, torch.full_like(res, 1e30), res)  # a rejected point is not a solution
+        g = {k: torch.where(bad, torch.zeros_like(g[k]), g[k]) for k in g}
+        vel_n = {k: m_new * vel[k] - a_new * g[k] for k in vel}
+        base = {k: torch.where(bad, phi_prev[k], phi[k]) for k in phi}  # non-finite: back to the last point
+        return ({k: base[k] + vel_n[k] for k in phi}, vel_n, base, torch.where(bad, e_prev, e), a_new, m_new), res
+
+    return one
+
+
+def _ebd_step(lcp, system, grad_e, lam, tb, phi0):
+    """Per-task (step, momentum, L) of the energy descent: L the largest |eigenvalue| of Hess E(phi0) by power
+    iteration (``lcp.power_iters`` products ``Hess E v = d/dphi <grad E(phi), v>``, from grad E(phi0) plus a
+    constant vector, as :func:`~lcp_meta.meta.dynamics.power_iteration`), the step 1 / (SAFETY L) and the
+    heavy-ball momentum for curvatures in [mu^2, L] (mu the smallest lam: E's curvature is about
+    (Hess l_in + lam)^2 + beta Hess l_out).  A non-finite estimate gives the step 0 (the descent then reports
+    the residual of its start)."""
+    iters = lcp.power_iters
+
+    def estimate(phi, xs, ys, xq, yq):
+        def hvp(v):
+            return grad(lambda p: tree_dot(grad_e(p, xs, ys, xq, yq), v))(phi)
+
+        g = grad_e(phi, xs, ys, xq, yq)
+        v = {k: g[k] + 1e-3 * (g[k].abs().mean() + 1) * torch.ones_like(g[k]) for k in g}
+        rq = torch.zeros((), dtype=next(iter(phi.values())).dtype, device=next(iter(phi.values())).device)
+        for _ in range(iters):
+            n = tree_norm(v)
+            v = {k: v[k] / n for k in v}
+            hv = hvp(v)
+            rq = tree_dot(v, hv)
+            v = hv
+        return rq
+
+    with torch.no_grad():
+        L = system.tmap(estimate, (0,) * 5)(phi0, tb.x_support, tb.y_support, tb.x_query, tb.y_query)
+    mu2 = lcp._mu(lam) ** 2
+    # the magnitude bounds a stable step (E is not convex far from its minimiser); never below E's mu^2
+    L = torch.nan_to_num(L, nan=float("inf")).abs().clamp_min(mu2)
+    a = 1.0 / (SAFETY * L)
+    return a, torch.zeros_like(a), L  # the momentum of the (not yet taken) last step: none
