@@ -131,3 +131,29 @@ def test_vmapped_and_looped_runs_agree():
         out.append((_grad_vec(model).clone(), lcp._info["ebd_lr"], stats.iterations))
     assert out[0][2] == out[1][2] and out[0][1] == pytest.approx(out[1][1], rel=1e-12, abs=0)
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-12)
+
+
+def test_guards_hold_a_step_above_the_stability_limit(monkeypatch):
+    """The estimate may be low (power iteration approaches lam_max from below, the curvature changes along the
+    path): a step 10x the estimate's (4x the limit 2 / L) still converges to the exact meta-gradient, because a
+    rise of E restarts the momentum and shortens the step; plain heavy-ball steps of that size diverge."""
+    import lcp_meta.meta.lcp as lcp_module
+    model, tasks = _problem()
+    ref = _dense_reference(model, tasks, LAM, BETA)
+    estimate = lcp_module._ebd_step
+
+    def too_large(*args):
+        a, m, L = estimate(*args)
+        return 10 * a, m, L
+
+    monkeypatch.setattr(lcp_module, "_ebd_step", too_large)
+    lcp = LCP(model, F.mse_loss, lam=LAM, beta=BETA, controller="ebd", ebd_steps=2000)
+    stats = lcp.meta_backward(tasks)
+    assert lcp._info["ebd_lr"] > 2 / lcp._info["ebd_curvature"]
+    assert stats.converged and stats.control_residual <= 1e-6, stats
+    assert float((_grad_vec(model) - ref).norm() / ref.norm()) < 1e-5
+    for p in model.parameters():
+        p.grad = None
+    with pytest.raises(DivergenceError):  # the same step without the guards
+        LCP(model, F.mse_loss, lam=LAM, beta=BETA, controller="ebd", ebd_lr=lcp._info["ebd_lr"],
+            ebd_steps=2000).meta_backward(tasks)
