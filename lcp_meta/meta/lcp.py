@@ -294,7 +294,7 @@ class LCP(MetaMethod):
         if (self.controller == "ebd" and phase == "control" and not stats.diverged
                 and not getattr(stats, "indefinite", False)):
             if self.ebd_lr is None:
-                step = self._info.get("ebd_lr")
+                step = self._info.get("ebd_lr", float("nan"))
                 return (f"likely cause: too few energy-descent steps: raise ebd_steps (the cap, now {self.ebd_steps}); "
                         f"the automatic step (now {step:.3g}) and momentum follow E's curvature, whose condition "
                         "number is about (lam_max / lam)^2: a larger lam also shortens the descent")
