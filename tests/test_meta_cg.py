@@ -141,3 +141,21 @@ def test_imaml_and_lcp_give_the_same_meta_gradient_at_the_same_cg_count():
     g_imaml = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     # -lam u (LCP) and lam y (iMAML) with u = -y; beta u moves phi by O(beta) only
     torch.testing.assert_close(g_lcp, g_imaml, rtol=1e-6, atol=1e-10)
+
+
+def test_imaml_converged_only_where_cg_meets_cg_tol():
+    """With cg_tol, cg_steps is a cap: a CG that stops at the cap above cg_tol is reported unconverged (its
+    residual, the dense CG's at that count, is shown), one that meets cg_tol converged."""
+    lam = 4.0
+    model, tb, system, m, phi, phi_vec, lam_tree, g, names = _setup(lam)
+    dense = [_dense_cg(A, -gt, 2)[1][2] for A, gt in _dense(model, tb, lam, phi_vec)]
+    tol = 1e-10  # far below what 2 steps reach (8 x 8 + ... parameters)
+    assert min(dense) > tol
+    stats = IMAML(model, F.mse_loss, lam=lam, tol=1e-10, cg_steps=2, cg_tol=tol).meta_backward(tb)
+    assert stats.inner_residual <= 1e-10 and not stats.converged
+    assert stats.control_residual == pytest.approx(max(dense), rel=1e-5)
+    stats = IMAML(model, F.mse_loss, lam=lam, tol=1e-10, cg_steps=500, cg_tol=1e-6).meta_backward(tb)
+    assert stats.control_residual <= 1e-6 and stats.converged
+    # without cg_tol the count is the method (the paper's 5 steps): converged is the inner solve's
+    stats = IMAML(model, F.mse_loss, lam=lam, tol=1e-10, cg_steps=2).meta_backward(tb)
+    assert stats.converged and stats.control_residual == pytest.approx(max(dense), rel=1e-5)

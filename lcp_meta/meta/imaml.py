@@ -25,7 +25,8 @@ class IMAML(MetaMethod):
     Args (beyond :class:`MetaMethod`):
         cg_steps: conjugate-gradient iterations (5 in the iMAML paper); the cap when ``cg_tol`` is set.
         cg_tol: stop CG when the relative residual ``|(Hess l_in + lam) y - grad l_out| / |grad l_out|``
-            is below it (None: exactly ``cg_steps``).
+            is below it (None: exactly ``cg_steps``).  A task that reaches the cap above it is returned as it is
+            (iMAML's own convention), and the step is reported unconverged.
         damping: added to the diagonal, ``(Hess l_in + lam + damping) y = grad l_out`` (0: the exact system).
         cg_stop: with ``cg_tol``, ``"per-task"`` (default: each task stops when it meets cg_tol) or ``"batch"``
             (all step until the last meets it); see :func:`~lcp_meta.meta.dynamics.cg_control`.
@@ -80,5 +81,7 @@ class IMAML(MetaMethod):
             stats.control_residual = float(cg_res.max())
             stats.extra["cg_residual"] = stats.control_residual
             stats.extra["cg_indefinite"] = int(indefinite.sum())
+        if self.cg_tol is not None:  # cg_steps is then a cap: a CG stopped there above cg_tol has not converged
+            stats.converged = stats.converged and stats.control_residual <= self.cg_tol
         stats.residual = max(st.residual, stats.control_residual)
         return MetaGradient(grads, st, stats, phi, lam_grads)
