@@ -339,10 +339,20 @@ class MetaMethod(GradientMethod, nn.Module):
         info.update(a=a, m=m, scale=scale, grad_e=grad_e)
         return phi, st, info
 
+    def _anderson_lr(self, system: InnerProblem, omega: Tree, lam: Tree, xs, ys) -> float:
+        """The step of the gradient map that ``solver="anderson"`` accelerates: ``inner_lr``, or where it is not
+        given the smallest of the tasks' automatic steps at omega (one step for the batch: Anderson's map is
+        shared; its fixed point does not depend on the step, only whether the map is stable does)."""
+        if self.inner_lr is not None:
+            return self.inner_lr
+        steps, _ = self._auto_step(system, tree_expand(omega, xs.shape[0]), lam, xs, ys)
+        return float(steps.min())
+
     def _free(self, system: InnerProblem, omega: Tree, lam: Tree, xs, ys):
         """The free inner equilibrium phi* of l_in(phi) + lam/2 |phi - omega|^2, from phi = omega."""
         if self.solver == "anderson":
-            return system.free_equilibrium(omega, lam, xs, ys, lr=self.inner_lr, momentum=self.momentum,
+            return system.free_equilibrium(omega, lam, xs, ys, lr=self._anderson_lr(system, omega, lam, xs, ys),
+                                           momentum=self.momentum,
                                            **self._solve_settings(next(iter(omega.values())).dtype))
         phi, st, _ = self._relax(system, omega, lam, xs, ys)
         return phi, st

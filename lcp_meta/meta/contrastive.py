@@ -145,7 +145,8 @@ class ContrastiveMeta(MetaMethod):
                 break
             if self.solver == "anderson":
                 settings = self._solve_settings(next(iter(omega.values())).dtype, max_iter=self.nudged_steps)
-                phib, stb = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, lr=self.inner_lr,
+                lr = self._anderson_lr(system, omega, lam, tb.x_support, tb.y_support)
+                phib, stb = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, lr=lr,
                                                     momentum=self.momentum, phi0=phi0, beta=b, xq=tb.x_query,
                                                     yq=tb.y_query, name="CML nudged phase", **settings)
             else:

@@ -483,7 +483,8 @@ def _direct(ctrl, lcp, system, batch):
     grad l_in + lam (phi - omega) + beta grad l_out = 0 (the nudged phase, reached in one phase)."""
     omega, lam, tb = batch
     if lcp.solver == "anderson":
-        phi, st = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, lr=lcp.inner_lr,
+        lr = lcp._anderson_lr(system, omega, lam, tb.x_support, tb.y_support)
+        phi, st = system.free_equilibrium(omega, lam, tb.x_support, tb.y_support, lr=lr,
                                           momentum=lcp.momentum, beta=lcp.beta, xq=tb.x_query, yq=tb.y_query,
                                           name="LCP direct-control dynamics",
                                           **lcp._solve_settings(next(iter(omega.values())).dtype))
