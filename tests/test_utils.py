@@ -69,9 +69,10 @@ def test_atomic_write_text(tmp_path):
 
 # ------------------------------------------------------------------ flags generated from config dataclasses
 # the flags of each command as they were before they were generated (stable API), plus --activation (issue 10)
+# and supervised --no-plots (its learning-curve plot, 2026-11-29)
 STABLE_FLAGS = {
     "supervised": "batch-size checkpoint-every data-root dataset device epochs grad-clip lr lr-final max-batches max-iter "
-                  "max-skipped method model model-set no-progress optimizer out overwrite preset resume seed set "
+                  "max-skipped method model model-set no-plots no-progress optimizer out overwrite preset resume seed set "
                   "solver test-subset tol weight-decay",
     "fewshot": "activation beta cache-dir checkpoint-every data-root device dtype hidden inner-lr inner-steps lam "
                "log-every max-skipped meta-batch meta-steps methods no-plots no-progress out outer-lr overwrite "
