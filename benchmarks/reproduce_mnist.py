@@ -207,7 +207,8 @@ def write_report(args, rows, path):
             png = plot_reproduction(rows, path.with_suffix(".png"), epochs=args.epochs)
             lines += [f"![test accuracy per epoch]({png.name})", "",
                       "Plot: test accuracy per epoch, each seed thin, the mean over seeds bold (unfinished runs "
-                      "included), the paper's mean +- std as a diamond right of the last epoch.", ""]
+                      "included), the paper's mean +- std as a diamond right of the last epoch, a final score that "
+                      "changed when rescored as a hollow circle.", ""]
         else:
             print(plots.MISSING)
     harness.write_results(path.with_suffix(""), {**prov, "args": vars(args), "rows": rows}, lines)

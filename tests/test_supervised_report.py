@@ -38,7 +38,8 @@ def test_run_figure_draws_the_result():
 
 def test_reproduction_figure_means_over_the_seeds_that_reached_each_epoch():
     rows = [{"model": "rnn", "method": "lcp-di", "curves": {0: [90.0, 92.0, 94.0], 1: [91.0, 93.0]},
-             "paper": (97.58, 0.16)},
+             "paper": (97.58, 0.16), "rescored": [{"seed": 0, "recorded": 94.0, "rescored": 94.5},
+                                                  {"seed": 1, "recorded": 93.0, "rescored": 93.0}]},
             {"model": "rnn", "method": "lcp-lf", "curves": {}, "paper": (97.70, 0.11)},  # not run: the diamond only
             {"model": "ff", "method": "bp", "curves": {0: [98.0]}, "paper": None}]
     fig = reproduction_figure(rows, epochs=30)
@@ -48,6 +49,8 @@ def test_reproduction_figure_means_over_the_seeds_that_reached_each_epoch():
     assert len(thin) == 2 and len(bold) == 1
     np.testing.assert_allclose(bold[0].get_xdata(), [1, 2, 3])
     np.testing.assert_allclose(bold[0].get_ydata(), [90.5, 92.5, 94.0])
+    circles = [ln for ln in rnn.lines if ln.get_marker() == "o"]  # only seed 0's score changed when rescored
+    assert [(float(c.get_xdata()[0]), float(c.get_ydata()[0])) for c in circles] == [(3.0, 94.5)]
     diamonds = [ln for ln in rnn.lines if ln.get_marker() == "D"]
     assert [(float(d.get_xdata()[0]), float(d.get_ydata()[0])) for d in diamonds] == [(30.7, 97.58), (30.95, 97.70)]
     assert [t.get_text() for t in rnn.get_legend().get_texts()] == ["lcp-di (2 seeds)", "lcp-lf (0 seeds)"]

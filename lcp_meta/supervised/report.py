@@ -78,8 +78,9 @@ def reproduction_figure(rows: Sequence[Mapping], epochs: Optional[int] = None):
     """One panel per model: test accuracy (%) per epoch of every method, each seed thin and the mean over seeds
     bold, with the published mean +- std drawn as an error bar just right of the last epoch.
 
-    ``rows``: one dict per (model, method) with ``model``, ``method``, ``curves`` ({seed: [accuracy % per epoch]})
-    and ``paper`` ((mean, std) or None)."""
+    ``rows``: one dict per (model, method) with ``model``, ``method``, ``curves`` ({seed: [accuracy % per epoch]}),
+    ``paper`` ((mean, std) or None) and optionally ``rescored`` ([{seed, recorded, rescored}]: a final score taken
+    again from the checkpoint with a later evaluation, drawn as a hollow circle at the last epoch where it differs)."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = figure(len(models), width=5.5, height=4.0)
     for ax, model in zip(axes, models):
@@ -97,6 +98,12 @@ def reproduction_figure(rows: Sequence[Mapping], epochs: Optional[int] = None):
                 tail = [v for c in curves for v in c[min(4, len(c) - 1):]]  # the first epochs would squash the rest
                 lows.append(min(tail))
                 highs.append(max(tail))
+            for x in r.get("rescored", []):  # a final score taken again with a later evaluation: marked apart
+                curve = r.get("curves", {}).get(x["seed"]) or []
+                if curve and x["rescored"] != x["recorded"]:
+                    ax.plot([len(curve)], [x["rescored"]], linestyle="none", marker="o", ms=6, mfc="none",
+                            color=color)
+                    highs.append(x["rescored"])
             if r.get("paper"):
                 mean, std = r["paper"]
                 ax.errorbar([(epochs or last) + 0.7 + 0.25 * k], [mean], yerr=[std], color=color, marker="D",
@@ -105,7 +112,8 @@ def reproduction_figure(rows: Sequence[Mapping], epochs: Optional[int] = None):
                 highs.append(mean + std)
         if lows:
             ax.set_ylim(min(lows) - 0.3, max(highs) + 0.2)
-        ax.set(xlabel="epoch (diamonds: the talk's mean +- std)", ylabel="test accuracy (%)", title=f"MNIST {model}")
+        ax.set(xlabel="epoch (diamonds: the talk's mean +- std; circles: rescored final)",
+               ylabel="test accuracy (%)", title=f"MNIST {model}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     return fig
