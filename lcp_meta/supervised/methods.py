@@ -40,7 +40,7 @@ class Method(GradientMethod):
     'anderson'; ``tol``/``max_iter``: stop rule of the dynamics; ``check_every``: None picks 1 on the CPU,
     10 on CUDA; ``max_residual``: a solve that ends above this relative change counts as diverged (``inf``:
     only NaN/inf does, the update is applied from the state reached); ``stop_rule``: 'per-sample' (Euler freezes
-    each converged sample) or 'batch' (the whole batch iterates until its largest change is below ``tol``, as the
+    each converged sample of a batch-independent model; samples coupled by batch norm iterate together) or 'batch' (the whole batch iterates until its largest change is below ``tol``, as the
     authors' solver does; needed where samples are coupled, e.g. by batch norm)."""
 
     name = "method"
@@ -144,7 +144,9 @@ class Method(GradientMethod):
 
     def _solve(self, step, z0, what: str, solver: Optional[str] = None, **kw):
         if (solver or self.solver) == "euler":
-            kw.setdefault("freeze_converged", self.stop_rule == "per-sample")
+            # a sample frozen while batch norm still couples it to its moving batch-mates would not be at the
+            # joint equilibrium: the per-sample rule freezes only on a batch-independent model (as RBP's does)
+            kw.setdefault("freeze_converged", self.samples_leave)
         z, stats = solve(step, z0, solver=solver or self.solver, tol=self.tol, max_iter=self.max_iter,
                          check_every=self.check_every or default_check_every(z0[0].device), name=what, **kw)
         self._check(stats, what)
