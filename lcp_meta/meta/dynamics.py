@@ -30,8 +30,8 @@ from ..core.controllers import DI
 from ..core.solvers import SolverStats, _flat, _unflat
 from ..core.tree import Tree, tree_dot, tree_norm
 
-__all__ = ["STOP_RULES", "iterate", "safe_ratio", "power_iteration", "momentum_for", "relax_map", "control_map", "cg_step",
-           "cg_control", "SAFETY"]
+__all__ = ["STOP_RULES", "iterate", "safe_ratio", "power_iteration", "rayleigh_power", "guarded_step", "momentum_for",
+           "relax_map", "control_map", "cg_step", "cg_control", "SAFETY"]
 
 # the step is 1 / (SAFETY * estimated largest eigenvalue): power iteration estimates it from below
 SAFETY = 1.25
@@ -104,28 +104,56 @@ def power_iteration(system, phi: Tree, lam: Tree, xs, ys, iters: int) -> torch.T
 
     Starts from grad l_in(phi) plus a constant vector (deterministic, so vmapped and looped runs agree);
     returns the last Rayleigh quotient, a lower bound of the largest eigenvalue (hence SAFETY)."""
-    g = system.grad(phi, xs, ys)
+    return rayleigh_power(lambda v: system.curvature(phi, v, lam, xs, ys), system.grad(phi, xs, ys), iters)
+
+
+def rayleigh_power(matvec: Callable[[Tree], Tree], g: Tree, iters: int) -> torch.Tensor:
+    """The Rayleigh quotient after ``iters`` steps of power iteration with ``matvec`` (a symmetric operator on
+    trees, e.g. a Hessian-vector product), started from ``g`` plus a constant vector (deterministic)."""
     v = {k: g[k] + 1e-3 * (g[k].abs().mean() + 1) * torch.ones_like(g[k]) for k in g}
-    rq = torch.zeros((), dtype=next(iter(phi.values())).dtype)
+    ref = next(iter(g.values()))
+    rq = torch.zeros((), dtype=ref.dtype, device=ref.device)
     for _ in range(iters):
         n = tree_norm(v)
         v = {k: v[k] / n for k in v}
-        av = system.curvature(phi, v, lam, xs, ys)
+        av = matvec(v)
         rq = tree_dot(v, av)
         v = av
     return rq
 
 
 # ------------------------------------------------------------------------------------ relaxation
+def guarded_step(phi: Tree, vel: Tree, phi_prev: Tree, e_prev: torch.Tensor, a: torch.Tensor, m: torch.Tensor,
+                 g: Tree, e: torch.Tensor, mu: float):
+    """One guarded heavy-ball descent step on an energy E with gradient ``g`` and value ``e`` at ``phi`` (one
+    task): ``vel <- m vel - a g;  phi += vel``, where the step ``a`` came from a curvature estimate.  Returns
+    ``((phi, vel, phi_prev, e_prev, a, m) after the step, bad)``, ``bad``: the point was not finite.
+
+    The momentum restarts when E rises or the velocity points uphill; a plain gradient step (``m`` = 0, the
+    momentum the last step used) that raises E overshot (a curvature above the estimate, the Hessian growing
+    along the path), so it also shortens the step (x 0.7) and the run cannot keep oscillating; a non-finite point
+    is undone (step / 4).  So a curvature above the estimate cannot make the descent diverge.  (Shrinking on
+    every rise stalled the relaxation of a conv-4 network: its step fell 1e8-fold over a few hundred momentum
+    restarts.)  The momentum otherwise is ``momentum_for(a, mu)``, mu the smallest curvature."""
+    rel = max(1e-12, 64 * torch.finfo(e.dtype).eps)  # a rise of E smaller than this (relative) is round-off
+    bad = ~(torch.isfinite(e) & torch.isfinite(tree_norm(g)))
+    rise = e > e_prev + rel * e_prev.abs()
+    uphill = tree_dot(g, vel) > 0  # the momentum points uphill: restart it
+    a_new = torch.where(bad, 0.25 * a, torch.where(rise & (m == 0), 0.7 * a, a))
+    m_new = torch.where(bad | rise | uphill, torch.zeros_like(a_new), momentum_for(a_new, mu))
+    g = {k: torch.where(bad, torch.zeros_like(g[k]), g[k]) for k in g}
+    vel_n = {k: m_new * vel[k] - a_new * g[k] for k in vel}
+    base = {k: torch.where(bad, phi_prev[k], phi[k]) for k in phi}  # non-finite: back to the last point
+    return ({k: base[k] + vel_n[k] for k in phi}, vel_n, base, torch.where(bad, e_prev, e), a_new, m_new), bad
+
+
 def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: float = 0.0) -> Callable:
     """Per-task step of the heavy-ball relaxation of E (gradients only).
 
     State per task: (phi, vel, phi_prev, e_prev, a, m, scale) [, c: a constant control added to the force,
     E - <c, phi>].  ``adaptive``: the step a came from an
-    eigenvalue estimate; the momentum is dropped when E rises or the velocity points uphill (``m`` in the
-    state is the momentum the last step used), the step is multiplied by 0.7 when a plain gradient step
-    raises E, and a non-finite point is undone (step / 4), so a curvature larger than estimated cannot make
-    the run diverge.
+    eigenvalue estimate, and each step is :func:`guarded_step` (``m`` in the state is the momentum the last
+    step used), so a curvature larger than estimated cannot make the run diverge.
     Otherwise (a user's inner_lr, momentum m) it is the plain dynamics.  Residual:
     ``|grad E(phi)| / |grad E(phi_start)|`` (the force left, relative to the force at the start).
     Returns ``(new state, residual, grad E(phi))``: the gradient at the input state is returned too (see
@@ -140,8 +168,6 @@ def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: f
         return e + beta * system.loss(phi, xq, yq) if nudged else e
 
     gv = grad_and_value(energy)
-    # a rise of E smaller than this (relative) is round-off, not an overshoot
-    rel = max(1e-12, 64 * torch.finfo(next(iter(omega.values())).dtype).eps)
 
     def one(phi, vel, phi_prev, e_prev, a, m, scale, xs, ys, xq, yq, c=None):
         g, e = gv(phi, xs, ys, xq, yq, c)
@@ -149,23 +175,9 @@ def relax_map(system, omega: Tree, lam: Tree, mu: float, adaptive: bool, beta: f
         scale = torch.where(torch.isnan(scale), gn, scale)
         res = safe_ratio(gn, scale)
         if adaptive:
-            bad = ~(torch.isfinite(e) & torch.isfinite(gn))
-            rise = e > e_prev + rel * e_prev.abs()  # beyond round-off
-            uphill = tree_dot(g, vel) > 0               # the momentum points uphill: restart it
-            # m is the momentum the last step used (0: a plain gradient step).  A heavy-ball path may rise with a
-            # stable step: that only restarts the momentum.  A plain gradient step that rises overshot (a
-            # curvature above the estimate, the Hessian growing along the path): that also shortens the step, so
-            # the run cannot keep oscillating.  (Shrinking on every rise stalled the relaxation of a conv-4
-            # network: its step fell 1e8-fold over a few hundred momentum restarts.)
-            a_new = torch.where(bad, 0.25 * a, torch.where(rise & (m == 0), 0.7 * a, a))
-            restart = bad | rise | uphill
-            m_new = torch.where(restart, torch.zeros_like(a_new), momentum_for(a_new, mu))
+            new, bad = guarded_step(phi, vel, phi_prev, e_prev, a, m, g, e, mu)
             res = torch.where(bad, torch.full_like(res, float(1e30)), res)  # a rejected point is not a solution
-            g0, g = g, {k: torch.where(bad, torch.zeros_like(g[k]), g[k]) for k in g}
-            vel_n = {k: m_new * vel[k] - a_new * g[k] for k in vel}
-            base = {k: torch.where(bad, phi_prev[k], phi[k]) for k in phi}  # non-finite: back to the last point
-            phi_n = {k: base[k] + vel_n[k] for k in phi}
-            return (phi_n, vel_n, base, torch.where(bad, e_prev, e), a_new, m_new, scale), res, g0
+            return (*new, scale), res, g
         vel_n = {k: m * vel[k] - a * g[k] for k in vel}
         return ({k: phi[k] + vel_n[k] for k in phi}, vel_n, phi_prev, e, a, m, scale), res, g
 

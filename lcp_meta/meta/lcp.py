@@ -58,7 +58,8 @@ from ..core.controllers import CONTROLLERS, DI, EBD, Direct, Leaky, make_control
 from ..core.integrators import apply, heavy_ball
 from ..core.tree import tree_dot, tree_expand, tree_map, tree_norm, tree_pack, tree_zeros_like
 from .base import MetaGradient, MetaMethod, MetaStats, check_positive
-from .dynamics import SAFETY, STOP_RULES, cg_control, control_map, iterate, momentum_for, safe_ratio
+from .dynamics import (SAFETY, STOP_RULES, cg_control, control_map, guarded_step, iterate, momentum_for,
+                       rayleigh_power, safe_ratio)
 
 __all__ = ["LCP", "CONTROLLERS"]
 
@@ -548,7 +549,6 @@ def _ebd(ctrl, lcp, system, batch):
 
     grad_e = grad(energy)  # = -(Hess l_in + lam) f + beta grad l_out: one HVP's worth of work
     auto = lcp.ebd_lr is None
-    ref = next(iter(phi0.values()))
 
     def control_residual(ge, phi, xq, yq):
         # with u = -f / beta: grad_e / beta = (Hess l_in + lam) u + grad l_out, so the control residual
@@ -568,7 +568,7 @@ def _ebd(ctrl, lcp, system, batch):
 
         state, rebuild = tree_pack([phi0, a])
     elif auto:
-        one = _ebd_guarded(energy, control_residual, mu2, ref.dtype)
+        one = _ebd_guarded(energy, control_residual, mu2)
         inf = torch.full_like(a, float("inf"))
         state, rebuild = tree_pack([phi0, tree_zeros_like(phi0), dict(phi0), inf, a, m])
     else:
@@ -608,29 +608,18 @@ def _ebd(ctrl, lcp, system, batch):
     return phi, u, st, None
 
 
-def _ebd_guarded(energy, control_residual, mu2: float, dtype) -> Callable:
-    """Per-task step of the automatic energy descent, state (phi, vel, phi_prev, E_prev, a, m): heavy-ball
-    ``vel <- m vel - a grad E;  phi += vel`` with the guards of the inner relaxation
-    (:func:`~lcp_meta.meta.dynamics.relax_map`), since E is not convex away from its minimiser and its
-    curvature changes along the path: the momentum restarts when E rises or the velocity points uphill, a plain
-    gradient step that raises E shortens the step (x 0.7), and a non-finite point is undone (step / 4, its
-    residual reported as 1e30), so a curvature above the estimate cannot make the descent diverge."""
+def _ebd_guarded(energy, control_residual, mu2: float) -> Callable:
+    """Per-task step of the automatic energy descent, state (phi, vel, phi_prev, E_prev, a, m): the guarded
+    heavy-ball step of the inner relaxation (:func:`~lcp_meta.meta.dynamics.guarded_step`), since E is not
+    convex away from its minimiser and its curvature changes along the path; a rejected (non-finite) point
+    reports the residual 1e30."""
     gv = grad_and_value(energy)
-    rel = max(1e-12, 64 * torch.finfo(dtype).eps)  # a rise of E below this (relative) is round-off
 
     def one(phi, vel, phi_prev, e_prev, a, m, xs, ys, xq, yq):
         g, e = gv(phi, xs, ys, xq, yq)
         res = control_residual(g, phi, xq, yq)
-        bad = ~(torch.isfinite(e) & torch.isfinite(tree_norm(g)))
-        rise = e > e_prev + rel * e_prev.abs()
-        uphill = tree_dot(g, vel) > 0
-        a_new = torch.where(bad, 0.25 * a, torch.where(rise & (m == 0), 0.7 * a, a))
-        m_new = torch.where(bad | rise | uphill, torch.zeros_like(a_new), momentum_for(a_new, mu2))
-        res = torch.where(bad, torch.full_like(res, 1e30), res)  # a rejected point is not a solution
-        g = {k: torch.where(bad, torch.zeros_like(g[k]), g[k]) for k in g}
-        vel_n = {k: m_new * vel[k] - a_new * g[k] for k in vel}
-        base = {k: torch.where(bad, phi_prev[k], phi[k]) for k in phi}  # non-finite: back to the last point
-        return ({k: base[k] + vel_n[k] for k in phi}, vel_n, base, torch.where(bad, e_prev, e), a_new, m_new), res
+        new, bad = guarded_step(phi, vel, phi_prev, e_prev, a, m, g, e, mu2)
+        return new, torch.where(bad, torch.full_like(res, 1e30), res)
 
     return one
 
@@ -648,16 +637,7 @@ def _ebd_step(lcp, system, grad_e, lam, tb, phi0):
         def hvp(v):
             return grad(lambda p: tree_dot(grad_e(p, xs, ys, xq, yq), v))(phi)
 
-        g = grad_e(phi, xs, ys, xq, yq)
-        v = {k: g[k] + 1e-3 * (g[k].abs().mean() + 1) * torch.ones_like(g[k]) for k in g}
-        rq = torch.zeros((), dtype=next(iter(phi.values())).dtype, device=next(iter(phi.values())).device)
-        for _ in range(iters):
-            n = tree_norm(v)
-            v = {k: v[k] / n for k in v}
-            hv = hvp(v)
-            rq = tree_dot(v, hv)
-            v = hv
-        return rq
+        return rayleigh_power(hvp, grad_e(phi, xs, ys, xq, yq), iters)
 
     with torch.no_grad():
         L = system.tmap(estimate, (0,) * 5)(phi0, tb.x_support, tb.y_support, tb.x_query, tb.y_query)

@@ -40,8 +40,8 @@ class Method(GradientMethod):
     'anderson'; ``tol``/``max_iter``: stop rule of the dynamics; ``check_every``: None picks 1 on the CPU,
     10 on CUDA; ``max_residual``: a solve that ends above this relative change counts as diverged (``inf``:
     only NaN/inf does, the update is applied from the state reached); ``stop_rule``: 'per-sample' (Euler freezes
-    each converged sample of a batch-independent model; samples coupled by batch norm iterate together) or 'batch' (the whole batch iterates until its largest change is below ``tol``, as the
-    authors' solver does; needed where samples are coupled, e.g. by batch norm)."""
+    each converged sample of a batch-independent model; samples coupled by batch norm iterate together) or
+    'batch' (the whole batch iterates until its largest change is below ``tol``, as the authors' solver does)."""
 
     name = "method"
     structured_solvers = False  # True: the subclass also takes core.control's solvers (and checks its names itself)

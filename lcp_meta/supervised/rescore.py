@@ -14,7 +14,8 @@ import torch
 
 from ..utils import harness, resolve_device
 from ..utils.errors import UserInputError
-from .trainer import CHECKPOINT_NAME, RunConfig, evaluate, evaluation_options, load_dataset, resolve_hparams
+from .trainer import (CHECKPOINT_NAME, RunConfig, build_run_model, evaluate, evaluation_options, load_dataset,
+                      resolve_hparams)
 
 __all__ = ["rescore"]
 
@@ -35,10 +36,7 @@ def rescore(run_dir: "str | Path", *, data_root: Optional[str] = None, device: s
     x_train, _, x_test, y_test = load_dataset(cfg.dataset, data_root or cfg.data_root, dev)
     if cfg.test_subset is not None:
         x_test, y_test = x_test[:cfg.test_subset], y_test[:cfg.test_subset]
-    from ..models.supervised import build_model
-    from .faithful import preset_overrides
-    model_kwargs = {**preset_overrides(cfg.dataset, cfg.model, cfg.method, cfg.preset)[1], **cfg.model_kwargs}
-    model = build_model(cfg.model, in_shape=tuple(x_train.shape[1:]), num_classes=10, **model_kwargs).to(dev)
+    model = build_run_model(cfg, tuple(x_train.shape[1:])).to(dev)
     model.load_state_dict(ckpt["model"])
     opts = evaluation_options(cfg, method_kwargs)
     ev = evaluate(model, x_test.to(dev), y_test.to(dev), **opts)

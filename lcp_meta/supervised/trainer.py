@@ -179,6 +179,14 @@ def _stats_dict(stats: Any) -> Dict[str, Any]:
     return dict(stats)
 
 
+def build_run_model(cfg: RunConfig, in_shape: Tuple[int, ...]):
+    """The run's model by name: the preset's model settings, then the config's own (10 classes)."""
+    from ..models.supervised import build_model
+    from .faithful import preset_overrides
+    preset_model_kwargs = preset_overrides(cfg.dataset, cfg.model, cfg.method, cfg.preset)[1]
+    return build_model(cfg.model, in_shape=in_shape, num_classes=10, **{**preset_model_kwargs, **cfg.model_kwargs})
+
+
 def evaluation_options(cfg: RunConfig, method_kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The keyword arguments of :func:`evaluate` for a run: the method's solver settings for the free equilibrium,
     and the preset's evaluation convention."""
@@ -324,14 +332,11 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     from .faithful import preset_overrides, residual_summary
     _, preset_model_kwargs, preset_eval = preset_overrides(cfg.dataset, cfg.model, cfg.method, cfg.preset)
     if model is None:
-        from ..models.supervised import build_model
         given = bool(cfg.model_kwargs or cfg.method_kwargs or cfg.tol is not None or cfg.max_iter is not None
                      or cfg.solver)
         with harness.settings_refused(given, "the model or method refused the given settings (--set/--model-set/"
                                              "--tol/--max-iter/--solver)"):
-            model = build_model(cfg.model, in_shape=tuple(x_train.shape[1:]), num_classes=10,
-                                **{**preset_model_kwargs, **cfg.model_kwargs})
-            model = model.to(device)
+            model = build_run_model(cfg, tuple(x_train.shape[1:])).to(device)
             method = _method_api()[2](cfg.method, model, **method_kwargs)
     method = distributed.wrap_supervised(method)  # under torchrun: this rank's shard, all-reduced
     params = list(method.parameters())
