@@ -370,3 +370,22 @@ def test_auto_keeps_the_reduced_state_when_the_anderson_retry_ends_worse(monkeyp
     torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
     torch.testing.assert_close(e, e_ref, rtol=0, atol=0)
     assert stats.residual == s_ref.residual and stats.iterations == 40
+
+
+def test_ebd_free_start_iterates_batch_norm_coupled_samples_together():
+    """EBD's free-equilibrium start (Euler) on a model whose samples batch norm couples: the per-sample rule
+    must not freeze a settled sample (it would leave the joint free equilibrium), so it equals the batch rule."""
+    model = tiny_conv_rnn("authors", seed=1)
+    assert not model.batch_independent
+    torch.manual_seed(11)
+    x = torch.randn(3, 2, 4, 4, dtype=DT)
+    target = torch.randint(0, 3, (3,))
+    with torch.no_grad():
+        c = model.encode(x)
+    out = {}
+    for rule in ("per-sample", "batch"):
+        m = make_method("lcp-ebd", model, solver="euler", stop_rule=rule, tol=1e-9, max_iter=3000, ebd_init="free",
+                        ebd_steps=5)
+        out[rule], _ = m.controlled_equilibrium(c, target)
+    for a, b in zip(out["per-sample"], out["batch"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -75,8 +75,8 @@ def _network(ctrl, method, system, target):
     """EBD on the network: Adam on the states ``(v, y)`` from 0 or the free equilibrium; returns
     ``((v*, y*, e* = -f, u* = y* - h), SolverStats)``."""
     c = system.c
-    if method.init == "free":  # (Euler under the method's stop rule: 'batch' iterates the whole batch together)
-        kw = {"freeze_converged": method.stop_rule == "per-sample"} if method.solver == "euler" else {}
+    if method.init == "free":  # (Euler freezes settled samples only where the method's do leave: Method.samples_leave)
+        kw = {"freeze_converged": method.samples_leave} if method.solver == "euler" else {}
         v, _ = method.model.free_equilibrium(c, solver=method.solver, tol=method.tol, max_iter=method.max_iter,
                                              check_every=method.check_every, **kw)
     else:
