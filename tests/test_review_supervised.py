@@ -9,8 +9,9 @@ import warnings
 import pytest
 import torch
 
+import lcp_meta.core.system
+
 from lcp_meta.core.solvers import relative_change, solve
-from lcp_meta.models.networks import RecurrentEquilibrium
 from lcp_meta.models.supervised import build_model
 from lcp_meta.supervised import make_method
 from lcp_meta.supervised.trainer import RunConfig, evaluate, train
@@ -37,13 +38,13 @@ def test_trainer_evaluates_a_controlled_strategy_run_by_the_free_euler_iteration
                     device="cpu", out=str(tmp_path / solver), progress=False, plots=False, solver=solver,
                     model_kwargs={"hidden": 8}, max_iter=6)  # (a few steps: Anderson and Euler end apart)
     seen = []
-    predict = RecurrentEquilibrium.predict
 
-    def spy(self, x, solver="euler", **kw):
-        seen.append(solver)
-        return predict(self, x, solver=solver, **kw)
+    def spy(step, state, solver="euler", **kw):  # the solver the free dynamics actually run under
+        if kw.get("name") == "free dynamics":
+            seen.append(solver)
+        return solve(step, state, solver=solver, **kw)
 
-    monkeypatch.setattr(RecurrentEquilibrium, "predict", spy)
+    monkeypatch.setattr(lcp_meta.core.system, "solve", spy)
     res = train(cfg, data=data, log=lambda s: None)
     monkeypatch.undo()
     assert seen and set(seen) == {"euler"}, seen
@@ -54,6 +55,20 @@ def test_trainer_evaluates_a_controlled_strategy_run_by_the_free_euler_iteration
     ref = evaluate(model, data[2], data[3], solver="euler", tol=1e-6, max_iter=6)
     assert res["epochs"][-1]["test_loss"] == ref["loss"]
     assert res["epochs"][-1]["test_accuracy"] == ref["accuracy"]
+
+
+@pytest.mark.parametrize("solver", ["euler-flat", "auto", "reduced", "warm-anderson"])
+def test_model_predict_with_a_controlled_strategy_is_the_free_euler_iteration(solver):
+    """``model.predict(x, solver=<LCP-DI strategy>)`` took Anderson from 0 while the trainer scored by the Euler
+    iteration, so a user's own evaluation of a run could disagree with its recorded accuracy: the free equilibrium
+    of a strategy name is the Euler iteration's, exactly (stopped after 6 steps, where Anderson ends elsewhere)."""
+    torch.manual_seed(0)
+    model = build_model("rnn", in_shape=(4,), num_classes=10, hidden=8).to(DT)
+    x = _rnn_data()[0].to(DT)
+    ref, ref_stats = model.predict(x, solver="euler", tol=1e-12, max_iter=6)
+    got, stats = model.predict(x, solver=solver, tol=1e-12, max_iter=6)
+    assert torch.equal(got, ref) and stats.iterations == ref_stats.iterations
+    assert not torch.allclose(model.predict(x, solver="anderson", tol=1e-12, max_iter=6)[0], ref, atol=1e-6)
 
 
 def test_anderson_that_stops_unsettled_returns_the_point_its_residual_describes():

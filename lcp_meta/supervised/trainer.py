@@ -30,7 +30,7 @@ import torch
 from .. import distributed
 from ..core import DivergenceError
 from ..core.method import grads_finite
-from ..core.solvers import SOLVERS
+from ..core.system import free_solver
 from ..utils import harness, resolve_device, set_rng_state
 from ..utils.errors import UserInputError
 from ..utils.cliargs import option
@@ -192,12 +192,8 @@ def evaluation_options(cfg: RunConfig, method_kwargs: Dict[str, Any]) -> Dict[st
     and the preset's evaluation convention."""
     from .faithful import preset_overrides
     preset_eval = preset_overrides(cfg.dataset, cfg.model, cfg.method, cfg.preset)[2]
-    solver = method_kwargs.get("solver", cfg.solver or "euler")
-    if solver not in SOLVERS:
-        # a controlled-equilibrium strategy of LCP-DI (auto, sweep, reduced, warm-anderson, euler-flat) is no solver
-        # of the free dynamics (model.predict would take Anderson from 0, which left 173 of 2000 test samples of
-        # the paper-preset MNIST rnn unsettled where Euler left 5); prediction iterates them, as the authors do
-        solver = "euler"
+    # (a controlled-equilibrium strategy of LCP-DI names the Euler iteration: model.predict would run it as well)
+    solver = free_solver(method_kwargs.get("solver", cfg.solver or "euler"))
     return {"solver": solver, "tol": float(method_kwargs.get("tol", 1e-6) if cfg.tol is None else cfg.tol),
             "max_iter": int(method_kwargs.get("max_iter", 800) if cfg.max_iter is None else cfg.max_iter),
             "batch_size": preset_eval.get("eval_batch_size", cfg.eval_batch_size),
