@@ -203,7 +203,9 @@ def test_divergence_advice_names_the_cause():
         (TaskBatch(tb.x_support, nan(tb.y_support), tb.x_query, tb.y_query), {}, r"y_support"),
         (TaskBatch(tb.x_support, tb.y_support, tb.x_query, nan(tb.y_query)), {}, r"\(y_query contain"),
         (tb, {"inner_lr": 10.0}, r"likely cause: inner_lr=10.0 is past the stability limit"),
-        (tb, {"inner_steps": 3}, r"raise inner_steps"),
+        # the automatic step (inner_lr unset) must not be advised to a run that already uses it
+        (tb, {"inner_steps": 3}, r"raise inner_steps.*smooth activation"),
+        (tb, {"inner_steps": 3, "inner_lr": 0.01}, r"raise inner_steps.*leave inner_lr unset"),
     ]
     for batch, kw, pattern in cases:
         with pytest.raises(DivergenceError, match=pattern):

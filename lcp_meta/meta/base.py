@@ -377,8 +377,14 @@ class MetaMethod(GradientMethod, nn.Module):
                     "(inner_lr * largest eigenvalue of Hess l_in + lam must stay below 2): lower inner_lr, or leave "
                     "it unset for a step from a power-iteration estimate")
         if not stats.diverged:
+            tol = self.tol_for(next(iter(split_model(self.model)[0].values())).dtype)
+            # with the automatic step already on, a residual that stalls points at the loss, not the step: a ReLU
+            # learner's inner loss has kinks where the gradient never vanishes (docs/results.md)
+            other = ("leave inner_lr unset for the accelerated automatic step" if self.inner_lr is not None else
+                     "if the residual plateaus (a ReLU learner's inner loss has kinks where no tolerance is met), "
+                     "use a smooth activation such as tanh")
             return (f"likely cause: too few steps: raise inner_steps (the cap, now {self.inner_steps}) or tol "
-                    f"(now {self.tol_for(next(iter(split_model(self.model)[0].values())).dtype)}), or leave inner_lr unset for the accelerated automatic step")
+                    f"(now {tol}), or {other}")
         if phase == "inner":
             if self.inner_lr is not None:
                 return (f"likely cause: inner_lr={self.inner_lr} is past the stability limit of the free inner "
