@@ -167,3 +167,35 @@ def test_a_per_method_outer_lr_drives_that_methods_adam_only(tmp_path):
     far = max(float((p - q).abs().max()) for p, q in zip(ckpts["maml"], starts["maml"]))
     near = max(float((p - q).abs().max()) for p, q in zip(ckpts["fomaml"], starts["fomaml"]))
     assert 0.2 < far <= 0.25 + 1e-9 and 0.5e-3 < near <= 1e-3 + 1e-9
+
+
+def test_a_given_shared_setting_that_a_tuned_default_replaces_is_said(tmp_path):
+    """--lam / --inner-lr / --inner-steps given on the command line were silently replaced by a method's tuned
+    per-task setting (sinusoid: iMAML lam 2, MAML inner_lr 0.00837): the run must say so for exactly the settings
+    it did not use, and run with what it says; --set METHOD.KEY=VALUE then chooses the given value."""
+    import warnings
+
+    from lcp_meta.fewshot.runner import common_kwargs, default_method_factory, replaced_settings
+    notes = {}
+    for options in ({}, {"imaml": {"lam": 1.0}}):
+        cfg = _cfg(tmp_path, methods=("imaml", "reptile"), meta_steps=1, lam=1.0, inner_lr=0.05, inner_steps=2,
+                   out=str(tmp_path / f"run{len(options)}"), method_options=options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_fewshot(cfg)
+        notes[len(options)] = [str(w.message) for w in caught if " not the given " in str(w.message)]
+        kw = json.loads((tmp_path / f"run{len(options)}" / "imaml.json").read_text())["method_kwargs"]
+        assert kw["lam"] == (1.0 if options else 2.0) and kw["inner_lr"] == 0.05
+    assert sorted(notes[0]) == sorted([
+        "imaml runs with lam=2.0 (its tuned default, lcp_meta/fewshot/defaults.py), not the given lam=1.0; "
+        "--set imaml.lam=1.0 chooses it",
+        "imaml runs with inner_steps=16 (its tuned default, lcp_meta/fewshot/defaults.py), not the given "
+        "inner_steps=2; --set imaml.inner_steps=2 chooses it"])  # reptile: nothing replaced (and no lam)
+    assert notes[1] == [n for n in notes[0] if "inner_steps" in n]
+    # lcp at its equilibrium: its automatic step and its cap are named as such
+    cfg = FewShotConfig(task="sinusoid", methods=("lcp",), lam=10.0, inner_lr=0.05, inner_steps=50)
+    lcp = replaced_settings("lcp", {"lam": 10.0, "inner_lr": 0.05, "inner_steps": 50},
+                            common_kwargs("lcp", cfg, default_method_factory), {})
+    assert lcp == ["lcp runs with its automatic inner step, not the given inner_lr=0.05; --set lcp.inner_lr=0.05 "
+                   "chooses it", "lcp runs with inner_steps=1000 (its cap: it stops at its residual tolerance), "
+                   "not the given inner_steps=50; --set lcp.inner_steps=50 chooses it"]

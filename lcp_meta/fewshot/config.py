@@ -49,6 +49,9 @@ class FewShotConfig:
     lam: proximal strength of the inner problem ``l_in(phi) + lam/2 |phi - omega|^2`` (LCP, iMAML, CML).
     beta: control strength of LCP / nudging strength of CML (the meta-gradient is reported divided by beta).
     inner_lr, inner_steps: step size and number of steps of the inner dynamics (every method).
+    These four are the shared settings: a method's tuned per-task setting (``defaults.METHODS``) and lcp's
+    equilibrium rule (automatic step, ``EQUILIBRIUM_CAP``) take precedence, and the run warns which given one a
+    method does not use; ``method_options`` always wins.
     method_options: per-method overrides, e.g. ``{"maml": {"inner_steps": 1}}``.
     stop_after: stop each method after this many meta-steps in this invocation (an interruption on purpose,
         e.g. to fit a job's time slice); ``resume=True`` continues from there.
@@ -67,10 +70,10 @@ class FewShotConfig:
     queries: Optional[int] = option(None, "query examples per class (sinusoid: points per task)", group=_TASK)
     meta_steps: Optional[int] = option(None, "meta-training steps per method")
     meta_batch: Optional[int] = option(None, "tasks per meta-step")
-    inner_steps: Optional[int] = option(None, "steps of the inner dynamics")
-    inner_lr: Optional[float] = option(None, "step size of the inner dynamics")
-    lam: Optional[float] = option(None, "proximal strength lam of the inner problem (LCP, iMAML, CML)")
-    beta: Optional[float] = option(None, "control strength beta (LCP) / nudging strength (CML)")
+    inner_steps: Optional[int] = option(None, "steps of the inner dynamics (a method's tuned setting, or lcp's cap, wins: see --set)")
+    inner_lr: Optional[float] = option(None, "step size of the inner dynamics (a method's tuned setting, or lcp's automatic step, wins: see --set)")
+    lam: Optional[float] = option(None, "proximal strength lam of the inner problem (LCP, iMAML, CML; a method's tuned setting wins: see --set)")
+    beta: Optional[float] = option(None, "control strength beta (LCP) / nudging strength (CML) (a method's tuned setting wins: see --set)")
     outer_lr: Optional[float] = option(None, "Adam learning rate of the meta-parameters")
     test_episodes: Optional[int] = option(None, "fixed test episodes/tasks (mean and 95% CI)")
     val_episodes: Optional[int] = option(None, "fixed validation episodes/tasks")

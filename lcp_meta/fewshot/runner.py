@@ -84,6 +84,32 @@ def common_kwargs(name: str, cfg: FewShotConfig, factory: Callable) -> Dict[str,
     return kwargs
 
 
+SHARED_SETTINGS = ("inner_lr", "inner_steps", "lam", "beta")
+
+
+def replaced_settings(name: str, given: Dict[str, object], kwargs: Dict[str, object],
+                      options: Dict[str, object]) -> list:
+    """What of the shared settings the user gave (``given``: --inner-lr, --inner-steps, --lam, --beta) method
+    ``name`` does not run with, its ``kwargs`` having taken its tuned per-task default or its equilibrium rule
+    instead: one line each, naming the value it runs with and the ``--set`` that would choose the given one.
+    ``options``: the method's own --set options (those are the user's choice, never reported)."""
+    accepted = method_kwargs_of(name)
+    notes = []
+    for key, value in given.items():
+        if key in options or key not in accepted or kwargs.get(key, None) == value:
+            continue
+        if key in kwargs and kwargs[key] is not None:
+            why = f"runs with {key}={kwargs[key]}" + (" (its cap: it stops at its residual tolerance)"
+                                                      if name in EQUILIBRIUM_METHODS and key == "inner_steps"
+                                                      else " (its tuned default, lcp_meta/fewshot/defaults.py)")
+        elif key == "inner_lr":
+            why = "runs with its automatic inner step"
+        else:  # (lam of MAML / FOMAML / Reptile: no proximal term, nothing was replaced)
+            continue
+        notes.append(f"{name} {why}, not the given {key}={value}; --set {name}.{key}={value} chooses it")
+    return notes
+
+
 def outer_lr_of(name: str, cfg: FewShotConfig) -> float:
     """The Adam rate of ``name``'s meta-parameters: ``--set NAME.outer_lr``, else the task's per-method default
     (``defaults.METHODS``), else the shared ``outer_lr``.  It belongs to the run, not to the method."""
@@ -338,6 +364,7 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
 
     ``method_factory(name, model, loss_fn, **kwargs)`` builds a method (default: ``lcp_meta.meta.make_method``).
     """
+    given = {k: getattr(cfg, k) for k in SHARED_SETTINGS if getattr(cfg, k, None) is not None}
     cfg = cfg.validate()
     factory = method_factory or default_method_factory
     if method_factory is None:
@@ -367,6 +394,10 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
     one_shot = source.one_shot_runs() if hasattr(source, "one_shot_runs") else None
     for name in cfg.methods:
         run = _MethodRun(name, cfg, source, device, out, factory)
+        if factory is default_method_factory and distributed.is_main():
+            # a shared flag that a method's tuned setting replaces is said, not silently dropped
+            for note in replaced_settings(name, given, run.kwargs, cfg.method_options.get(name, {})):
+                warnings.warn(note)
         if not run.train():
             unfinished.append(name)
             continue
