@@ -121,3 +121,16 @@ def test_seeds_table_states_what_the_paired_tests_found():
 def test_seed_rows_refuses_runs_without_per_episode_values():
     with pytest.raises(ValueError, match="test_values"):
         report.seed_rows({"lcp": [{"sec_per_step": 1.0, "skipped_meta_steps": 0, "meta_steps": 1}]})
+
+
+def test_table_says_on_how_many_test_tasks_adaptation_failed():
+    """A method whose adaptation diverged (or was refused at its cap) on some test tasks showed 'nan ± nan', with
+    nothing saying why: the cell must count the failed tasks; finite runs keep mean ± CI95."""
+    results = _results("mse", False)
+    results[0]["test_values"] = [0.5, float("nan"), 0.7, float("inf")]
+    results[0]["test_mean"] = results[0]["test_ci95"] = float("nan")
+    results[1]["test_values"] = [0.5, 0.6]
+    rows = report.parse_results_table(report.results_table(results, "x"))
+    key = "test MSE mean ± CI95"
+    assert rows[0][key] == "n/a: adaptation failed on 2 of 4 test tasks"
+    assert rows[1][key] == pytest.approx(results[1]["test_mean"], rel=1e-3)

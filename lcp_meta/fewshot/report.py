@@ -25,6 +25,16 @@ def format_metric(metric: str, mean: float, ci: float) -> str:
     return f"{mean:.4g} ± {ci:.3g}"
 
 
+def format_test(metric: str, result: Mapping) -> str:
+    """The test cell: mean ± CI95, or, where adaptation failed (diverged, or refused at its cap) on some test
+    tasks, how many: their NaN would otherwise show as an unexplained ``nan ± nan``."""
+    values = result.get("test_values") or ()
+    failed = sum(1 for v in values if not math.isfinite(v))
+    if not failed:
+        return format_metric(metric, result["test_mean"], result["test_ci95"])
+    return f"n/a: adaptation failed on {failed} of {len(values)} test tasks"
+
+
 def _fmt_memory(value: Optional[float]) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
 
@@ -81,7 +91,7 @@ def results_table(results: Sequence[Mapping], memory_kind: str) -> str:
     head.append("settings")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in results:
-        row = [r["method"], format_metric(metric, r["test_mean"], r["test_ci95"]), f"{r['sec_per_step']:.4g}",
+        row = [r["method"], format_test(metric, r), f"{r['sec_per_step']:.4g}",
                _fmt_memory(r.get("peak_memory_mib")), format_skipped(r), format_residuals(r)]
         if runs:
             o = r.get("one_shot_runs")
