@@ -409,3 +409,26 @@ def test_result_files_have_one_mode(tmp_path):
     os.umask(umask)
     assert set(modes.values()) == {0o666 & ~umask}
     assert stat.S_IMODE(atomic_write_text("x", tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask
+
+
+def test_the_first_hessian_product_raises_no_torch_internal_future_warning():
+    """The first forward-over-reverse product made torch script its jvp decompositions, which warned
+    'torch.jit.script is deprecated' in every run's output (a torch internal). In a fresh interpreter with
+    FutureWarning as an error, grad_and_hvp must run, and equal the dense Hessian product (float64)."""
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "from lcp_meta.meta.functional import grad_and_hvp\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.randn(5, 3, generator=g, dtype=torch.float64)\n"
+        "y = torch.randn(5, generator=g, dtype=torch.float64); w = torch.randn(3, generator=g, dtype=torch.float64)\n"
+        "v = torch.randn(3, generator=g, dtype=torch.float64)\n"
+        "loss = lambda p, x, y: ((torch.tanh(x @ p['w']) - y) ** 2).mean()\n"
+        "gr, hv = grad_and_hvp(loss, {'w': w}, {'w': v}, x, y)\n"
+        "H = torch.autograd.functional.hessian(lambda w_: loss({'w': w_}, x, y), w)\n"
+        "assert torch.allclose(hv['w'], H @ v, rtol=1e-10, atol=1e-12), (hv, H @ v)\n"
+    )
+    res = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
