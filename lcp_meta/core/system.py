@@ -176,14 +176,14 @@ class EquilibriumModel(nn.Module):
                          **solver_kw) -> Tuple[torch.Tensor, SolverStats]:
         """Solve ``v* = g(c, v*)`` from ``v = 0`` (no graph)."""
         ce = check_every or default_check_every(c.device)
-        if free_solver(solver) != solver:  # a controlled strategy
+        free = free_solver(solver)
+        if free != solver:  # a controlled strategy
             if self.layered:  # the exact free equilibrium of a layered net is one forward pass
                 with torch.no_grad():
                     v = self.forward_sweep(c)
                 return v, SolverStats(iterations=self.depth, residual=0.0, converged=True,
                                       per_sample=torch.zeros(c.shape[0], dtype=torch.float64))
-            solver = free_solver(solver)
-        (v,), stats = solve(lambda z: (self.g(c, z[0]),), (self.init_state(c),), solver=solver, tol=tol,
+        (v,), stats = solve(lambda z: (self.g(c, z[0]),), (self.init_state(c),), solver=free, tol=tol,
                             max_iter=max_iter, check_every=ce, raise_on_fail=raise_on_fail,
                             name="free dynamics", **solver_kw)
         return v, stats

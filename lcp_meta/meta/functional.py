@@ -8,6 +8,7 @@ work alike, and every per-task function can be mapped over tasks with :func:`tor
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable, Mapping, Sequence, Tuple
 
@@ -112,23 +113,17 @@ def make_loss(model_fn: Callable, loss_fn: Callable) -> Callable[[Tree, torch.Te
     return loss
 
 
-_JVP_READY = False
-
-
+@functools.cache
 def _load_jvp_decompositions() -> None:
     """torch loads its forward-AD decompositions at the first jvp through ``torch.jit.script``, which warns
     (FutureWarning, torch 2.14) that torch.jit.script is deprecated: a torch internal no user of this library can
-    act on.  Load them once with that one warning silenced (any other warning still shows)."""
-    global _JVP_READY
-    if _JVP_READY:
-        return
+    act on.  Load them once (cached) with that one warning silenced (any other warning still shows)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
         try:
             import torch._decomp.decompositions_for_jvp  # noqa: F401
         except ImportError:  # another torch layout: its first jvp loads what it needs
             pass
-    _JVP_READY = True
 
 
 def grad_and_hvp(loss: Callable, params: Tree, v: Tree, x, y) -> Tuple[Tree, Tree]:
