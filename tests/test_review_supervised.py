@@ -205,3 +205,22 @@ def test_methods_without_structured_solvers_refuse_them_when_built(method, solve
     with pytest.raises(ValueError, match=f"{method}: unknown solver '{solver}'"):
         make_method(method, model, solver=solver)
     make_method(method, model, solver="anderson")  # (a solver of their dynamics is fine)
+
+
+@pytest.mark.parametrize("method", ["bp", "lcp-di", "lcp-di-kp", "lcp-lf", "lcp-ebd"])
+def test_train_loss_says_where_it_is_measured(method):
+    """The trainer's "train loss" is ``stats["loss"]``: BP's is the free network's loss, an LCP method's the loss of
+    its controlled output y*, which the controller pushed towards the target (lower than the free loss).  The log
+    printed it as "train loss" for both, so LCP looked better trained than BP at the same test accuracy."""
+    from lcp_meta.core.system import output_loss
+    from lcp_meta.supervised.report import train_loss_label
+    model, x, y = _tiny_ff()
+    m = make_method(method, model)
+    stats = m.backward(x, y)
+    with torch.no_grad():
+        free = float(output_loss(model.logits(x), y, "ce"))
+    label = train_loss_label({"train_loss_at": m.loss_at})
+    if method == "bp":
+        assert stats["loss"] == pytest.approx(free, rel=1e-12) and label == "train loss"
+    else:
+        assert stats["loss"] < free and label == "train loss (controlled output)"

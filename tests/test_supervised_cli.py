@@ -23,6 +23,8 @@ def test_cli_run_writes_checkpoint_and_result(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "epoch 2/2" in printed and "test accuracy" in printed and "done:" in printed
     res = json.loads((out / "result.json").read_text())
+    # LCP's training loss is that of the controlled output, and the log says so
+    assert res["train_loss_at"] == "controlled output" and "train loss (controlled output)" in printed
     assert res["status"] == "finished" and [e["epoch"] for e in res["epochs"]] == [1, 2]
     assert res["config"]["method"] == "lcp-di" and res["trainer"]["optimizer"] == "adam"
     assert res["method_kwargs"]["alpha"] == 0.1 and res["method_kwargs"]["max_iter"] == 800

@@ -44,6 +44,10 @@ class Method(GradientMethod):
     'batch' (the whole batch iterates until its largest change is below ``tol``, as the authors' solver does)."""
 
     name = "method"
+    # where stats["loss"] (the trainer's "train loss") is measured: an LCP method reports the loss of the controlled
+    # output y*, which the controller has pushed towards the target, so it is lower than the free network's loss
+    # and not comparable with BP/RBP's (the test accuracy is the comparable number)
+    loss_at = "controlled output"
     structured_solvers = False  # True: the subclass also takes core.control's solvers (and checks its names itself)
 
     def __init__(self, model: EquilibriumModel, loss: str = "ce", solver: str = "euler", tol: float = 1e-6,
@@ -171,6 +175,7 @@ class Backprop(Method):
     cost of plain PyTorch.  Not defined for recurrent models (use 'rbp')."""
 
     name = "bp"
+    loss_at = "network output"
 
     def __init__(self, model, loss="ce", **kw):
         super().__init__(model, loss=loss, **kw)
@@ -206,6 +211,7 @@ class RecurrentBackprop(Method):
     on to inf and handing a garbage gradient to the clipping and the optimizer."""
 
     name = "rbp"
+    loss_at = "network output"
 
     def __init__(self, model, loss="ce", tol=1e-4, max_iter=200, guard_growth: Optional[float] = 1e6,
                  guard_rising: Optional[int] = None, **kw):

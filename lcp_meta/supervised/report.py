@@ -8,7 +8,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 from ..utils.plots import figure, save
 
-__all__ = ["run_figure", "plot_run", "reproduction_figure", "plot_reproduction", "verdict"]
+__all__ = ["train_loss_label", "run_figure", "plot_run", "reproduction_figure", "plot_reproduction", "verdict"]
 
 
 def verdict(accs: Sequence[float], paper: Optional[Tuple[float, float]]) -> Tuple[str, str]:
@@ -26,6 +26,13 @@ def verdict(accs: Sequence[float], paper: Optional[Tuple[float, float]]) -> Tupl
                                                                if abs(diff) <= paper[1] + ours_std else "")
     seeds = f" ({len(accs)} seed{'s' if len(accs) > 1 else ''})" if len(accs) < 3 else ""
     return f"{diff:+.2f}", inside + seeds
+
+
+def train_loss_label(result: Mapping) -> str:
+    """What a run's "train loss" is: the free network's loss (BP, RBP), or, for an LCP method, the loss of its
+    controlled output (driven towards the target, hence lower and not comparable across methods)."""
+    at = result.get("train_loss_at", "network output")
+    return "train loss" if at == "network output" else f"train loss ({at})"
 
 
 def plot_run(result: Mapping, path: "str | Path") -> Path:
@@ -47,7 +54,7 @@ def run_figure(result: Mapping):
     ax_loss.plot(x, [e["train_loss"] for e in epochs], marker="o", ms=3)
     if all(e["train_loss"] > 0 for e in epochs):  # (a log axis needs positive values)
         ax_loss.set_yscale("log")
-    ax_loss.set(xlabel="epoch", ylabel="training loss (mean over applied batches)")
+    ax_loss.set(xlabel="epoch", ylabel=f"{train_loss_label(result)}, mean over applied batches")
     # an update computed where the dynamics had not settled (or a skipped batch) is shown, not hidden
     share = [100 * e["residuals"]["share_above_tol"] if e.get("residuals") else 0.0 for e in epochs]
     skipped = [100 * e["skipped_batches"] / max(e["batches"] + e["skipped_batches"], 1) for e in epochs]

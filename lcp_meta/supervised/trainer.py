@@ -37,6 +37,7 @@ from ..utils.cliargs import option
 from ..utils.options import parse_assignments
 from .config import DATASETS, INVENTED, METHOD_NAMES, MODEL_NAMES, TRAINER_KEYS, _check_choice, trainer_defaults
 from .faithful import PRESETS
+from .report import train_loss_label
 
 __all__ = ["DATASETS", "MODEL_NAMES", "TRAINER_KEYS", "RunConfig", "trainer_defaults", "resolve_hparams",
            "load_dataset", "evaluate", "train", "SkippedBatchWarning"]
@@ -361,6 +362,7 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         "batches_per_epoch": per_epoch, "epochs": [], "skipped_batches": 0, "status": "running",
         "preset": cfg.preset, "model_kwargs": {**preset_model_kwargs, **cfg.model_kwargs},
         "eval_batch_stats": bool(preset_eval.get("batch_stats", False)),
+        "train_loss_at": getattr(method, "loss_at", "network output"),
     }
     epoch, start_batch, step = 0, 0, 0
     partial: Dict[str, Any] = {}
@@ -458,7 +460,7 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         if cfg.preset != "default":  # the faithful runs keep every batch's residual
             record["batch_residuals"] = list(acc.get("residuals", []))
         result["epochs"].append(record)
-        log(f"epoch {epoch + 1}/{trainer_hp['epochs']}: train loss {record['train_loss']:.4f}, "
+        log(f"epoch {epoch + 1}/{trainer_hp['epochs']}: {train_loss_label(result)} {record['train_loss']:.4f}, "
             f"test accuracy {100 * ev['accuracy']:.2f}%, mean iterations {record['mean_iterations']:.1f}, "
             f"{train_seconds:.1f}s" + (f", {acc['skipped']} batches skipped" if acc["skipped"] else "")
             + (f", {res_sum['above_tol']}/{res_sum['batches']} solves ended above tol {res_sum['tol']:.0e} "
