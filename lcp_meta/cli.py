@@ -15,6 +15,7 @@ import sys
 from typing import List, Optional
 
 from .utils import UserInputError
+from .utils.interrupt import Interrupted
 
 # Only the library's own user-input errors (UserInputError and its subclasses: data format, checkpoint, run
 # folder, missing data) become one-line messages: a ValueError or TypeError raised anywhere else is a bug and
@@ -48,6 +49,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         result = args.func(args)
+    except Interrupted as exc:  # stopped at a step boundary, its checkpoint saved
+        print(f"interrupted by {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; run again with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130

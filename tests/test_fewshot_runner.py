@@ -4,13 +4,17 @@ The stand-in is a first-order MAML written here with a plain per-task loop, inde
 these tests pin down the runner's own contract.
 """
 import json
+import os
+import signal
 
+import pytest
 import torch
 from torch.func import functional_call, grad
 
 from lcp_meta.core.solvers import DivergenceError, SolverStats
 from lcp_meta.fewshot import FewShotConfig, run_fewshot
 from lcp_meta.fewshot.tasks import SinusoidSource, derive_seed
+from lcp_meta.utils.interrupt import Interrupted
 
 
 class StandIn(torch.nn.Module):
@@ -199,3 +203,35 @@ def test_a_given_shared_setting_that_a_tuned_default_replaces_is_said(tmp_path):
     assert lcp == ["lcp runs with its automatic inner step, not the given inner_lr=0.05; --set lcp.inner_lr=0.05 "
                    "chooses it", "lcp runs with inner_steps=1000 (its cap: it stops at its residual tolerance), "
                    "not the given inner_steps=50; --set lcp.inner_steps=50 chooses it"]
+
+
+def test_a_signal_stops_after_the_meta_step_in_flight_and_resume_loses_nothing(tmp_path):
+    """SIGTERM during meta-step 3 of method a: that step finishes, is checkpointed (checkpoint_every=0 would save only
+    at the end), the run stops with Interrupted, and --resume reaches the uninterrupted parameters of both methods."""
+    def factory(signal_at=None):
+        def make(name, model, loss_fn, **kw):
+            method = StandIn(model, loss_fn, **kw)
+            if name == "a" and signal_at is not None:
+                plain = method.meta_backward
+
+                def meta_backward(tasks):
+                    if method.calls + 1 == signal_at:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    return plain(tasks)
+                method.meta_backward = meta_backward
+            return method
+        return make
+
+    straight = _cfg(tmp_path, meta_steps=5, checkpoint_every=0, out=str(tmp_path / "straight"))
+    run_fewshot(straight, method_factory=factory())
+    cut = _cfg(tmp_path, meta_steps=5, checkpoint_every=0, out=str(tmp_path / "cut"))
+    with pytest.raises(Interrupted) as info:
+        run_fewshot(cut, method_factory=factory(signal_at=3))
+    assert info.value.exit_code == 143 and "after meta-step 3 of 5" in str(info.value)
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "a.pt", weights_only=False)["step"] == 3
+    cut.resume = True
+    run_fewshot(cut, method_factory=factory())
+    for name in ("a", "b"):
+        a = torch.load(tmp_path / "straight" / "checkpoints" / f"{name}.pt", weights_only=False)
+        b = torch.load(tmp_path / "cut" / "checkpoints" / f"{name}.pt", weights_only=False)
+        assert a["step"] == b["step"] == 5 and all(torch.equal(p, q) for p, q in zip(a["params"], b["params"]))

@@ -106,3 +106,22 @@ def test_existing_run_needs_resume(tmp_path, capsys):
     assert "lr was None, now 0.1" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0  # finished: nothing left to train, the result is reported again
     assert "done: test accuracy" in capsys.readouterr().out
+
+
+@needs_mnist
+def test_ctrl_c_saves_the_batch_in_flight_and_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+    import lcp_meta.supervised.trainer as trainer
+    plain = trainer._try_batch
+
+    def first_batch_interrupted(method, params, x, y):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the batch runs
+        return plain(method, params, x, y)
+
+    monkeypatch.setattr(trainer, "_try_batch", first_batch_interrupted)
+    out = tmp_path / "run"
+    assert main(["supervised", *TINY, "--method", "bp", "--epochs", "2", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted by Ctrl-C (SIGINT): stopped in epoch 1 after batch 1 of 3" in err and "--resume" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 1

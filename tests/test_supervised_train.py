@@ -2,6 +2,9 @@
 and short MNIST runs of every method (those need the real models and the offline data).
 """
 import json
+import os
+import signal
+import time
 import warnings
 
 import pytest
@@ -11,6 +14,7 @@ from torch import nn
 from lcp_meta.core import DivergenceError, SolverStats
 from lcp_meta.data.mnist import TensorBatches
 from lcp_meta.supervised.trainer import RunConfig, SkippedBatchWarning, train
+from lcp_meta.utils.interrupt import DeferredInterrupts, Interrupted
 
 from conftest import SHARED_DATA as DATA
 
@@ -47,6 +51,8 @@ class BackpropMethod:
         what = self.fail.get(self.calls)
         if isinstance(what, BaseException):
             raise what
+        if callable(what):  # e.g. a signal arriving while this batch runs
+            what()
         loss = nn.functional.cross_entropy(self.model(x), y)
         loss.backward()
         if what == "nan":
@@ -122,6 +128,58 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
     assert method.after == full_method.after == 18
     saved = json.loads((tmp_path / "cut" / "result.json").read_text())
     assert saved["status"] == "finished" and [e["epoch"] for e in saved["epochs"]] == [1, 2, 3]
+
+
+def _kill_self(sig):
+    return lambda: os.kill(os.getpid(), sig)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("call,where", [(11, (1, 5)), (12, (2, 0))])
+def test_signal_stops_at_the_batch_boundary_and_the_resumed_run_loses_nothing(tmp_path, sig, code, call, where):
+    """Ctrl-C or SIGTERM during a batch: the batch finishes, the checkpoint is written right after it (mid-epoch, or
+    at the epoch end for the epoch's last batch), the run stops, and --resume reaches the uninterrupted parameters."""
+    full_model, full_method, _ = _run(_cfg(tmp_path, "full"))
+    cfg = _cfg(tmp_path, "cut")  # no periodic checkpoints: only the signal's
+    before = signal.getsignal(sig)
+    with pytest.raises(Interrupted) as info:
+        _run(cfg, fail={call: _kill_self(sig)})
+    assert info.value.exit_code == code and "continue with --resume" in str(info.value)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (*where, call)  # nothing after the last finished batch lost
+    assert json.loads((tmp_path / "cut" / "result.json").read_text())["status"] == "interrupted"
+    assert signal.getsignal(sig) is before  # the handlers are put back
+    cfg.resume = True
+    model, method, _ = _run(cfg)
+    for p, q in zip(model.parameters(), full_model.parameters()):
+        assert torch.equal(p, q)
+    assert method.after == full_method.after == 18
+
+
+def test_a_run_killed_outright_resumes_from_its_last_timed_checkpoint(tmp_path):
+    """A run killed without a chance to save (SIGKILL) loses only what came after its last timed checkpoint; with a
+    tiny checkpoint_minutes that is every batch."""
+    full_model, _, _ = _run(_cfg(tmp_path, "full"))
+    cfg = _cfg(tmp_path, "cut", checkpoint_minutes=1e-9)
+    with pytest.raises(KeyboardInterrupt):  # raised inside batch 11: the state after batch 10 is the last saved
+        _run(cfg, fail={11: KeyboardInterrupt()})
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, 4, 10)
+    cfg.resume = True
+    model, _, _ = _run(cfg)
+    for p, q in zip(model.parameters(), full_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_second_signal_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with DeferredInterrupts() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.name == "Ctrl-C (SIGINT)"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # (the handler runs at the next bytecode)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_resume_refuses_changed_settings_and_overwrite(tmp_path):

@@ -97,6 +97,9 @@ class FewShotConfig:
     max_skipped: float = option(0.1, "exit with code 4 when a method skipped more than this share of its "
                                      "meta-steps because they diverged", metavar="SHARE")
     checkpoint_every: int = option(100, "checkpoint every N meta-steps (0: at the end)")
+    checkpoint_minutes: float = option(10.0, "also checkpoint once this many minutes have passed since the last "
+                                             "checkpoint (0: off); Ctrl-C or SIGTERM saves after the meta-step in "
+                                             "flight and stops")
     stop_after: Optional[int] = option(None, "stop each method after N meta-steps in this invocation (continue "
                                              "later with --resume)")
     progress: bool = option(True, "no progress bars")
@@ -131,6 +134,8 @@ class FewShotConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.checkpoint_minutes, (int, float)) and 0 <= self.checkpoint_minutes < math.inf):
+            raise UserInputError(f"checkpoint_minutes must be a finite number >= 0, got {self.checkpoint_minutes!r}")
         for name in ("checkpoint_every", "log_every", "val_every"):  # 0: the default schedule
             value = getattr(self, name)
             if not _is_int(value) or value < 0:

@@ -34,6 +34,7 @@ from ..data.episodes import mean_ci95
 from ..data.omniglot import score_one_shot_runs
 from ..utils import atomic_write_text, harness, resolve_device
 from ..utils.errors import UserInputError
+from ..utils.interrupt import CheckpointClock, DeferredInterrupts, Interrupted
 from ..utils import plots as figures
 from . import report
 from .config import DTYPES, FewShotConfig, jsonable
@@ -299,31 +300,40 @@ class _MethodRun:
         stop = cfg.meta_steps if cfg.stop_after is None else min(cfg.meta_steps, self.step + cfg.stop_after)
         bar = progress_bar(total=cfg.meta_steps, initial=self.step, desc=f"{self.name} meta-training",
                    disable=not cfg.progress, dynamic_ncols=True)
-        while self.step < stop:
-            batch = self.source.train_batch(self.step)
-            # the metric after adaptation, on this step's tasks, before the update (the same tasks and parameters
-            # as the query loss the meta-step reports)
-            logging = (self.step + 1) % log_every == 0 or self.step + 1 == cfg.meta_steps
-            query_metric = float(_evaluate(self.method, [batch], self.source.score, f"{self.name} step",
-                                           False).mean()) if logging else None
-            stats, dt = self.meta_step(batch)
-            self.step += 1
-            self.step_times.append(dt)
-            if logging and stats is not None:
-                row = {"step": self.step, "query_loss": stats.get("query_loss_after"),
-                       "time_s": sum(self.step_times), "sec_per_step": dt, "peak_memory_mib": self.peak_mib,
-                       "val_metric": None, "val_ci95": None,
-                       # where the method stopped: an equilibrium result is only as good as its residuals
-                       "inner_residual": stats.get("inner_residual"), "control_residual": stats.get("control_residual"),
-                       "converged": stats.get("converged")}
-                row["query_metric"] = query_metric
-                if self.step % val_every == 0 or self.step == cfg.meta_steps:
-                    row["val_metric"], row["val_ci95"] = self.validate()
-                self.curve.append(row)
-                bar.set_postfix(loss=f"{row['query_loss']:.4g}" if row["query_loss"] is not None else "n/a")
-            bar.update(1)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save()
+        clock = CheckpointClock(cfg.checkpoint_minutes)
+        with DeferredInterrupts() as signals:
+            while self.step < stop:
+                batch = self.source.train_batch(self.step)
+                # the metric after adaptation, on this step's tasks, before the update (the same tasks and parameters
+                # as the query loss the meta-step reports)
+                logging = (self.step + 1) % log_every == 0 or self.step + 1 == cfg.meta_steps
+                query_metric = float(_evaluate(self.method, [batch], self.source.score, f"{self.name} step",
+                                               False).mean()) if logging else None
+                stats, dt = self.meta_step(batch)
+                self.step += 1
+                self.step_times.append(dt)
+                if logging and stats is not None:
+                    row = {"step": self.step, "query_loss": stats.get("query_loss_after"),
+                           "time_s": sum(self.step_times), "sec_per_step": dt, "peak_memory_mib": self.peak_mib,
+                           "val_metric": None, "val_ci95": None,
+                           # where the method stopped: an equilibrium result is only as good as its residuals
+                           "inner_residual": stats.get("inner_residual"), "control_residual": stats.get("control_residual"),
+                           "converged": stats.get("converged")}
+                    row["query_metric"] = query_metric
+                    if self.step % val_every == 0 or self.step == cfg.meta_steps:
+                        row["val_metric"], row["val_ci95"] = self.validate()
+                    self.curve.append(row)
+                    bar.set_postfix(loss=f"{row['query_loss']:.4g}" if row["query_loss"] is not None else "n/a")
+                bar.update(1)
+                halt = distributed.any_rank(signals.requested)  # (every rank stops at the same step)
+                if halt or clock.due() or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                    self.save()
+                    clock.reset()
+                if halt:
+                    bar.close()
+                    raise Interrupted(f"{signals.name}: stopped {self.name} after meta-step {self.step} of "
+                                      f"{cfg.meta_steps}; checkpoint saved in {self.ckpt_path}; continue with "
+                                      f"--resume", signals.signum)
         bar.close()
         self.save()
         if self.divergences:

@@ -33,6 +33,7 @@ from ..core.method import grads_finite
 from ..core.system import free_solver
 from ..utils import harness, resolve_device, set_rng_state
 from ..utils.errors import UserInputError
+from ..utils.interrupt import CheckpointClock, DeferredInterrupts, Interrupted
 from ..utils.cliargs import option
 from ..utils.options import parse_assignments
 from .config import DATASETS, INVENTED, METHOD_NAMES, MODEL_NAMES, TRAINER_KEYS, _check_choice, trainer_defaults
@@ -104,6 +105,9 @@ class RunConfig:
     test_subset: Optional[int] = option(None, "evaluate on the first N test images only")
     eval_batch_size: int = 1000
     checkpoint_every: int = option(0, "also checkpoint every N batches within an epoch")
+    checkpoint_minutes: float = option(10.0, "also checkpoint within an epoch once this many minutes have passed since "
+                                             "the last checkpoint (0: off); Ctrl-C or SIGTERM saves at the end of the "
+                                             "batch in flight and stops")
     progress: bool = option(True, "no progress bars (log lines only)")
     plots: bool = option(True, "no PNG plot of the learning curves (curves.png in the run folder, redrawn after "
                                "every epoch; needs matplotlib)")
@@ -258,7 +262,7 @@ def _seed_everything(seed: int) -> None:
 def _comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The part of a config that must match for a resumed run to be the same run."""
     ignore = {"device", "data_root", "out", "resume", "progress", "eval_batch_size", "checkpoint_every", "overwrite",
-              "max_skipped", "plots"}
+              "max_skipped", "plots", "checkpoint_minutes"}
     return {k: v for k, v in cfg.items() if k not in ignore}
 
 
@@ -287,9 +291,9 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
     for key in ("max_batches", "test_subset"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise UserInputError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
-    if cfg.checkpoint_every < 0 or cfg.eval_batch_size < 1:
-        raise UserInputError(f"expected checkpoint_every >= 0 and eval_batch_size >= 1, got {cfg.checkpoint_every} "
-                             f"and {cfg.eval_batch_size}")
+    if cfg.checkpoint_every < 0 or cfg.eval_batch_size < 1 or not (0 <= cfg.checkpoint_minutes < math.inf):
+        raise UserInputError(f"expected checkpoint_every >= 0, eval_batch_size >= 1 and a finite checkpoint_minutes "
+                             f">= 0, got {cfg.checkpoint_every}, {cfg.eval_batch_size} and {cfg.checkpoint_minutes}")
     if cfg.tol is not None and not (math.isfinite(cfg.tol) and cfg.tol > 0):
         raise UserInputError(f"tol must be a positive finite number, got {cfg.tol!r}")
     if cfg.max_iter is not None and cfg.max_iter < 1:
@@ -396,81 +400,94 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
             plotting["on"] = _plot(result, out / PLOT_NAME, log)
 
     from ..utils.progress import progress as progress_bar
-    while epoch < trainer_hp["epochs"]:
-        acc = partial or {"n": 0, "loss": 0.0, "iterations": 0.0, "residual": 0.0, "converged": 0,
-                          "skipped": 0, "seconds": 0.0, "residuals": [], "settled": []}
-        partial = {}
-        t0 = time.perf_counter()
-        bar = progress_bar(total=per_epoch, initial=start_batch, disable=not cfg.progress, leave=False,
-                   desc=f"epoch {epoch + 1}/{trainer_hp['epochs']}", dynamic_ncols=True)
-        batch = start_batch
-        for x, y in loader.batches(epoch, start_batch):
-            if batch >= per_epoch:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            stats, reason = None, None
-            try:
-                stats = method.backward(x, y)
-                if not (math.isfinite(float(stats["loss"])) and grads_finite([p.grad for p in params if p.grad is not None])):
-                    reason = f"non-finite loss/gradient (loss {float(stats['loss']):.3e})"
-            except DivergenceError as exc:
-                res = exc.stats.residual if exc.stats is not None else float("nan")
-                reason = f"dynamics failed (residual {res:.3e}): {exc}"
-            if reason is None:
-                if trainer_hp["grad_clip"]:
-                    _split_clip(params, model, trainer_hp["grad_clip"])
-                optimizer.step()
-                method.after_step()
-                acc["n"] += 1
-                acc["loss"] += float(stats["loss"])
-                acc["iterations"] += float(stats.get("iterations", 0))
-                acc["residual"] = max(acc["residual"], float(stats.get("residual", 0.0)))
-                acc["converged"] += int(bool(stats.get("converged", True)))
-                # every applied batch's final residual (an update from an unsettled state is counted, not hidden)
-                acc.setdefault("residuals", []).append(float(stats.get("residual", 0.0)))
-                acc.setdefault("settled", []).append(bool(stats.get("converged", True)))
-                bar.set_postfix(loss=f"{float(stats['loss']):.3f}", it=stats.get("iterations", "-"),
-                                res=f"{acc['residuals'][-1]:.1e}")
-            else:
-                # the update is dropped: parameters and optimizer state stay as they were
+    clock = CheckpointClock(cfg.checkpoint_minutes)
+
+    def interrupted(where: str) -> Interrupted:
+        # the checkpoint just written is the state an uninterrupted run had here: --resume continues it exactly
+        result["status"] = "interrupted"
+        write_result()
+        return Interrupted(f"{stop.name}: stopped {where}; checkpoint saved in {ckpt_path}; continue with --resume",
+                           stop.signum)
+
+    with DeferredInterrupts() as stop:
+        while epoch < trainer_hp["epochs"]:
+            acc = partial or {"n": 0, "loss": 0.0, "iterations": 0.0, "residual": 0.0, "converged": 0,
+                              "skipped": 0, "seconds": 0.0, "residuals": [], "settled": []}
+            partial = {}
+            t0 = time.perf_counter()
+            bar = progress_bar(total=per_epoch, initial=start_batch, disable=not cfg.progress, leave=False,
+                       desc=f"epoch {epoch + 1}/{trainer_hp['epochs']}", dynamic_ncols=True)
+            batch = start_batch
+            for x, y in loader.batches(epoch, start_batch):
+                if batch >= per_epoch:
+                    break
                 optimizer.zero_grad(set_to_none=True)
-                acc["skipped"] += 1
-                result["skipped_batches"] += 1
-                warnings.warn(f"epoch {epoch + 1} batch {batch}: skipped, {reason}", SkippedBatchWarning)
-            scheduler.step()  # the schedule follows the batch counter, skipped batches included
-            batch += 1
-            step += 1
-            bar.update(1)
-            if cfg.checkpoint_every and batch % cfg.checkpoint_every == 0 and batch < per_epoch:
-                save(epoch, batch, dict(acc, seconds=acc["seconds"] + time.perf_counter() - t0))
-        bar.close()
-        train_seconds = acc["seconds"] + time.perf_counter() - t0
-        t1 = time.perf_counter()
-        ev = evaluate(model, x_test, y_test, **eval_opts)
-        res_sum = residual_summary(acc.get("residuals", []), acc.get("settled", []),
-                                   getattr(method, "tol", eval_opts["tol"]))
-        n = max(acc["n"], 1)
-        record = {"epoch": epoch + 1, "train_loss": acc["loss"] / n, "test_accuracy": ev["accuracy"],
-                  "test_loss": ev["loss"], "mean_iterations": acc["iterations"] / n,
-                  "max_residual": acc["residual"], "converged_fraction": acc["converged"] / n,
-                  "batches": acc["n"], "skipped_batches": acc["skipped"], "lr": scheduler.get_last_lr()[0],
-                  "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t1,
-                  "eval_solver": {k: ev[k] for k in ("mean_iterations", "converged_fraction", "max_residual")},
-                  "residuals": res_sum}
-        if cfg.preset != "default":  # the faithful runs keep every batch's residual
-            record["batch_residuals"] = list(acc.get("residuals", []))
-        result["epochs"].append(record)
-        log(f"epoch {epoch + 1}/{trainer_hp['epochs']}: {train_loss_label(result)} {record['train_loss']:.4f}, "
-            f"test accuracy {100 * ev['accuracy']:.2f}%, mean iterations {record['mean_iterations']:.1f}, "
-            f"{train_seconds:.1f}s" + (f", {acc['skipped']} batches skipped" if acc["skipped"] else "")
-            + (f", {res_sum['above_tol']}/{res_sum['batches']} solves ended above tol {res_sum['tol']:.0e} "
-               f"(residual max {res_sum['max']:.2e}, median {res_sum['median']:.2e}; updates applied)"
-               if res_sum["above_tol"] else ""))
-        epoch, start_batch = epoch + 1, 0
-        save(epoch, 0, {})
-        result["final_test_accuracy"] = ev["accuracy"]
-        if epoch < trainer_hp["epochs"]:
-            write_result()
+                stats, reason = _try_batch(method, params, x, y)
+                if reason is None:
+                    if trainer_hp["grad_clip"]:
+                        _split_clip(params, model, trainer_hp["grad_clip"])
+                    optimizer.step()
+                    method.after_step()
+                    acc["n"] += 1
+                    acc["loss"] += float(stats["loss"])
+                    acc["iterations"] += float(stats.get("iterations", 0))
+                    acc["residual"] = max(acc["residual"], float(stats.get("residual", 0.0)))
+                    acc["converged"] += int(bool(stats.get("converged", True)))
+                    # every applied batch's final residual (an update from an unsettled state is counted, not hidden)
+                    acc.setdefault("residuals", []).append(float(stats.get("residual", 0.0)))
+                    acc.setdefault("settled", []).append(bool(stats.get("converged", True)))
+                    bar.set_postfix(loss=f"{float(stats['loss']):.3f}", it=stats.get("iterations", "-"),
+                                    res=f"{acc['residuals'][-1]:.1e}")
+                else:
+                    # the update is dropped: parameters and optimizer state stay as they were
+                    optimizer.zero_grad(set_to_none=True)
+                    acc["skipped"] += 1
+                    result["skipped_batches"] += 1
+                    warnings.warn(f"epoch {epoch + 1} batch {batch}: skipped, {reason}", SkippedBatchWarning)
+                scheduler.step()  # the schedule follows the batch counter, skipped batches included
+                batch += 1
+                step += 1
+                bar.update(1)
+                # a signal stops every rank at the same batch (the others would wait for it in the next exchange)
+                halt = distributed.any_rank(stop.requested)
+                if batch < per_epoch and (halt or clock.due() or (cfg.checkpoint_every
+                                                                  and batch % cfg.checkpoint_every == 0)):
+                    save(epoch, batch, dict(acc, seconds=acc["seconds"] + time.perf_counter() - t0))
+                    clock.reset()
+                    if halt:
+                        bar.close()
+                        raise interrupted(f"in epoch {epoch + 1} after batch {batch} of {per_epoch}")
+            bar.close()
+            train_seconds = acc["seconds"] + time.perf_counter() - t0
+            t1 = time.perf_counter()
+            ev = evaluate(model, x_test, y_test, **eval_opts)
+            res_sum = residual_summary(acc.get("residuals", []), acc.get("settled", []),
+                                       getattr(method, "tol", eval_opts["tol"]))
+            n = max(acc["n"], 1)
+            record = {"epoch": epoch + 1, "train_loss": acc["loss"] / n, "test_accuracy": ev["accuracy"],
+                      "test_loss": ev["loss"], "mean_iterations": acc["iterations"] / n,
+                      "max_residual": acc["residual"], "converged_fraction": acc["converged"] / n,
+                      "batches": acc["n"], "skipped_batches": acc["skipped"], "lr": scheduler.get_last_lr()[0],
+                      "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t1,
+                      "eval_solver": {k: ev[k] for k in ("mean_iterations", "converged_fraction", "max_residual")},
+                      "residuals": res_sum}
+            if cfg.preset != "default":  # the faithful runs keep every batch's residual
+                record["batch_residuals"] = list(acc.get("residuals", []))
+            result["epochs"].append(record)
+            log(f"epoch {epoch + 1}/{trainer_hp['epochs']}: {train_loss_label(result)} {record['train_loss']:.4f}, "
+                f"test accuracy {100 * ev['accuracy']:.2f}%, mean iterations {record['mean_iterations']:.1f}, "
+                f"{train_seconds:.1f}s" + (f", {acc['skipped']} batches skipped" if acc["skipped"] else "")
+                + (f", {res_sum['above_tol']}/{res_sum['batches']} solves ended above tol {res_sum['tol']:.0e} "
+                   f"(residual max {res_sum['max']:.2e}, median {res_sum['median']:.2e}; updates applied)"
+                   if res_sum["above_tol"] else ""))
+            epoch, start_batch = epoch + 1, 0
+            save(epoch, 0, {})
+            clock.reset()
+            result["final_test_accuracy"] = ev["accuracy"]
+            if epoch < trainer_hp["epochs"]:
+                if distributed.any_rank(stop.requested):
+                    raise interrupted(f"after epoch {epoch}")
+                write_result()
     result["status"] = "finished"
     seen = sum(r["batches"] + r["skipped_batches"] for r in result["epochs"])
     result["batches_seen"] = seen
@@ -480,6 +497,19 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         result["final_test_accuracy"] = result["epochs"][-1]["test_accuracy"]
     write_result()
     return result
+
+
+def _try_batch(method, params, x, y) -> Tuple[Any, Optional[str]]:
+    """``method.backward`` on one batch: ``(stats, None)``, or ``(stats or None, why)`` when its update must be
+    dropped (the dynamics failed, or the loss or a gradient is not finite)."""
+    try:
+        stats = method.backward(x, y)
+    except DivergenceError as exc:
+        res = exc.stats.residual if exc.stats is not None else float("nan")
+        return None, f"dynamics failed (residual {res:.3e}): {exc}"
+    if not (math.isfinite(float(stats["loss"])) and grads_finite([p.grad for p in params if p.grad is not None])):
+        return stats, f"non-finite loss/gradient (loss {float(stats['loss']):.3e})"
+    return stats, None
 
 
 def _plot(result: Dict[str, Any], path: Path, log: Callable[[str], None]) -> bool:
