@@ -31,6 +31,7 @@ import torch
 
 from lcp_meta.fewshot import FewShotConfig, run_fewshot, stats
 from lcp_meta.fewshot.defaults import OMNIGLOT_PROTOCOLS, OMNIGLOT_QUICK
+from lcp_meta.utils.tables import latex_table
 from lcp_meta.fewshot.report import parse_results_table, seed_rows, seeds_table
 from lcp_meta.utils import resolve_device
 
@@ -128,7 +129,12 @@ def main(argv=None) -> int:
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2))
     json_path.with_suffix(".md").write_text(render_markdown(results))
-    print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+    tables = [latex_table(e["table"], caption=f"{name}: test accuracy (%) over seeds and episodes, mean ± 95% CI, "
+                          f"paired Wilcoxon tests against the best (Holm).", label=f"tab:{name.replace(' ', '-')}")
+              for name, e in results["comparisons"].items() if e.get("table")]
+    if tables:  # the same tables for a paper (booktabs)
+        json_path.with_suffix(".tex").write_text("\n".join(tables))
+    print(f"wrote {json_path} and {json_path.with_suffix('.md')}" + (" (and .tex)" if tables else ""))
     return 0
 
 

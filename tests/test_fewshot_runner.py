@@ -90,6 +90,12 @@ def test_every_method_gets_the_same_stream_init_and_test_set(tmp_path):
         assert res["meta_steps"] == 3 and res["test_episodes"] == 4 and res["divergences"] == []
         assert res["metric"] == "mse" and res["test_mean"] > 0
     assert summary["unfinished"] == [] and (out / "results.md").is_file()
+    # the LaTeX table is the markdown one: one row per method, the same cells
+    tex = (out / "results.tex").read_text()
+    rows = [ln for ln in tex.splitlines() if ln.endswith(r"\\") and not ln.startswith("method")]
+    assert [r.split(" & ")[0] for r in rows] == ["a", "b"]
+    a = json.loads((out / "a.json").read_text())
+    assert rows[0].split(" & ")[1] == f"{a['test_mean']:.4g} $\\pm$ {a['test_ci95']:.3g}"
 
 
 def test_diverging_steps_are_skipped_and_leave_parameters_intact(tmp_path):

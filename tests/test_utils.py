@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lcp_meta.utils import (DataNotFoundError, atomic_save, find_data_root, load_checkpoint, resolve_device,
+from lcp_meta.utils import (DataNotFoundError, UserInputError, atomic_save, find_data_root, load_checkpoint, resolve_device,
                             rng_state, set_rng_state)
 
 
@@ -71,14 +71,14 @@ def test_atomic_write_text(tmp_path):
 # the flags of each command as they were before they were generated (stable API), plus --activation (issue 10)
 # and supervised --no-plots (its learning-curve plot, 2026-11-29)
 STABLE_FLAGS = {
-    "supervised": "batch-size checkpoint-every data-root dataset device epochs grad-clip lr lr-final max-batches max-iter "
+    "supervised": "batch-size checkpoint-every checkpoint-minutes data-root dataset device epochs grad-clip lr lr-final max-batches max-iter "
                   "max-skipped method model model-set no-plots no-progress optimizer out overwrite preset resume seed set "
                   "solver test-subset tol weight-decay",
-    "fewshot": "activation beta cache-dir checkpoint-every data-root device dtype hidden inner-lr inner-steps lam "
+    "fewshot": "activation beta cache-dir checkpoint-every checkpoint-minutes data-root device dtype hidden inner-lr inner-steps lam "
                "log-every max-skipped meta-batch meta-steps methods no-plots no-progress out outer-lr overwrite "
                "queries resume seed set shots split-seed stop-after task test-episodes threads val-episodes "
                "val-every ways",
-    "demo": "beta checkpoint-every device dtype hidden inner-lr inner-steps lam log-every max-skipped meta-batch "
+    "demo": "beta checkpoint-every checkpoint-minutes device dtype hidden inner-lr inner-steps lam log-every max-skipped meta-batch "
             "meta-steps methods no-plots no-progress out outer-lr overwrite resume seed set stop-after test-episodes "
             "threads val-episodes val-every",
 }
@@ -186,3 +186,28 @@ def test_progress_is_a_tqdm_bar_on_a_terminal_and_silent_when_disabled():
     bar.update(2)
     bar.close()
     assert buf.getvalue() == ""
+
+
+# ------------------------------------------------------------------------------------------- LaTeX tables
+def test_latex_table_escapes_cells_and_aligns_numbers():
+    from lcp_meta.utils.tables import latex_table
+    md = ("Intro line.\n\n| method | test accuracy (%) mean ± CI95 | skipped | settings |\n|---|---|---|---|\n"
+          "| lcp_di | **97.52 ± 0.10** | 0/300 | lam=10, 50% & #1 |\n| rbp | 97.56 +- 0.45 | 2/300 | {x}^2 ~ y |\n\n"
+          "| a second | table |\n|---|---|\n| not | read |\n")
+    tex = latex_table(md, caption="Omniglot 5-way: mean ± CI", label="tab:x")
+    lines = tex.splitlines()
+    assert lines[:5] == [r"\begin{table}[t]", r"\centering", r"\caption{Omniglot 5-way: mean $\pm$ CI}",
+                         r"\label{tab:x}", r"\begin{tabular}{lrrl}"]
+    body = lines[lines.index(r"\toprule") + 1:lines.index(r"\bottomrule")]
+    assert body == [r"method & test accuracy (\%) mean $\pm$ CI95 & skipped & settings \\", r"\midrule",
+                    r"lcp\_di & \textbf{97.52 $\pm$ 0.10} & 0/300 & lam=10, 50\% \& \#1 \\",
+                    r"rbp & 97.56 $\pm$ 0.45 & 2/300 & \{x\}\textasciicircum{}2 \textasciitilde{} y \\"]
+    assert lines[-2:] == [r"\end{tabular}", r"\end{table}"]
+
+
+def test_latex_table_refuses_text_without_a_table_or_with_a_ragged_row():
+    from lcp_meta.utils.tables import latex_table
+    with pytest.raises(UserInputError, match="no markdown table"):
+        latex_table("just prose | with a bar\n")
+    with pytest.raises(UserInputError, match="2 cells, its header 3"):
+        latex_table("| a | b | c |\n|---|---|---|\n| 1 | 2 |\n")

@@ -6,6 +6,7 @@
     <method>.json / _curve.csv     meta-training curve (step, query loss/metric after adaptation, validation
                                    metric, time, peak memory) and test results
     results.md / results.json      the comparison table (see ``report.results_table``)
+    results.tex                    the same table as LaTeX (booktabs) for a paper
     curves.png test_metric.png cost.png (fits.png for sinusoid)
     checkpoints/<method>.pt        meta-parameters, optimizer state, RNG states, step, curve so far
 
@@ -35,6 +36,7 @@ from ..data.omniglot import score_one_shot_runs
 from ..utils import atomic_write_text, harness, resolve_device
 from ..utils.errors import UserInputError
 from ..utils.interrupt import CheckpointClock, DeferredInterrupts, Interrupted
+from ..utils.tables import latex_table
 from ..utils import plots as figures
 from . import report
 from .config import DTYPES, FewShotConfig, jsonable
@@ -120,7 +122,7 @@ def outer_lr_of(name: str, cfg: FewShotConfig) -> float:
 
 
 # -------------------------------------------------------------------------------------------- run folder
-_RUN_FILES = ("config.json", "results.json", "results.md", "curves.png", "test_metric.png", "cost.png", "fits.png")
+_RUN_FILES = ("config.json", "results.json", "results.md", "results.tex", "curves.png", "test_metric.png", "cost.png", "fits.png")
 
 
 def run_files(out: Path) -> list:
@@ -460,6 +462,10 @@ def run_fewshot(cfg: FewShotConfig, method_factory: Optional[Callable] = None) -
             f"{cfg.test_episodes} fixed test episodes (seed {cfg.seed}), 95% CI = 1.96 std / sqrt(n); "
             f"sec/meta-step: mean wall-clock of a meta-step after the first on {config_record['device_name']}; "
             f"skipped: meta-steps whose update was dropped because the method diverged.\n", out / "results.md")
+        # the same table for a paper (booktabs), derived from the markdown so that the two never disagree
+        atomic_write_text(latex_table(table, caption=f"Few-shot comparison: {cfg.task}, {cfg.test_episodes} test "
+                                      f"episodes (seed {cfg.seed}), mean ± 95% CI.", label=f"tab:{cfg.task}"),
+                          out / "results.tex")
     if results and cfg.plots and not figures.available():  # the tables and JSON above are the results
         warnings.warn(figures.MISSING, RuntimeWarning)
     elif results and cfg.plots:
