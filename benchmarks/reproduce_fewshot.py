@@ -129,11 +129,18 @@ def main(argv=None) -> int:
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2))
     json_path.with_suffix(".md").write_text(render_markdown(results))
-    tables = [latex_table(e["table"], caption=f"{name}: test accuracy (%) over seeds and episodes, mean ± 95% CI, "
-                          f"paired Wilcoxon tests against the best (Holm).", label=f"tab:{name.replace(' ', '-')}")
-              for name, e in results["comparisons"].items() if e.get("table")]
-    if tables:  # the same tables for a paper (booktabs)
-        json_path.with_suffix(".tex").write_text("\n".join(tables))
+    tables = []  # the same tables for a paper (booktabs)
+    for name, e in results["comparisons"].items():
+        for key, what in (("table", "test episodes"), ("one_shot_table", "the 20 official one-shot runs")):
+            if e.get(key):
+                tables.append(latex_table(e[key], caption=f"{name}, {what}: accuracy (%) over seeds, mean ± 95% CI, "
+                                          f"paired Wilcoxon tests against the best (Holm).",
+                                          label=f"tab:{name.replace(' ', '-')}-{key.replace('_', '-')}"))
+    tex = json_path.with_suffix(".tex")
+    if tables:
+        tex.write_text("\n".join(tables))
+    elif tex.exists():  # (a table from an earlier run would no longer match the .md)
+        tex.unlink()
     print(f"wrote {json_path} and {json_path.with_suffix('.md')}" + (" (and .tex)" if tables else ""))
     return 0
 

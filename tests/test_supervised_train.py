@@ -171,6 +171,37 @@ def test_a_run_killed_outright_resumes_from_its_last_timed_checkpoint(tmp_path):
         assert torch.equal(p, q)
 
 
+def test_a_signal_in_the_last_batch_lets_the_run_finish_and_still_stops_the_caller(tmp_path):
+    """A signal during the last batch (or the final evaluation) is not dropped: the run finishes, writes its results,
+    and raises Interrupted so that a script looping over runs stops."""
+    full_model, _, _ = _run(_cfg(tmp_path, "full"))
+    with pytest.raises(Interrupted, match="during the last epoch: the run finished"):
+        _run(_cfg(tmp_path, "cut"), fail={18: _kill_self(signal.SIGINT)})
+    saved = json.loads((tmp_path / "cut" / "result.json").read_text())
+    assert saved["status"] == "finished" and len(saved["epochs"]) == 3
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    for p, q in zip(ckpt["model"].values(), full_model.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_deferred_interrupts_deliver_a_pending_signal_at_the_end_and_leave_ignored_ones_ignored():
+    with pytest.raises(KeyboardInterrupt):
+        with DeferredInterrupts() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested  # deferred inside ...
+        time.sleep(1)  # (... delivered on leaving the block)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with DeferredInterrupts() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            assert not stop.requested  # an ignored signal stays ignored
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert Interrupted("x", None).exit_code == 143  # the signal reached another rank (torchrun sends SIGTERM)
+
+
 def test_a_second_signal_stops_at_once():
     before = signal.getsignal(signal.SIGINT)
     with DeferredInterrupts() as stop:

@@ -191,17 +191,21 @@ def test_progress_is_a_tqdm_bar_on_a_terminal_and_silent_when_disabled():
 # ------------------------------------------------------------------------------------------- LaTeX tables
 def test_latex_table_escapes_cells_and_aligns_numbers():
     from lcp_meta.utils.tables import latex_table
-    md = ("Intro line.\n\n| method | test accuracy (%) mean ± CI95 | skipped | settings |\n|---|---|---|---|\n"
-          "| lcp_di | **97.52 ± 0.10** | 0/300 | lam=10, 50% & #1 |\n| rbp | 97.56 +- 0.45 | 2/300 | {x}^2 ~ y |\n\n"
+    md = ("Intro line.\n\n| method | test accuracy (%) mean ± CI95 | skipped | memory | settings |\n|---|---|---|---|---|\n"
+          "| lcp_di | **97.52 ± 0.10** | 0/300 | n/a | lam=10, 50% & #1 |\n"
+          "| rbp | 97.56 +- 0.45 | 2/300 (0.7%) | 12.5 | {x}^2 ~ y, `--resume`, C++-style |\n"
+          "| [x] | (best) | - | - | \\ |\n\n"
           "| a second | table |\n|---|---|\n| not | read |\n")
     tex = latex_table(md, caption="Omniglot 5-way: mean ± CI", label="tab:x")
     lines = tex.splitlines()
     assert lines[:5] == [r"\begin{table}[t]", r"\centering", r"\caption{Omniglot 5-way: mean $\pm$ CI}",
-                         r"\label{tab:x}", r"\begin{tabular}{lrrl}"]
+                         r"\label{tab:x}", r"\begin{tabular}{lrrrl}"]
     body = lines[lines.index(r"\toprule") + 1:lines.index(r"\bottomrule")]
-    assert body == [r"method & test accuracy (\%) mean $\pm$ CI95 & skipped & settings \\", r"\midrule",
-                    r"lcp\_di & \textbf{97.52 $\pm$ 0.10} & 0/300 & lam=10, 50\% \& \#1 \\",
-                    r"rbp & 97.56 $\pm$ 0.45 & 2/300 & \{x\}\textasciicircum{}2 \textasciitilde{} y \\"]
+    assert body == [r"method & test accuracy (\%) mean $\pm$ CI95 & skipped & memory & settings \\", r"\midrule",
+                    r"lcp\_di & \textbf{97.52 $\pm$ 0.10} & 0/300 & n/a & lam=10, 50\% \& \#1 \\",
+                    r"rbp & 97.56 $\pm$ 0.45 & 2/300 (0.7\%) & 12.5 & \{x\}\textasciicircum{}2 \textasciitilde{} y, "
+                    r"\texttt{-{}-resume}, C++-style \\",
+                    r"{}[x] & (best) & - & - & \textbackslash{} \\"]
     assert lines[-2:] == [r"\end{tabular}", r"\end{table}"]
 
 

@@ -333,6 +333,7 @@ class _MethodRun:
                     clock.reset()
                 if halt:
                     bar.close()
+                    distributed.any_rank(False)  # (a barrier: no rank exits before rank 0 has saved)
                     raise Interrupted(f"{signals.name}: stopped {self.name} after meta-step {self.step} of "
                                       f"{cfg.meta_steps}; checkpoint saved in {self.ckpt_path}; continue with "
                                       f"--resume", signals.signum)

@@ -406,6 +406,7 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
         # the checkpoint just written is the state an uninterrupted run had here: --resume continues it exactly
         result["status"] = "interrupted"
         write_result()
+        distributed.any_rank(False)  # (a barrier: no rank exits before rank 0 has written its files)
         return Interrupted(f"{stop.name}: stopped {where}; checkpoint saved in {ckpt_path}; continue with --resume",
                            stop.signum)
 
@@ -488,14 +489,17 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
                 if distributed.any_rank(stop.requested):
                     raise interrupted(f"after epoch {epoch}")
                 write_result()
-    result["status"] = "finished"
-    seen = sum(r["batches"] + r["skipped_batches"] for r in result["epochs"])
-    result["batches_seen"] = seen
-    result["too_many_skipped"] = result["skipped_batches"] > cfg.max_skipped * seen
-    result["date_finished"] = harness.utc_now()
-    if result["epochs"]:
-        result["final_test_accuracy"] = result["epochs"][-1]["test_accuracy"]
-    write_result()
+        result["status"] = "finished"
+        seen = sum(r["batches"] + r["skipped_batches"] for r in result["epochs"])
+        result["batches_seen"] = seen
+        result["too_many_skipped"] = result["skipped_batches"] > cfg.max_skipped * seen
+        result["date_finished"] = harness.utc_now()
+        if result["epochs"]:
+            result["final_test_accuracy"] = result["epochs"][-1]["test_accuracy"]
+        write_result()
+        if distributed.any_rank(stop.requested):  # it came during the last epoch: the caller still stops
+            raise Interrupted(f"{stop.name} during the last epoch: the run finished and its results are written in "
+                              f"{out}", stop.signum)
     return result
 
 

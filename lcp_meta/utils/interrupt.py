@@ -6,6 +6,11 @@ Why deferred: a signal that lands between ``optimizer.step()`` and the bookkeepi
 checkpoint whose parameters and counters disagree; at a step boundary the saved state is exactly the state an
 uninterrupted run had there, so the resumed run continues bit for bit.  A second signal stops at once (the
 previous checkpoint stays the resume point).
+
+Under torchrun every rank stops at the same step (the loops agree through a collective), and the ranks wait for rank 0
+to finish writing before they exit.  A launcher that signals the workers twice (e.g. a scheduler that signals every
+process, and the torchrun agent forwarding its own signal) stops them at once: the resume point is then the last
+checkpoint written, and nothing inconsistent is saved (checkpoints are written atomically).
 """
 from __future__ import annotations
 
@@ -23,19 +28,22 @@ class Interrupted(KeyboardInterrupt):
     """Raised by a training loop that stopped on a signal after saving its checkpoint; ``exit_code`` is the shell's
     convention for the signal (130 for SIGINT, 143 for SIGTERM)."""
 
-    def __init__(self, message: str, signum: int = signal.SIGINT):
+    def __init__(self, message: str, signum: Optional[int] = signal.SIGINT):
         super().__init__(message)
-        self.exit_code = 128 + int(signum)
+        # (None: the signal reached another rank; torchrun forwards SIGTERM)
+        self.exit_code = 128 + int(signal.SIGTERM if signum is None else signum)
 
 
 class DeferredInterrupts:
     """Context manager: while active, the first SIGINT/SIGTERM only sets :attr:`signum`; the loop polls
-    :attr:`requested` at its step boundaries.  A second signal raises ``KeyboardInterrupt`` at once.  Outside the
-    main thread (where Python cannot install handlers) it does nothing and signals act as usual."""
+    :attr:`requested` at its step boundaries.  A second signal raises ``KeyboardInterrupt`` at once.  A signal still
+    pending when the block ends without an exception is delivered then, with the previous handlers back (a loop of
+    runs in a script stops as the user asked).  Outside the main thread (where Python cannot install handlers) it
+    does nothing and signals act as usual; a signal the process ignores (``SIG_IGN``) stays ignored."""
 
     def __init__(self):
         self.signum: Optional[int] = None
-        self._previous = {}
+        self._previous, self._delivered = {}, False
 
     @property
     def requested(self) -> bool:
@@ -43,23 +51,32 @@ class DeferredInterrupts:
 
     @property
     def name(self) -> str:
+        if self.signum is None:
+            return "a signal to another rank"
         return _NAMES.get(self.signum, f"signal {self.signum}")
 
     def _handler(self, signum, frame):
-        if self.signum is not None:  # the second one: stop now
+        if self.signum is not None:  # the second one: stop now (and the first counts as delivered)
+            self._delivered = True
             raise KeyboardInterrupt
         self.signum = signum
 
     def __enter__(self) -> "DeferredInterrupts":
+        if self._previous:
+            raise RuntimeError("this DeferredInterrupts is already active; use a new one")
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handler)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for sig, old in self._previous.items():
-            signal.signal(sig, old)
-        self._previous.clear()
+            # (None: a handler installed from C, which Python cannot put back; the default is the closest)
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
+        installed, self._previous = bool(self._previous), {}
+        if installed and exc_type is None and self.signum is not None and not self._delivered:
+            signal.raise_signal(self.signum)  # what the signal would have done had it not been deferred
 
 
 class CheckpointClock:

@@ -38,20 +38,45 @@ def markdown_table_cells(text: str) -> Tuple[List[str], List[List[str]]]:
     raise UserInputError("no markdown table found (expected a header row and a |---| separator)")
 
 
+def _plain(text: str) -> str:
+    text = "".join(_ESCAPES.get(ch, ch) for ch in text)
+    return text.replace("--", "-{}-")  # (LaTeX would typeset -- as an en dash: flags such as --resume stay flags)
+
+
 def escape_latex(cell: str) -> str:
-    """One cell as LaTeX text: specials escaped, ``**x**`` as ``\\textbf{x}``."""
-    parts = re.split(r"\*\*(.+?)\*\*", cell.replace("+-", "±"))  # odd indices were bold; '+-' is our ASCII ±
+    """One cell as LaTeX text: specials escaped, ``**x**`` as ``\\textbf{x}``, a backticked ``x`` as
+    ``\\texttt{x}``, ``a +- b`` (our ASCII form) as ``a $\\pm$ b``."""
+    cell = cell.replace(" +- ", " ± ")
     out = []
-    for k, part in enumerate(parts):
-        text = "".join(_ESCAPES.get(ch, ch) for ch in part)
+    for k, part in enumerate(re.split(r"\*\*(.+?)\*\*", cell)):  # odd pieces were bold
+        pieces = re.split(r"`([^`]+)`", part)  # odd pieces were code
+        text = "".join(r"\texttt{" + _plain(q) + "}" if j % 2 else _plain(q) for j, q in enumerate(pieces))
         out.append(r"\textbf{" + text + "}" if k % 2 else text)
     return "".join(out)
 
 
+_NEUTRAL = {"-", "n/a", "nan", "inf", "-inf", "(best)"}  # cells that say "no number" in a numeric column
+
+
 def _numeric(cell: str) -> bool:
-    """A cell that reads as a number (possibly ``mean ± ci``, a ratio ``a/b``, a sign or a percent): right-aligned."""
-    core = cell.replace("**", "").replace("+-", " ").replace("±", " ").replace("/", " ").replace("%", " ").split()
-    return bool(core) and all(_NUMBER.fullmatch(t) or t in ("-", "n/a", "nan") for t in core)
+    """A cell that reads as a number (``mean ± ci``, a ratio ``a/b``, a percent, a sign) or says there is none
+    (``-``, ``n/a``): its column is right-aligned when every cell is."""
+    tokens = cell.replace("**", "").replace(" +- ", " ").replace("±", " ").split()
+    if not tokens:
+        return False
+    for t in tokens:
+        t = t.strip("%()")
+        if t.lower() in _NEUTRAL or t == "best":
+            continue
+        if not all(_NUMBER.fullmatch(part) for part in t.split("/")):
+            return False
+    return True
+
+
+def _row(cells) -> str:
+    line = " & ".join(escape_latex(c) for c in cells)
+    # ('{}' keeps a row that starts with '[' from being read as an optional length of the previous row's \\)
+    return ("{}" + line if line.startswith("[") else line) + r" \\"
 
 
 def latex_table(markdown: str, caption: Optional[str] = None, label: Optional[str] = None) -> str:
@@ -65,7 +90,7 @@ def latex_table(markdown: str, caption: Optional[str] = None, label: Optional[st
     if label:
         body.append(r"\label{" + label + "}")
     body += [r"\begin{tabular}{" + align + "}", r"\toprule",
-             " & ".join(escape_latex(c) for c in head) + r" \\", r"\midrule"]
-    body += [" & ".join(escape_latex(c) for c in row) + r" \\" for row in rows]
+             _row(head), r"\midrule"]
+    body += [_row(row) for row in rows]
     body += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(body) + "\n"
