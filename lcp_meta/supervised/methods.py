@@ -45,8 +45,8 @@ class Method(GradientMethod):
 
     name = "method"
     # where stats["loss"] (the trainer's "train loss") is measured: an LCP method reports the loss of the controlled
-    # output y*, which the controller has pushed towards the target, so it is lower than the free network's loss
-    # and not comparable with BP/RBP's (the test accuracy is the comparable number)
+    # output y*, which the controller has pushed towards the target, so it is (at a settled solve) lower than the
+    # free network's loss and not comparable with BP/RBP's (the test accuracy is the comparable number)
     loss_at = "controlled output"
     structured_solvers = False  # True: the subclass also takes core.control's solvers (and checks its names itself)
 

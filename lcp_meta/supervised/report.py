@@ -30,7 +30,7 @@ def verdict(accs: Sequence[float], paper: Optional[Tuple[float, float]]) -> Tupl
 
 def train_loss_label(result: Mapping) -> str:
     """What a run's "train loss" is: the free network's loss (BP, RBP), or, for an LCP method, the loss of its
-    controlled output (driven towards the target, hence lower and not comparable across methods)."""
+    controlled output (driven towards the target, lower at a settled solve, and not comparable across methods)."""
     at = result.get("train_loss_at", "network output")
     return "train loss" if at == "network output" else f"train loss ({at})"
 
