@@ -89,27 +89,16 @@ def _ours(model_name, method_name, setting):
 
 
 def _copy_weights(ours, method, peer, aux, model_name, method_name):
-    """Our weights (and feedback weights) into their model, in their layout (spec section 3: the same maps)."""
+    """Our weights (and feedback weights) into their model, in their layout (the pairs of :func:`_pairs`)."""
     with torch.no_grad():
-        enc = ours.encoder[1] if model_name == "ff" else ours.U
-        imp = ours.maps[0] if model_name == "ff" else ours.W
-        peer.encoder_module[1].weight.copy_(enc.weight)
-        peer.encoder_module[1].bias.copy_(enc.bias)
+        pairs = _pairs(ours, method, peer, aux, model_name, method_name)
+        for _, mine, theirs in pairs:
+            theirs.copy_(mine)
         lin = peer.implicit_module.module_list[0][1]
-        lin.weight.copy_(imp.weight)
-        if lin.bias is not None:
-            if imp.bias is None:  # their rnn has a recurrent bias; ours has it under the paper preset
-                lin.bias.zero_()
-            else:
-                lin.bias.copy_(imp.bias)
-        peer.decoder_module[2].weight.copy_(ours.readout.weight)
-        peer.decoder_module[2].bias.copy_(ours.readout.bias)
-        if method_name == "lcp-di-kp":
-            fb = dict(method.feedback.named_parameters())
-            aux.implicit_module.module_list[0][1].weight.copy_(fb["B.map0" if model_name == "ff" else "B.W"])
-            aux.D_t.copy_(fb["B.readout"])
+        if lin.bias is not None and not any(theirs is lin.bias for _, _, theirs in pairs):
+            lin.bias.zero_()  # their rnn has a recurrent bias; ours has it only under the paper preset
         if method_name == "lcp-lf":
-            aux.Q.copy_(method.Q)
+            aux.Q.copy_(method.Q)  # (a buffer, not a trained parameter: not in the pairs)
 
 
 def _pairs(ours, method, peer, aux, model_name, method_name):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from ..utils.errors import UserInputError
+from ..utils.tables import markdown_table_cells
 from ..utils.plots import figure, save
 
 CURVE_FIELDS = ("step", "query_loss", "query_metric", "val_metric", "val_ci95", "time_s", "sec_per_step",
@@ -169,16 +169,9 @@ def parse_results_table(text: str) -> List[Dict[str, object]]:
 
     ``±`` cells become two entries, ``<column>`` (the mean) and ``<column> CI95``.
     """
-    rows = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
-    if len(rows) < 2 or not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", rows[1].replace(" ", "")):
-        raise UserInputError("no markdown table found (expected a header row and a |---| separator)")
-    cells = lambda ln: [c.strip() for c in ln.strip("|").split("|")]  # noqa: E731
-    head = cells(rows[0])
+    head, rows = markdown_table_cells(text)
     out = []
-    for ln in rows[2:]:
-        values = cells(ln)
-        if len(values) != len(head):
-            raise UserInputError(f"table row has {len(values)} cells, header has {len(head)}: {ln!r}")
+    for values in rows:
         row: Dict[str, object] = {}
         for key, cell in zip(head, values):
             if "±" in cell:

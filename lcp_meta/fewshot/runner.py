@@ -122,7 +122,8 @@ def outer_lr_of(name: str, cfg: FewShotConfig) -> float:
 
 
 # -------------------------------------------------------------------------------------------- run folder
-_RUN_FILES = ("config.json", "results.json", "results.md", "results.tex", "curves.png", "test_metric.png", "cost.png", "fits.png")
+_RUN_FILES = ("config.json", "results.json", "results.md", "results.tex", "curves.png", "test_metric.png", "cost.png",
+              "fits.png")
 
 
 def run_files(out: Path) -> list:
@@ -302,7 +303,7 @@ class _MethodRun:
         stop = cfg.meta_steps if cfg.stop_after is None else min(cfg.meta_steps, self.step + cfg.stop_after)
         bar = progress_bar(total=cfg.meta_steps, initial=self.step, desc=f"{self.name} meta-training",
                    disable=not cfg.progress, dynamic_ncols=True)
-        clock = CheckpointClock(cfg.checkpoint_minutes)
+        clock = CheckpointClock(cfg.checkpoint_minutes, cfg.checkpoint_every)
         with DeferredInterrupts() as signals:
             while self.step < stop:
                 batch = self.source.train_batch(self.step)
@@ -328,9 +329,8 @@ class _MethodRun:
                     bar.set_postfix(loss=f"{row['query_loss']:.4g}" if row["query_loss"] is not None else "n/a")
                 bar.update(1)
                 halt = distributed.any_rank(signals.requested)  # (every rank stops at the same step)
-                if halt or clock.due() or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                if clock.tick(self.step, force=halt):
                     self.save()
-                    clock.reset()
                 if halt:
                     bar.close()
                     distributed.any_rank(False)  # (a barrier: no rank exits before rank 0 has saved)

@@ -400,7 +400,7 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
             plotting["on"] = _plot(result, out / PLOT_NAME, log)
 
     from ..utils.progress import progress as progress_bar
-    clock = CheckpointClock(cfg.checkpoint_minutes)
+    clock = CheckpointClock(cfg.checkpoint_minutes, cfg.checkpoint_every)
 
     def interrupted(where: str) -> Interrupted:
         # the checkpoint just written is the state an uninterrupted run had here: --resume continues it exactly
@@ -451,10 +451,8 @@ def train(cfg: RunConfig, *, model=None, method=None, data: Optional[Tuple[torch
                 bar.update(1)
                 # a signal stops every rank at the same batch (the others would wait for it in the next exchange)
                 halt = distributed.any_rank(stop.requested)
-                if batch < per_epoch and (halt or clock.due() or (cfg.checkpoint_every
-                                                                  and batch % cfg.checkpoint_every == 0)):
+                if batch < per_epoch and clock.tick(batch, force=halt):
                     save(epoch, batch, dict(acc, seconds=acc["seconds"] + time.perf_counter() - t0))
-                    clock.reset()
                     if halt:
                         bar.close()
                         raise interrupted(f"in epoch {epoch + 1} after batch {batch} of {per_epoch}")

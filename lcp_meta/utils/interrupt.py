@@ -80,16 +80,23 @@ class DeferredInterrupts:
 
 
 class CheckpointClock:
-    """``due()`` is True once ``minutes`` of wall time have passed since the last :meth:`reset` (0: never)."""
+    """When a training loop checkpoints within its run: every ``every`` steps (0: never), once ``minutes`` of wall
+    time have passed since the last checkpoint (0: never), or when forced (a signal)."""
 
-    def __init__(self, minutes: float):
-        if not minutes >= 0:
-            raise ValueError(f"expected checkpoint minutes >= 0, got {minutes}")
-        self.seconds = 60.0 * minutes
+    def __init__(self, minutes: float, every: int = 0):
+        if not minutes >= 0 or every < 0:
+            raise ValueError(f"expected checkpoint minutes >= 0 and every >= 0, got {minutes} and {every}")
+        self.seconds, self.every = 60.0 * minutes, int(every)
         self.reset()
 
     def reset(self) -> None:
+        """A checkpoint was just written: the minutes count from now."""
         self._last = time.monotonic()
 
-    def due(self) -> bool:
-        return self.seconds > 0 and time.monotonic() - self._last >= self.seconds
+    def tick(self, step: int, force: bool = False) -> bool:
+        """True when a checkpoint is due after ``step`` (and the minutes then count from now)."""
+        due = (force or (self.every > 0 and step % self.every == 0)
+               or (self.seconds > 0 and time.monotonic() - self._last >= self.seconds))
+        if due:
+            self.reset()
+        return due

@@ -55,7 +55,7 @@ def escape_latex(cell: str) -> str:
     return "".join(out)
 
 
-_NEUTRAL = {"-", "n/a", "nan", "inf", "-inf", "(best)"}  # cells that say "no number" in a numeric column
+_NEUTRAL = {"-", "n/a", "nan", "inf", "-inf", "best"}  # cells that say "no number" in a numeric column
 
 
 def _numeric(cell: str) -> bool:
@@ -65,8 +65,8 @@ def _numeric(cell: str) -> bool:
     if not tokens:
         return False
     for t in tokens:
-        t = t.strip("%()")
-        if t.lower() in _NEUTRAL or t == "best":
+        t = t.strip("%()")  # ('(best)' reads as 'best')
+        if t.lower() in _NEUTRAL:
             continue
         if not all(_NUMBER.fullmatch(part) for part in t.split("/")):
             return False
